@@ -1,0 +1,265 @@
+"""Configuration: one dataclass per concern, presets as differences from the default.
+
+Every script builds its command line from these fields (``--batch-size``,
+``--channels 32,64,128``, ``--ema-decay 0.999``), so a flag and its default can
+never drift apart. ``--preset NAME`` applies a preset first; explicit flags win.
+
+    fast      the default: sized for a laptop CPU (about 10 minutes to good digits)
+    tutorial  the original tutorial's sizes (48x48, channels 64..1024, T=1000,
+              batch 400, Adam 1e-3): for a GPU
+    tiny      seconds, for tests
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 28  # side of the square image the UNet sees; data is resized to it
+    in_channels: int = 1  # MNIST is grey
+    patch_size: int = 2  # fold p x p pixels into channels before the UNet (28x28x1 -> 14x14x4 for p=2)
+    num_classes: int = 10  # labels 0..num_classes-1; index num_classes is the "null" label for guidance
+    channels: tuple = (64, 128)  # feature channels per UNet level; each level after the first halves the resolution
+    num_res_blocks: int = 1  # residual blocks per level (more = deeper, slower)
+    attn_levels: tuple = (1,)  # levels (0-based) that get a transformer block; full resolution attention is costly
+    num_heads: int = 4  # attention heads in every transformer block
+    context_tokens: int = 4  # tokens the label is embedded into; >=2 or the cross-attention softmax is constant and Wq/Wk never learn
+    context_dim: int = 64  # width of each label token (the "text encoder" output width in Stable Diffusion)
+    time_dim: int = 128  # width of the time embedding MLP
+    dropout: float = 0.0  # dropout inside residual blocks
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)
+        self.attn_levels = tuple(int(a) for a in self.attn_levels)
+        if not self.channels or min(self.channels) <= 0:
+            raise ValueError(f"channels must be positive integers, got {self.channels}")
+        downs = len(self.channels) - 1
+        if self.patch_size <= 0 or self.img_size <= 0 or self.img_size % (self.patch_size * 2 ** downs):
+            raise ValueError(f"img_size {self.img_size} must be divisible by patch_size * 2**{downs} "
+                             f"for {len(self.channels)} UNet levels; pick another --img-size, --patch-size "
+                             "or fewer --channels")
+        bad = [a for a in self.attn_levels if not 0 <= a < len(self.channels)]
+        if bad:
+            raise ValueError(f"attn_levels {bad} out of range 0..{len(self.channels) - 1}")
+        if self.context_tokens < 2:
+            raise ValueError(f"context_tokens must be >= 2 (got {self.context_tokens}): with one key the "
+                             "cross-attention softmax is always 1 and Wq/Wk get zero gradient")
+        if any(c % self.num_heads for c in (self.channels[a] for a in self.attn_levels)):
+            raise ValueError(f"channels at attention levels must be divisible by num_heads={self.num_heads}")
+        _positive(self, "num_classes", "num_res_blocks", "num_heads", "context_dim", "time_dim", "in_channels")
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000  # T of Ho et al. 2020
+    beta_start: float = 1e-4  # linear schedule start, Ho et al. 2020
+    beta_end: float = 0.02  # linear schedule end, Ho et al. 2020
+    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023); 0 turns it off (plain MSE on the noise)
+
+    def __post_init__(self):
+        _positive(self, "timesteps")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+        if self.min_snr_gamma < 0:
+            raise ValueError(f"min_snr_gamma must be >= 0, got {self.min_snr_gamma}")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "auto"  # auto | mnist | mnist-5k | fashion-mnist
+    data_dir: str = "data"  # where torchvision keeps downloads
+    out_dir: str = "out"  # checkpoints and sample grids go here
+    max_steps: int = 3000  # optimizer steps in all; an epoch is one pass over the data
+    batch_size: int = 128  # global batch (see batch_scope)
+    batch_scope: str = "global"  # under torchrun: hold the "global" batch fixed, or the "per-rank" batch
+    lr: float = 2e-3  # peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 100  # linear warm-up, then cosine decay (Loshchilov & Hutter 2017)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    ema_decay: float = 0.999  # EMA of the weights, used for sampling (warmed up as (1+n)/(10+n))
+    label_drop: float = 0.1  # share of labels replaced by the null label, for classifier-free guidance
+    seed: int = 0  # seeds weights, data order and noise
+    device: str = "auto"  # auto | cpu | cuda | mps (auto tries cuda, then mps, then cpu)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware does it fast)
+    sample_every: int = 1  # write a sample grid every N epochs (0: only at the end)
+    compile: bool = False  # torch.compile the model (opt-in; see bench.py)
+
+    def __post_init__(self):
+        _positive(self, "max_steps", "batch_size")
+        _choice(self, "batch_scope", ("global", "per-rank"))
+        _choice(self, "device", ("auto", "cpu", "cuda", "mps"))
+        _choice(self, "precision", ("auto", "fp32", "bf16", "fp16"))
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.label_drop < 1:
+            raise ValueError(f"label_drop must be in [0, 1), got {self.label_drop}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_steps < 0 or self.sample_every < 0:
+            raise ValueError("warmup_steps and sample_every must be >= 0")
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"  # ddim (fast, Song et al. 2021) | ddpm (ancestral, Algorithm 2 of Ho et al. 2020)
+    steps: int = 50  # denoising steps for ddim (ddpm always uses all T)
+    eta: float = 0.0  # DDIM noise: 0 deterministic, 1 ~ DDPM
+    guidance: float = 2.0  # classifier-free guidance w (Ho & Salimans 2022): eps_c + w*(eps_c - eps_u); 0 = off
+
+    def __post_init__(self):
+        _choice(self, "sampler", ("ddim", "ddpm"))
+        _positive(self, "steps")
+        if self.eta < 0 or self.guidance < 0:
+            raise ValueError("eta and guidance must be >= 0")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 4  # rank of the update A.B
+    alpha: float = 4.0  # the update is scaled by alpha / r
+    targets: tuple = ("Wq", "Wk", "Wv")  # names of the nn.Linear layers to adapt
+    lora_dropout: float = 0.0  # dropout on the LoRA path only
+    style: str = "italic"  # none | italic | bold: the transform applied to the fine-tuning digits
+    lora_steps: int = 600  # optimizer steps of the fine-tune
+    lora_lr: float = 1e-3  # LoRA learning rate (AdamW, constant after warm-up)
+    lora_batch_size: int = 128  # global batch for the fine-tune
+
+    def __post_init__(self):
+        self.targets = tuple(str(t) for t in self.targets)
+        if self.r <= 0:
+            raise ValueError(f"LoRA rank r must be > 0, got {self.r}; try --r 4")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not self.targets:
+            raise ValueError("targets is empty; name at least one layer, e.g. --targets Wq,Wk,Wv")
+        _choice(self, "style", ("none", "italic", "bold"))
+        _positive(self, "lora_steps", "lora_batch_size")
+        if self.lora_lr <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError("lora_lr must be > 0 and lora_dropout in [0, 1)")
+
+
+def _positive(cfg, *names):
+    for n in names:
+        if getattr(cfg, n) <= 0:
+            raise ValueError(f"{n} must be > 0, got {getattr(cfg, n)}")
+
+
+def _choice(cfg, name, allowed):
+    if getattr(cfg, name) not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
+
+
+# Presets are differences from the dataclass defaults, keyed by dataclass.
+PRESETS: dict[str, dict[type, dict]] = {
+    "fast": {},
+    "tutorial": {
+        ModelConfig: dict(img_size=48, patch_size=1, channels=(64, 128, 256, 512, 1024), attn_levels=(1, 2, 3, 4),
+                          num_heads=8, context_dim=256, time_dim=256),
+        DiffusionConfig: dict(timesteps=1000, min_snr_gamma=0.0),
+        TrainConfig: dict(batch_size=400, lr=1e-3, max_steps=30000, warmup_steps=0, min_lr_ratio=1.0,
+                          ema_decay=0.9999, grad_clip=0.0, sample_every=10),  # 200 epochs of 60k at batch 400
+        LoraConfig: dict(lora_batch_size=400, lora_steps=3000),
+    },
+    "tiny": {
+        ModelConfig: dict(channels=(8, 16), attn_levels=(1,), num_heads=2, context_tokens=2, context_dim=8,
+                          time_dim=16),
+        DiffusionConfig: dict(timesteps=50),
+        TrainConfig: dict(max_steps=4, batch_size=16, warmup_steps=1, sample_every=1, dataset="mnist-5k"),
+        SampleConfig: dict(steps=5),
+        LoraConfig: dict(lora_steps=4, lora_batch_size=16, r=2, alpha=2.0),
+    },
+}
+
+
+def preset_config(cls, preset="fast", **overrides):
+    """An instance of ``cls`` with ``preset``'s values, then ``overrides``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return cls(**{**PRESETS[preset].get(cls, {}), **overrides})
+
+
+# ---------------------------------------------------------------- command line
+
+class CLIError(ValueError):
+    """Bad command-line input: the script prints it and exits with code 2."""
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _parse_tuple(example):
+    item = type(example[0]) if example else str
+
+    def parse(text):
+        parts = [p for p in text.replace(" ", ",").split(",") if p]
+        try:
+            return tuple(item(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {item.__name__}, got {text!r}")
+    return parse
+
+
+def add_config_args(parser, cls, skip=()):
+    """One ``--flag`` per dataclass field; the default is None so presets can fill it."""
+    group = parser.add_argument_group(cls.__name__)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"(default {default if not isinstance(default, tuple) else ','.join(map(str, default))})"
+        if isinstance(default, bool):
+            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
+        elif isinstance(default, tuple):
+            group.add_argument(_flag(f.name), dest=f.name, type=_parse_tuple(default), default=None,
+                               metavar="A,B,..", help=help_text)
+        else:
+            group.add_argument(_flag(f.name), dest=f.name, type=type(default), default=None, help=help_text)
+
+
+def config_from_args(args, cls, preset="fast"):
+    """Build ``cls`` from a parsed namespace: preset values, then the flags the user gave."""
+    given = {f.name: getattr(args, f.name) for f in fields(cls)
+             if getattr(args, f.name, None) is not None}
+    try:
+        return preset_config(cls, preset, **given)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+
+
+def add_preset_arg(parser):
+    parser.add_argument("--preset", default="fast", choices=sorted(PRESETS),
+                        help="fast (default, laptop CPU) | tutorial (GPU, original sizes) | tiny (tests)")
+
+
+def config_dict(*cfgs):
+    """The plain dict stored in checkpoints: {"model": {...}, "diffusion": {...}, ...}."""
+    key = {ModelConfig: "model", DiffusionConfig: "diffusion", TrainConfig: "train",
+           SampleConfig: "sample", LoraConfig: "lora"}
+    return {key[type(c)]: dataclasses.asdict(c) for c in cfgs}
+
+
+def atomic_write(path, write):
+    """Call ``write(tmp_path)`` and move the result over ``path`` in one step (os.replace).
+
+    A crash or Ctrl-C mid-write leaves the previous file intact, never a truncated one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,196 @@
+"""LoRA (Hu et al. 2021, "Low-Rank Adaptation of Large Language Models") for the UNet's attention.
+
+A frozen ``nn.Linear`` computing x W^T + b gets a trainable low-rank path:
+
+    y = net(x) + (x @ lora_a @ lora_b) * alpha / r * scale        lora_a: (in, r), lora_b: (r, out)
+
+lora_b starts at zero, so the adapter is a no-op at step 0 (as in loralib). Parameter names start
+with ``lora_``: that prefix is the contract freezing and saving rely on.
+
+    layers = add_lora(model, targets=("Wq", "Wk", "Wv"), r=4, alpha=4)
+    mark_only_lora_as_trainable(model)
+    save_adapter("out/lora.pt", model, ...)        # only the lora_ tensors + r, alpha, targets, fingerprint
+    apply_adapter(model, load_adapter("out/lora.pt"), base_fingerprint)
+    merged = merge_lora(model)                     # plain nn.Linear layers again: zero inference overhead
+    unmerge_lora(model, merged)                    # the exact base weights back
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from unet import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+
+
+class LoraError(ValueError):
+    """An adapter that does not fit the model, or targets that match nothing: the message says what differs."""
+
+
+class LoraLayer(nn.Module):
+    def __init__(self, target_linear_layer, feature_in, feature_out, r, alpha, dropout=0.0):
+        super().__init__()
+        if r <= 0:
+            raise LoraError(f"LoRA rank r must be > 0, got {r}")
+        self.net = target_linear_layer  # the frozen base layer
+        self.r = r
+        self.alpha = alpha
+        self.scale = 1.0  # runtime multiplier of the update: 0 turns the adapter off, 1 is as trained
+        self.lora_a = nn.Parameter(torch.empty(feature_in, r))
+        self.lora_b = nn.Parameter(torch.zeros(r, feature_out))  # zero: the adapter starts as a no-op
+        # Kaiming-uniform with fan_in = feature_in, as nn.Linear and loralib initialise their A
+        nn.init.kaiming_uniform_(self.lora_a.T, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta_weight(self):
+        """The update in nn.Linear's (out, in) layout, in fp32: (A B)^T * alpha / r * scale."""
+        return (self.lora_a.float() @ self.lora_b.float()).T * (self.alpha / self.r * self.scale)
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.scale == 0:
+            return out
+        return out + (self.dropout(x) @ self.lora_a @ self.lora_b) * (self.alpha / self.r * self.scale)
+
+
+def inject_lora(module, name, target_linear_layer, r=4, alpha=4.0, dropout=0.0):
+    """Replace the sub-module at dotted path ``name`` by a LoraLayer wrapping it (the tutorial's helper)."""
+    layer = LoraLayer(target_linear_layer, target_linear_layer.in_features, target_linear_layer.out_features,
+                      r, alpha, dropout)
+    layer.to(target_linear_layer.weight.device)
+    _set_submodule(module, name, layer)
+    return layer
+
+
+def add_lora(model, targets=("Wq", "Wk", "Wv"), r=4, alpha=4.0, dropout=0.0):
+    """Wrap every nn.Linear whose last name part is in ``targets``; returns {name: LoraLayer}.
+
+    Names are collected first and replaced afterwards: editing a module while iterating over
+    named_modules() skips or revisits layers (the tutorial's loop did)."""
+    targets = tuple(targets)
+    names = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and n.split(".")[-1] in targets and not _inside_lora(n)]
+    if not names:
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise LoraError(f"LoRA targets {list(targets)} match no nn.Linear in the model; "
+                        f"linear layer names are {linear}")
+    return {n: inject_lora(model, n, m, r, alpha, dropout) for n, m in names}
+
+
+def _inside_lora(name):
+    return name.endswith(".net") or ".net." in name
+
+
+def lora_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def set_lora_scale(model, scale):
+    for layer in lora_layers(model).values():
+        layer.scale = float(scale)
+
+
+def mark_only_lora_as_trainable(model):
+    """Freeze every parameter whose name lacks ``lora_``; returns (trainable, total) parameter counts."""
+    trainable = total = 0
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def lora_state_dict(model):
+    """Only the lora_ tensors (a few KB), detached copies on the CPU."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+# ---------------------------------------------------------------- adapter files
+
+def save_adapter(path, model, r, alpha, targets, base_fingerprint, **extra):
+    """Write the adapter atomically: lora_ tensors plus what is needed to re-attach it safely."""
+    save_checkpoint({"version": CHECKPOINT_VERSION, "kind": "lora", "lora": lora_state_dict(model), "r": int(r),
+                     "alpha": float(alpha), "targets": list(targets), "base_fingerprint": base_fingerprint,
+                     **extra}, path)
+
+
+def load_adapter(path, map_location="cpu"):
+    """Load and sanity-check an adapter file; every problem is a LoraError naming the file."""
+    try:
+        ad = load_checkpoint(path, map_location, kind="lora")
+    except CheckpointError as e:
+        raise LoraError(str(e)) from None
+    for key in ("lora", "r", "alpha", "targets", "base_fingerprint"):
+        if key not in ad:
+            raise LoraError(f"adapter {path!r} lacks {key!r}; it is corrupt or from another tool; re-create it")
+    for k, v in ad["lora"].items():
+        if k.endswith("lora_a") and v.shape[1] != ad["r"] or k.endswith("lora_b") and v.shape[0] != ad["r"]:
+            raise LoraError(f"adapter {path!r}: {k} has shape {tuple(v.shape)}, inconsistent with r={ad['r']}")
+    ad["path"] = path
+    return ad
+
+
+def apply_adapter(model, adapter, base_fingerprint, force=False):
+    """Inject LoRA as the adapter describes and load its tensors, checking base, keys and shapes.
+
+    ``force`` overrides only the base-fingerprint check (an adapter trained on another base
+    usually still loads, but its effect is unpredictable); keys and shapes are always checked."""
+    path = adapter.get("path", "adapter")
+    if adapter["base_fingerprint"] != base_fingerprint and not force:
+        raise LoraError(f"adapter {path!r} was trained on base {adapter['base_fingerprint']}, but this base "
+                        f"checkpoint is {base_fingerprint}; pass the base it was trained on, or --force")
+    add_lora(model, adapter["targets"], adapter["r"], adapter["alpha"])
+    expected = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    missing = sorted(set(expected) - set(adapter["lora"]))
+    extra = sorted(set(adapter["lora"]) - set(expected))
+    if missing or extra:
+        raise LoraError(f"adapter {path!r} does not match targets {adapter['targets']} on this model: "
+                        f"missing {missing[:3]}, unexpected {extra[:3]}")
+    bad = [f"{k}: {tuple(adapter['lora'][k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+           if adapter["lora"][k].shape != v.shape]
+    if bad:
+        raise LoraError(f"adapter {path!r} shapes differ from this model (another base size?): {bad[:3]}")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for k, v in adapter["lora"].items():
+            params[k].copy_(v)
+    return lora_layers(model)
+
+
+# ---------------------------------------------------------------------- merging
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold each LoRA update into its base weight and put a plain nn.Linear in the LoraLayer's place.
+
+    W' = W + (lora_a lora_b)^T * alpha / r * scale, computed in fp32 (nn.Linear stores W as
+    (out, in), hence the transpose). The merged model costs exactly what the base costs.
+    Returns {name: LoraLayer} for unmerge_lora; the LoraLayers keep the untouched base layer."""
+    merged = lora_layers(model)
+    if not merged:
+        raise LoraError("merge_lora: the model has no LoRA layers to merge")
+    for name, layer in merged.items():
+        base = layer.net
+        fused = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                          device=base.weight.device, dtype=base.weight.dtype)
+        fused.weight.copy_((base.weight.float() + layer.delta_weight()).to(base.weight.dtype))
+        if base.bias is not None:
+            fused.bias.copy_(base.bias)
+        fused.requires_grad_(False)
+        _set_submodule(model, name, fused)
+    return merged
+
+
+def unmerge_lora(model, merged):
+    """Put the LoraLayers back: the base weights are restored exactly (they were never modified)."""
+    for name, layer in merged.items():
+        _set_submodule(model, name, layer)
+
+
+def _set_submodule(model, name, module):
+    *parents, leaf = name.split(".")
+    parent = model
+    for p in parents:
+        parent = getattr(parent, p)
+    setattr(parent, leaf, module)

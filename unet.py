@@ -1,0 +1,286 @@
+"""A class-conditional UNet that reads the digit label the way Stable Diffusion reads a prompt.
+
+The label is embedded as a short sequence of context tokens (Stable Diffusion: the text
+encoder's output); transformer blocks inside the UNet attend to it with cross-attention,
+whose projections are ``nn.Linear`` layers named ``Wq``, ``Wk``, ``Wv`` as in the tutorial,
+so LoRA can find them by name.
+
+Why at least two context tokens: with one key, softmax over keys is identically 1, the
+attention output is Wv(context) whatever the query, and Wq and Wk receive exactly zero
+gradient (the tutorial's bug). With several tokens the query selects among them.
+
+Layout (fast preset, 28x28): conv_in -> [res, res+attn, res+attn] down 28->14->7 -> middle
+(res, attn, res) -> mirrored up path with skip connections -> GroupNorm, SiLU, conv_out.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pickle
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import ModelConfig, atomic_write
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017; Ho et al. 2020), (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def norm(channels):
+    """GroupNorm with up to 8 groups (32 in Stable Diffusion, which has far wider layers)."""
+    groups = math.gcd(channels, 8)
+    return nn.GroupNorm(groups, channels)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, time_dim, dropout=0.0):
+        super().__init__()
+        self.norm1 = norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, c_out)
+        self.norm2 = norm(c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, t_emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(t_emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when ``context`` is None, cross-attention otherwise."""
+
+    def __init__(self, dim, num_heads, context_dim=None):
+        super().__init__()
+        self.num_heads = num_heads
+        context_dim = context_dim or dim
+        self.Wq = nn.Linear(dim, dim, bias=False)
+        self.Wk = nn.Linear(context_dim, dim, bias=False)
+        self.Wv = nn.Linear(context_dim, dim, bias=False)
+        self.Wo = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        B, L, D = x.shape
+        H = self.num_heads
+        q = self.Wq(x).view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
+        k = self.Wk(context).view(B, -1, H, D // H).transpose(1, 2)  # (B, H, S, Dh)
+        v = self.Wv(context).view(B, -1, H, D // H).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(Dh)) v
+        return self.Wo(out.transpose(1, 2).reshape(B, L, D))
+
+
+class TransformerBlock(nn.Module):
+    """Stable Diffusion's BasicTransformerBlock: self-attention, cross-attention to the label, feed-forward."""
+
+    def __init__(self, dim, num_heads, context_dim):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, num_heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Feature map (B, C, H, W) -> tokens (B, HW, C) -> transformer block -> back, with a residual."""
+
+    def __init__(self, channels, num_heads, context_dim):
+        super().__init__()
+        self.norm = norm(channels)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.block = TransformerBlock(channels, num_heads, context_dim)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x))
+        h = h.flatten(2).transpose(1, 2)  # (B, HW, C)
+        h = self.block(h, context)
+        h = h.transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class NoAttention(nn.Module):
+    """Stands in for a SpatialTransformer at levels without attention."""
+
+    def forward(self, x, context):
+        return x
+
+
+class UNetLevel(nn.Module):
+    """Residual blocks, each followed by a transformer block when the level has attention."""
+
+    def __init__(self, c_ins, c_out, time_dim, attn, num_heads, context_dim, dropout):
+        super().__init__()
+        self.res = nn.ModuleList(ResBlock(c, c_out, time_dim, dropout) for c in c_ins)
+        self.attn = nn.ModuleList(SpatialTransformer(c_out, num_heads, context_dim) if attn else NoAttention()
+                                  for _ in c_ins)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        ch = cfg.channels
+        td = cfg.time_dim
+        self.time_mlp = nn.Sequential(nn.Linear(td, td), nn.SiLU(), nn.Linear(td, td))
+        # num_classes + 1 rows: the last one is the "null" label used for classifier-free guidance
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, cfg.context_tokens * cfg.context_dim)
+        # patch_size p > 1 folds each p x p patch into channels (space-to-depth, as the patching of
+        # Hoogeboom et al. 2023 "simple diffusion" and DiT): p*p fewer positions at every level.
+        self.conv_in = nn.Conv2d(cfg.in_channels * cfg.patch_size ** 2, ch[0], 3, padding=1)
+
+        n = cfg.num_res_blocks
+
+        def level(c_ins, c_out, i):
+            return UNetLevel(c_ins, c_out, td, i in cfg.attn_levels, cfg.num_heads, cfg.context_dim, cfg.dropout)
+
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        c_prev = ch[0]
+        for i, c in enumerate(ch):
+            self.down.append(level([c_prev] + [c] * (n - 1), c, i))
+            if i < len(ch) - 1:
+                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+            c_prev = c
+        self.mid1 = ResBlock(ch[-1], ch[-1], td, cfg.dropout)
+        self.mid_attn = SpatialTransformer(ch[-1], cfg.num_heads, cfg.context_dim)
+        self.mid2 = ResBlock(ch[-1], ch[-1], td, cfg.dropout)
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i in reversed(range(len(ch))):
+            # each block of the up path sees the previous output concatenated with a skip
+            self.up.append(level([c_prev + ch[i]] + [2 * ch[i]] * (n - 1), ch[i], i))
+            if i > 0:
+                self.upsample.append(nn.Conv2d(ch[i], ch[i - 1], 3, padding=1))
+            c_prev = ch[i] if i == 0 else ch[i - 1]
+        self.norm_out = norm(ch[0])
+        self.conv_out = nn.Conv2d(ch[0], cfg.in_channels * cfg.patch_size ** 2, 3, padding=1)
+
+    def context(self, labels):
+        """Labels (B,) -> context tokens (B, context_tokens, context_dim): the "prompt"."""
+        return self.label_emb(labels).view(labels.shape[0], self.cfg.context_tokens, self.cfg.context_dim)
+
+    def forward(self, x, t, labels):
+        """x (B, C, H, W), t (B,) integer steps, labels (B,) in 0..num_classes -> predicted noise (B, C, H, W)."""
+        t_emb = self.time_mlp(timestep_embedding(t, self.cfg.time_dim))
+        ctx = self.context(labels)
+        h = self.conv_in(F.pixel_unshuffle(x, self.cfg.patch_size))
+        skips = []
+        for i, lvl in enumerate(self.down):
+            for res, attn in zip(lvl.res, lvl.attn):
+                h = res(h, t_emb)
+                h = attn(h, ctx)
+                skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+        h = self.mid2(self.mid_attn(self.mid1(h, t_emb), ctx), t_emb)
+        for i, lvl in enumerate(self.up):
+            for res, attn in zip(lvl.res, lvl.attn):
+                h = res(torch.cat([h, skips.pop()], dim=1), t_emb)
+                h = attn(h, ctx)
+            if i < len(self.upsample):
+                h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.cfg.patch_size)
+
+
+def count_parameters(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# ----------------------------------------------------------------- checkpoints
+
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, not ours, or from another model: the message says which."""
+
+
+def save_checkpoint(obj, path):
+    """Write a plain dict of tensors and built-in types atomically (never a pickled nn.Module)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_checkpoint(path, map_location="cpu", kind="base"):
+    """Load a checkpoint dict with weights_only=True, turning every failure into one clear CheckpointError."""
+    if not os.path.exists(path):
+        hint = "train one first: python train.py" if kind == "base" else "fine-tune one first: python lora_finetune.py"
+        raise CheckpointError(f"{kind} checkpoint {path!r} not found; {hint}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
+        # torch raises these for truncated zips, random bytes and pickles of arbitrary objects
+        raise CheckpointError(f"{path!r} is not a readable checkpoint (truncated or corrupt? {str(e).splitlines()[0]}); "
+                              "re-create it") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path!r} is not a {kind} checkpoint (found {found!r})")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path!r} has format version {ckpt.get('version')}, this code reads {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+def model_config_from_checkpoint(ckpt):
+    return ModelConfig(**ckpt["config"]["model"])
+
+
+def load_state_strict(model, state, what):
+    """load_state_dict(strict=True), with a message that names the keys and shapes that differ."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        if extra:
+            parts.append(f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:3]}{'...' if len(shapes) > 3 else ''}")
+        raise CheckpointError(f"{what} does not fit this model ({'; '.join(parts)}): it was built for another "
+                              "model size; use the flags it was trained with, or retrain")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path, map_location="cpu", weights="ema"):
+    """Rebuild the UNet from a checkpoint's saved config and load its (EMA by default) weights, in eval mode."""
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be ema or model, got {weights!r}")
+    ckpt = load_checkpoint(path, map_location)
+    model = UNet(model_config_from_checkpoint(ckpt))
+    load_state_strict(model, ckpt[weights], f"{path!r} [{weights}]")
+    return model.to(map_location).eval(), ckpt
+
+
+def state_fingerprint(state):
+    """A short hash of a state dict's names, shapes and values: which base an adapter was trained on."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu", torch.float32).contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
