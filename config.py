@@ -88,6 +88,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps (auto tries cuda, then mps, then cpu)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware does it fast)
     sample_every: int = 1  # write a sample grid every N epochs (0: only at the end)
+    snapshot_every: int = 0  # also keep out/ckpt_stepNNNNNN.pt every N epochs (for time-to-quality curves); 0 off
     compile: bool = False  # torch.compile the model (opt-in; see bench.py)
 
     def __post_init__(self):
@@ -101,8 +102,8 @@ class TrainConfig:
             raise ValueError(f"label_drop must be in [0, 1), got {self.label_drop}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.warmup_steps < 0 or self.sample_every < 0:
-            raise ValueError("warmup_steps and sample_every must be >= 0")
+        if min(self.warmup_steps, self.sample_every, self.snapshot_every) < 0:
+            raise ValueError("warmup_steps, sample_every and snapshot_every must be >= 0")
 
 
 @dataclass
@@ -224,11 +225,16 @@ def add_config_args(parser, cls, skip=()):
             group.add_argument(_flag(f.name), dest=f.name, type=type(default), default=None, help=help_text)
 
 
-def config_from_args(args, cls, preset="fast"):
-    """Build ``cls`` from a parsed namespace: preset values, then the flags the user gave."""
+def config_from_args(args, cls, preset="fast", saved=None):
+    """Build ``cls`` from a parsed namespace: preset values, then the flags the user gave.
+
+    ``saved`` (a dict from a checkpoint, on --resume) replaces the preset, so a resumed run
+    carries on with the settings it was started with unless a flag says otherwise."""
     given = {f.name: getattr(args, f.name) for f in fields(cls)
              if getattr(args, f.name, None) is not None}
     try:
+        if saved is not None:
+            return cls(**{**saved, **given})
         return preset_config(cls, preset, **given)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None

@@ -140,7 +140,7 @@ def apply_adapter(model, adapter, base_fingerprint, force=False):
     if adapter["base_fingerprint"] != base_fingerprint and not force:
         raise LoraError(f"adapter {path!r} was trained on base {adapter['base_fingerprint']}, but this base "
                         f"checkpoint is {base_fingerprint}; pass the base it was trained on, or --force")
-    add_lora(model, adapter["targets"], adapter["r"], adapter["alpha"])
+    add_lora(model, adapter["targets"], adapter["r"], adapter["alpha"], adapter.get("config", {}).get("lora_dropout", 0.0))
     expected = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     missing = sorted(set(expected) - set(adapter["lora"]))
     extra = sorted(set(adapter["lora"]) - set(expected))

@@ -22,10 +22,11 @@ import torch
 
 from config import (CLIError, DiffusionConfig, LoraConfig, TrainConfig, add_config_args, add_preset_arg,
                     config_from_args)
-from dataset import apply_style, ink, load_dataset, slant, to_model_range
+from dataset import apply_style, ink, slant, to_model_range
 from diffusion import Diffusion
 from lora import LoraError, add_lora, apply_adapter, load_adapter, mark_only_lora_as_trainable, save_adapter
-from train import USER_ERRORS, cleanup_distributed, fit, per_rank_batch, resolve_precision, setup_distributed
+from train import (USER_ERRORS, cleanup_distributed, fit, load_dataset_distributed, per_rank_batch, resolve_precision,
+                   setup_distributed)
 from unet import load_model, state_fingerprint
 
 # the training flags that make sense for a fine-tune (the rest come from LoraConfig)
@@ -67,16 +68,19 @@ def main(argv=None):
 
 
 def finetune(args):
-    lcfg = config_from_args(args, LoraConfig, args.preset)
-    tcfg = config_from_args(args, TrainConfig, args.preset)
+    adapter = None
+    if args.resume is not None:
+        adapter = load_adapter(args.resume or args.out)
+        check_resume_flags(args, adapter)
+        # the adapter's own settings, not the preset's; flags given now (say --lora-steps) still win
+        lcfg = config_from_args(args, LoraConfig, saved=adapter["config"])
+        tcfg = config_from_args(args, TrainConfig, saved=adapter["train_config"])
+    else:
+        lcfg = config_from_args(args, LoraConfig, args.preset)
+        tcfg = config_from_args(args, TrainConfig, args.preset)
     dist_info, device = setup_distributed(tcfg.device)
     precision = resolve_precision(tcfg.precision, device)
     log = print if dist_info.main else (lambda *a, **k: None)
-    adapter = None
-    if args.resume is not None:
-        adapter = load_adapter(args.resume or args.out, device)
-        check_resume_flags(args, adapter)
-        lcfg = LoraConfig(**{**adapter["config"], **{k: getattr(lcfg, k) for k in ("lora_steps", "lora_lr")}})
 
     model, ckpt = load_model(args.ckpt, device, args.weights)
     fingerprint = state_fingerprint(ckpt[args.weights])
@@ -87,6 +91,8 @@ def finetune(args):
     if adapter is not None:
         apply_adapter(model, adapter, fingerprint)
     else:
+        # seeded: A's random init is the same on every run, so torchrun and one process agree
+        torch.manual_seed(tcfg.seed)
         add_lora(model, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.lora_dropout)
     trainable, total = mark_only_lora_as_trainable(model)
     lora_params = [p for p in model.parameters() if p.requires_grad]
@@ -99,7 +105,7 @@ def finetune(args):
         step = adapter["step"]
 
     local_batch, global_batch = per_rank_batch(lcfg.lora_batch_size, tcfg.batch_scope, dist_info.world)
-    data = load_dataset(tcfg.dataset, "train", tcfg.data_dir, download=dist_info.main, log=log)
+    data = load_dataset_distributed(tcfg.dataset, "train", tcfg.data_dir, dist_info, log)
     if len(data.classes) != model.num_classes:
         raise CLIError(f"{data.name} has {len(data.classes)} classes, the base model {model.num_classes}")
     if global_batch > len(data):
@@ -110,7 +116,11 @@ def finetune(args):
 
     fwd_model = model
     if dist_info.world > 1:
-        # DDP all-reduces only parameters that require grad: the LoRA tensors
+        # DDP all-reduces the gradients of parameters that require grad: the LoRA tensors. Told to
+        # ignore the frozen base, it also skips broadcasting it at start-up (every rank loaded the
+        # same file, and the check after fit() proves the base never changed)
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
         fwd_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -126,7 +136,7 @@ def finetune(args):
         if dist_info.main:
             save_adapter(args.out, model, lcfg.r, lcfg.alpha, lcfg.targets, fingerprint,
                          optimizer=opt.state_dict(), step=step, epoch=epoch, rng={"noise": gen.get_state()},
-                         config=dataclasses.asdict(lcfg), style=lcfg.style,
+                         config=dataclasses.asdict(lcfg), train_config=dataclasses.asdict(tcfg), style=lcfg.style,
                          base_config=ckpt["config"], data_size=ckpt.get("data_size", 28))
 
     warmup = max(1, min(50, lcfg.lora_steps // 10))

@@ -18,14 +18,15 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from config import (CLIError, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig, add_config_args,
-                    add_preset_arg, atomic_write, config_dict, config_from_args)
+from config import (CLIError, DiffusionConfig, ModelConfig, TrainConfig, add_config_args,
+                    add_preset_arg, atomic_write, config_dict, config_from_args, preset_config)
 from dataset import DatasetError, load_dataset, save_grid, to_model_range, to_uint8
 from diffusion import Diffusion
 from unet import (CHECKPOINT_VERSION, CheckpointError, UNet, count_parameters, load_checkpoint, load_state_strict,
@@ -112,6 +113,24 @@ def setup_distributed(device_name):
 def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def load_dataset_distributed(name, split, data_dir, dist_info, log=print):
+    """load_dataset on every rank, and the same data set on all of them.
+
+    Only rank 0 may download, and only rank 0 turns "auto" into a concrete name, which it sends to
+    the others: a rank that resolved "auto" itself could pick mnist-5k while rank 0 downloads full
+    MNIST (or find another disk on another machine) and silently train on other data."""
+    if dist_info.world == 1:
+        return load_dataset(name, split, data_dir, download=True, log=log)
+    chosen = [None]
+    if dist_info.main:
+        data = load_dataset(name, split, data_dir, download=True, log=log)
+        chosen = [data.name]
+    dist.broadcast_object_list(chosen, src=0)  # the other ranks wait here while rank 0 downloads
+    if not dist_info.main:
+        data = load_dataset(chosen[0], split, data_dir, download=False, log=log)
+    return data
 
 
 def per_rank_batch(batch_size, scope, world):
@@ -225,7 +244,11 @@ def fit(fwd_model, params, opt, diffusion, x_all, y_all, gen, step, max_steps, g
                 if after_step is not None:
                     after_step(step)
                 step += 1
-                lv = loss.item()
+                lv = loss.detach()
+                if dist_info.world > 1:  # log the global batch's loss, as one process would, not rank 0's share
+                    dist.all_reduce(lv)  # SUM: gloo has no AVG
+                    lv = lv / dist_info.world
+                lv = lv.item()
                 running = lv if running != running else 0.98 * running + 0.02 * lv
                 if bar is not None:
                     bar.update(1)
@@ -239,7 +262,8 @@ def fit(fwd_model, params, opt, diffusion, x_all, y_all, gen, step, max_steps, g
         on_interrupt(step // steps_per_epoch, step)
         if bar is not None:
             bar.close()
-        print(f"\ninterrupted at step {step}; saved; continue with: {resume_hint}", file=sys.stderr)
+        if dist_info.main:  # only rank 0 saved, so only rank 0 says so
+            print(f"\ninterrupted at step {step}; saved; continue with: {resume_hint}", file=sys.stderr)
         sys.exit(130)
     if bar is not None:
         bar.close()
@@ -283,16 +307,20 @@ def main(argv=None):
 
 
 def train(args):
-    tcfg = config_from_args(args, TrainConfig, args.preset)
     resume_path = None
     ckpt = None
     if args.resume is not None:
-        resume_path = args.resume or os.path.join(tcfg.out_dir, "ckpt.pt")
+        out_dir = args.out_dir or preset_config(TrainConfig, args.preset).out_dir
+        resume_path = args.resume or os.path.join(out_dir, "ckpt.pt")
         ckpt = load_checkpoint(resume_path)
         check_resume_flags(args, ckpt, resume_path)
-        mcfg = ModelConfig(**ckpt["config"]["model"])
-        dcfg = DiffusionConfig(**ckpt["config"]["diffusion"])
+        saved = ckpt["config"]
+        # the run's own settings, not the preset's; training flags given now (say --max-steps) still win
+        tcfg = config_from_args(args, TrainConfig, saved=saved["train"])
+        mcfg = ModelConfig(**saved["model"])
+        dcfg = DiffusionConfig(**saved["diffusion"])
     else:
+        tcfg = config_from_args(args, TrainConfig, args.preset)
         mcfg = config_from_args(args, ModelConfig, args.preset)
         dcfg = config_from_args(args, DiffusionConfig, args.preset)
 
@@ -302,7 +330,7 @@ def train(args):
     local_batch, global_batch = per_rank_batch(tcfg.batch_size, tcfg.batch_scope, dist_info.world)
 
     torch.manual_seed(tcfg.seed)
-    data = load_dataset(tcfg.dataset, "train", tcfg.data_dir, download=dist_info.main, log=log)
+    data = load_dataset_distributed(tcfg.dataset, "train", tcfg.data_dir, dist_info, log)
     if mcfg.num_classes != len(data.classes):
         raise CLIError(f"--num-classes {mcfg.num_classes} but {data.name} has {len(data.classes)} classes")
     if global_batch > len(data):
@@ -317,13 +345,14 @@ def train(args):
     diffusion = Diffusion.from_config(dcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     gen = torch.Generator().manual_seed(tcfg.seed + 1)  # noise, timesteps and label drop
-    step = 0
+    step, prior_seconds = 0, 0.0
     if ckpt is not None:
         load_state_strict(model, ckpt["model"], f"{resume_path!r} [model]")
         load_state_strict(ema, ckpt["ema"], f"{resume_path!r} [ema]")
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["rng"]["noise"])
         step = ckpt["step"]
+        prior_seconds = ckpt.get("train_seconds", 0.0)
     fwd_model = model
     if dist_info.world > 1:
         fwd_model = torch.nn.parallel.DistributedDataParallel(
@@ -355,9 +384,13 @@ def train(args):
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "step": step, "epoch": epoch, "rng": {"noise": gen.get_state()},
             "config": cfg_all, "dataset": data.name, "data_size": data_size,
+            "train_seconds": prior_seconds + time.time() - start,  # wall time of training, across resumes
         }, ckpt_path)
+        if tcfg.snapshot_every and epoch % tcfg.snapshot_every == 0:
+            shutil.copyfile(ckpt_path, os.path.join(out_dir, f"ckpt_step{step:06d}.pt"))
 
     grid_labels = torch.arange(mcfg.num_classes)
+    start = time.time()
 
     def on_epoch_end(epoch, step, last):
         save(epoch, step)
@@ -368,7 +401,6 @@ def train(args):
             name = "final.png" if last else f"epoch_{epoch:04d}.png"
             save_grid(grid, os.path.join(out_dir, "samples", name), nrow=mcfg.num_classes)
 
-    start = time.time()
     step, running = fit(fwd_model, model.parameters(), opt, diffusion, x_all, y_all, gen, step, tcfg.max_steps,
                         global_batch, tcfg.seed, dist_info, device, precision, lambda s: lr_at(s, tcfg),
                         tcfg.label_drop, mcfg.num_classes, tcfg.grad_clip, on_epoch_end, on_interrupt=lambda e, s: save(e, s),

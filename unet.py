@@ -231,7 +231,9 @@ def load_checkpoint(path, map_location="cpu", kind="base"):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
         # torch raises these for truncated zips, random bytes and pickles of arbitrary objects
-        raise CheckpointError(f"{path!r} is not a readable checkpoint (truncated or corrupt? {str(e).splitlines()[0]}); "
+        # (an empty file gives an EOFError with an empty message, hence the fallback to its type)
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path!r} is not a readable checkpoint (truncated or corrupt? {reason}); "
                               "re-create it") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__

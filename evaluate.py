@@ -1,0 +1,410 @@
+"""Measure sample quality with a reference classifier: conditional accuracy, Frechet distance, slant, ink.
+
+    python evaluate.py --ckpt out/ckpt.pt                        # samples 100 per label itself, then scores
+    python evaluate.py --ckpt out/ckpt.pt --lora out/lora.pt     # the same with the adapter (--lora-scale S)
+    python evaluate.py --samples out/samples.npz                 # scores images written by denoise.py
+    python evaluate.py --ckpt a.pt b.pt c.pt                     # several checkpoints: + a time-to-quality curve
+
+The reference classifier is a small CNN trained on the real training split of the data set and
+reported on its held-out split; it is cached (default data/classifier-NAME.pt) with a fingerprint
+of the images it was trained on, and retrained when they differ.
+
+Scores, written to OUT_DIR/NAME.json (one object) and a one-page OUT_DIR/NAME.png report:
+  accuracy             share of samples the classifier assigns to the label they were asked for
+  per_class_accuracy   the same for each label
+  frechet_distance     Frechet distance (as FID, Heusel et al. 2017) between the classifier's
+                       penultimate features of the samples and of held-out real images;
+  frechet_floor        the same between real training and real held-out images, same count: the
+                       best a perfect generator could expect
+  slant, ink           mean image-moment slant (mu11/mu02) and mean ink, beside the real data's
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import CLIError, DiffusionConfig, SampleConfig, add_config_args, atomic_write, config_from_args
+from dataset import apply_style, ink, load_dataset, slant, to_model_range
+from diffusion import Diffusion
+from lora import LoraError, apply_adapter, load_adapter, set_lora_scale
+from train import USER_ERRORS, generate, pick_device, resolve_precision
+from unet import (CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_model, save_checkpoint,
+                  state_fingerprint)
+
+
+# ------------------------------------------------------------------ classifier
+
+class Classifier(nn.Module):
+    """A small CNN (about 0.4M parameters); ``features`` is the 128-d penultimate layer used for the distance."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),  # 14x14
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),  # 7x7
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, num_classes))
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def data_fingerprint(images, labels):
+    h = hashlib.sha256()
+    h.update(images.contiguous().numpy().tobytes())
+    h.update(labels.numpy().astype(np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _shift_augment(x, gen, max_shift=2):
+    """Random translations of up to ``max_shift`` pixels: the classic cheap MNIST augmentation."""
+    n = x.shape[0]
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    size = x.shape[-1]
+    rows = (dy[:, None] + torch.arange(size)[None])  # (N, H)
+    cols = (dx[:, None] + torch.arange(size)[None])  # (N, W)
+    idx_n = torch.arange(n)[:, None, None]
+    return padded[idx_n, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+
+
+@torch.no_grad()
+def classify(model, images_u8, batch=1000):
+    """uint8 (N, 28, 28) -> (logits (N, C), features (N, 128))."""
+    model.eval()
+    logits, feats = [], []
+    for i in range(0, len(images_u8), batch):
+        x = to_model_range(images_u8[i:i + batch])
+        f = model.features(x)
+        feats.append(f)
+        logits.append(model.head(f))
+    return torch.cat(logits), torch.cat(feats)
+
+
+def train_classifier(train, test, epochs=None, seed=0, log=print):
+    """Train the reference CNN on ``train`` and report accuracy on ``test`` (both Digits)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = Classifier(len(train.classes))
+    epochs = epochs or (12 if len(train) < 20000 else 4)
+    steps_per_epoch = (len(train) + 127) // 128
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * steps_per_epoch)
+    x_all = to_model_range(train.images)
+    t0 = time.time()
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(train), generator=gen)
+        for i in range(steps_per_epoch):
+            idx = perm[i * 128:(i + 1) * 128]
+            loss = F.cross_entropy(model(_shift_augment(x_all[idx], gen)), train.labels[idx], label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    acc = (classify(model, test.images)[0].argmax(1) == test.labels).float().mean().item()
+    log(f"classifier: trained on {train.name}/train ({len(train)} images, {epochs} epochs, "
+        f"{time.time() - t0:.0f} s): {100 * acc:.2f}% on {train.name}/test ({len(test)} images)")
+    return model, acc
+
+
+def get_classifier(train, test, path, log=print):
+    """The cached reference classifier for ``train`` (Digits), trained afresh when the cache is for other data."""
+    fp = data_fingerprint(train.images, train.labels)
+    if os.path.exists(path):
+        try:
+            cached = load_checkpoint(path, kind="classifier")
+        except CheckpointError as e:
+            log(f"classifier: ignoring unreadable cache ({e}); retraining")
+            cached = None
+        if cached is not None and cached["data_fingerprint"] == fp:
+            model = Classifier(len(train.classes))
+            model.load_state_dict(cached["model"])
+            return model.eval(), cached["test_accuracy"]
+        if cached is not None:
+            log(f"classifier: cache {path} was trained on other data ({cached['dataset']}); retraining")
+    model, acc = train_classifier(train, test, log=log)
+    save_checkpoint({"version": CHECKPOINT_VERSION, "kind": "classifier", "model": model.state_dict(),
+                     "dataset": train.name, "data_fingerprint": fp, "train_size": len(train),
+                     "test_accuracy": acc}, path)
+    return model.eval(), acc
+
+
+# --------------------------------------------------------------------- metrics
+
+def frechet_distance(f1, f2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), in float64; the root via symmetric eigendecompositions."""
+    f1, f2 = f1.double(), f2.double()
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
+    # Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2), and the inner matrix is symmetric PSD
+    w, v = torch.linalg.eigh(s1)
+    r1 = (v * w.clamp_min(0).sqrt()) @ v.T
+    inner = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp_min(0).sqrt().sum()
+    return float(((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * inner)
+
+
+def score(images_u8, labels, classifier, train, test, style="none", seed=0):
+    """All scores for uint8 samples (N, 28, 28) asked for ``labels`` (N,)."""
+    logits, feats = classify(classifier, images_u8)
+    pred = logits.argmax(1)
+    correct = (pred == labels).float()
+    num_classes = len(test.classes)
+    per_class = [correct[labels == c].mean().item() if (labels == c).any() else None for c in range(num_classes)]
+    _, real_test_feats = classify(classifier, test.images)
+    n = min(len(images_u8), len(test))
+    g = torch.Generator().manual_seed(seed)
+    tr = torch.randperm(len(train), generator=g)[:n]
+    te = torch.randperm(len(test), generator=g)[:n]
+    _, real_train_feats = classify(classifier, train.images[tr])
+    real_ref = apply_style(test.images, style)
+    return {
+        "num_samples": len(images_u8),
+        "accuracy": correct.mean().item(),
+        "per_class_accuracy": per_class,
+        "frechet_distance": frechet_distance(feats, real_test_feats),
+        "frechet_floor": frechet_distance(real_train_feats, real_test_feats[te]),
+        "frechet_samples_vs": f"{test.name}/test ({len(test)} images)",
+        "slant": slant(images_u8).mean().item(),
+        "ink": ink(images_u8).mean().item(),
+        "real_slant": slant(test.images).mean().item(),
+        "real_ink": ink(test.images).mean().item(),
+        "real_style": style,
+        "real_style_slant": slant(real_ref).mean().item(),
+        "real_style_ink": ink(real_ref).mean().item(),
+    }
+
+
+# -------------------------------------------------------------------- sampling
+
+def sample_checkpoint(args, scfg, device, precision, n_per_label, log=print):
+    """Draw n_per_label samples of every label from a checkpoint (+ adapter); returns images, labels, info."""
+    model, ckpt = load_model(args.ckpt_path, device, args.weights)
+    if args.lora:
+        adapter = load_adapter(args.lora, device)
+        apply_adapter(model, adapter, state_fingerprint(ckpt[args.weights]), force=args.force)
+        set_lora_scale(model, args.lora_scale)
+    diffusion = Diffusion.from_config(DiffusionConfig(**ckpt["config"]["diffusion"])).to(device)
+    labels = torch.arange(model.num_classes).repeat_interleave(n_per_label)
+    images = []
+    t0 = time.time()
+    for i in range(0, len(labels), args.batch):
+        imgs, _ = generate(model, diffusion, labels[i:i + args.batch], device, precision, scfg.sampler, scfg.steps,
+                           scfg.eta, scfg.guidance, seed=args.seed + i, data_size=ckpt.get("data_size", 28))
+        images.append(imgs)
+    seconds = time.time() - t0
+    info = {"ckpt": args.ckpt_path, "step": ckpt["step"], "train_seconds": ckpt.get("train_seconds"),
+            "dataset": ckpt.get("dataset"), "sampler": scfg.sampler,
+            "steps": scfg.steps if scfg.sampler == "ddim" else ckpt["config"]["diffusion"]["timesteps"],
+            "guidance": scfg.guidance, "eta": scfg.eta, "lora": args.lora, "lora_scale": args.lora_scale if args.lora
+            else None, "sampling_seconds": seconds, "seconds_per_sample": seconds / len(labels)}
+    log(f"sampled {len(labels)} images from {args.ckpt_path} in {seconds:.1f} s")
+    return torch.cat(images), labels, info
+
+
+def load_npz(path, num_classes, size):
+    if not os.path.exists(path):
+        raise CLIError(f"--samples {path!r} not found; write one with python denoise.py")
+    try:
+        with np.load(path) as z:
+            files = set(z.files)
+            missing = {"images", "labels"} - files
+            if missing:
+                raise CLIError(f"{path!r} lacks {sorted(missing)}; it needs 'images' (N, {size}, {size}) uint8 "
+                               "and 'labels' (N) as denoise.py writes them")
+            images, labels = z["images"], z["labels"]
+    except (ValueError, OSError) as e:
+        raise CLIError(f"{path!r} is not a readable .npz ({e})") from None
+    if images.ndim != 3 or images.shape[1:] != (size, size):
+        raise CLIError(f"{path!r}: images have shape {images.shape}, expected (N, {size}, {size})")
+    if labels.shape != (len(images),):
+        raise CLIError(f"{path!r}: labels have shape {labels.shape}, expected ({len(images)},)")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise CLIError(f"{path!r}: labels must be in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
+    if images.dtype != np.uint8:
+        if images.min() < 0 or images.max() > 255:
+            raise CLIError(f"{path!r}: images must be uint8 in 0..255 (found {images.dtype} "
+                           f"{images.min()}..{images.max()})")
+        images = images.astype(np.uint8)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+# ---------------------------------------------------------------------- report
+
+def report_png(result, images, labels, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num_classes = len(result["per_class_accuracy"])
+    fig = plt.figure(figsize=(11, 8.5))
+    # sample grid: up to 8 per class, a column per class
+    ax = fig.add_axes([0.03, 0.30, 0.55, 0.62])
+    rows = []
+    for c in range(num_classes):
+        sel = images[labels == c][:8]
+        if len(sel) < 8:
+            sel = torch.cat([sel, torch.zeros(8 - len(sel), *images.shape[1:], dtype=torch.uint8)])
+        rows.append(sel)
+    grid = torch.stack(rows, 1)  # (8, C, H, W)
+    grid = grid.permute(0, 2, 1, 3).reshape(8 * images.shape[1], num_classes * images.shape[2])
+    ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=255)
+    ax.set_xticks([(i + 0.5) * images.shape[2] for i in range(num_classes)], [str(i) for i in range(num_classes)])
+    ax.set_yticks([])
+    ax.set_title("samples (one column per label asked for)")
+    ax2 = fig.add_axes([0.65, 0.55, 0.32, 0.35])
+    acc = [100 * (a if a is not None else 0) for a in result["per_class_accuracy"]]
+    ax2.bar(range(num_classes), acc, color="tab:blue")
+    ax2.set_ylim(0, 100)
+    ax2.set_xticks(range(num_classes))
+    ax2.set_ylabel("accuracy %")
+    ax2.set_title("per-class conditional accuracy")
+    text = [title, "",
+            f"conditional accuracy   {100 * result['accuracy']:.1f}%   (reference classifier "
+            f"{100 * result['classifier_test_accuracy']:.2f}% on real held-out digits)",
+            f"Frechet distance        {result['frechet_distance']:.2f}   (real-vs-real floor "
+            f"{result['frechet_floor']:.2f})",
+            f"slant mu11/mu02         {result['slant']:+.3f}   (real {result['real_slant']:+.3f}"
+            + (f", real {result['real_style']} {result['real_style_slant']:+.3f}" if result["real_style"] != "none"
+               else "") + ")",
+            f"ink                     {result['ink']:.3f}   (real {result['real_ink']:.3f}"
+            + (f", real {result['real_style']} {result['real_style_ink']:.3f}" if result["real_style"] != "none"
+               else "") + ")",
+            f"samples                 {result['num_samples']}"]
+    fig.text(0.03, 0.04, "\n".join(text), family="monospace", fontsize=9, va="bottom")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+
+
+def curve_png(results, path):
+    """Accuracy and Frechet distance against training minutes, one point per checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((r["train_seconds"] / 60, 100 * r["accuracy"], r["frechet_distance"]) for r in results
+                 if r.get("train_seconds") is not None)
+    if len(pts) < 2:
+        return None
+    mins, acc, fd = zip(*pts)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(mins, acc, "o-", color="tab:blue")
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("conditional accuracy %", color="tab:blue")
+    ax.set_ylim(0, 100)
+    ax2 = ax.twinx()
+    ax2.plot(mins, fd, "s--", color="tab:red")
+    ax2.set_ylabel("Frechet distance", color="tab:red")
+    ax.set_title("time to quality")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------ main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", nargs="+", help="checkpoint(s) from train.py to sample from and score")
+    src.add_argument("--samples", help=".npz written by denoise.py (images, labels)")
+    p.add_argument("--dataset", default=None, help="reference data (default: the checkpoint's, else auto)")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--classifier", default=None, help="classifier cache (default DATA_DIR/classifier-NAME.pt)")
+    p.add_argument("--out-dir", default=os.path.join("out", "eval"))
+    p.add_argument("--name", default="eval", help="stem of the JSON and PNG written")
+    p.add_argument("--n-per-label", type=int, default=100, help="samples per label when sampling a checkpoint")
+    p.add_argument("--batch", type=int, default=500, help="images per sampling batch")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"])
+    p.add_argument("--lora", default=None, help="LoRA adapter to apply to the checkpoint")
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--force", action="store_true", help="apply an adapter trained on another base")
+    p.add_argument("--style", default=None, choices=["none", "italic", "bold"],
+                   help="also report the real data in this style (default: the adapter's style)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    add_config_args(p, SampleConfig)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS + (LoraError,) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args):
+    scfg = config_from_args(args, SampleConfig)
+    if args.n_per_label <= 0 or args.batch <= 0:
+        raise CLIError("--n-per-label and --batch must be > 0")
+    if args.lora and not args.ckpt:
+        raise CLIError("--lora needs the base it adapts: pass --ckpt (an adapter alone cannot be sampled)")
+    device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    style = args.style
+    if style is None:
+        style = load_adapter(args.lora).get("style", "none") if args.lora else "none"
+    dataset = args.dataset
+    if dataset is None and args.ckpt:
+        dataset = load_checkpoint(args.ckpt[0]).get("dataset", "auto")
+    train = load_dataset(dataset or "auto", "train", args.data_dir)
+    test = load_dataset(train.name, "test", args.data_dir)
+    if args.samples:  # check the user's file before the (slow, first time) classifier training
+        npz = load_npz(args.samples, len(test.classes), test.images.shape[-1])
+    classifier, clf_acc = get_classifier(train, test, args.classifier or os.path.join(
+        args.data_dir, f"classifier-{train.name}.pt"))
+    results = []
+    for path in args.ckpt or [None]:
+        if path is None:
+            images, labels = npz
+            info = {"samples": args.samples}
+        else:
+            args.ckpt_path = path
+            images, labels, info = sample_checkpoint(args, scfg, device, precision, args.n_per_label)
+        result = {**info, **score(images, labels, classifier, train, test, style, args.seed),
+                  "classifier_test_accuracy": clf_acc, "reference_dataset": test.name}
+        results.append(result)
+        stem = args.name if len(results) == 1 and len(args.ckpt or [None]) == 1 else \
+            f"{args.name}-{os.path.splitext(os.path.basename(path))[0]}"
+        os.makedirs(args.out_dir, exist_ok=True)
+        title = f"{path or args.samples}" + (f" + {args.lora} x{args.lora_scale}" if args.lora else "")
+        report_png(result, images, labels, os.path.join(args.out_dir, f"{stem}.png"), title)
+        print(f"{title}: accuracy {100 * result['accuracy']:.1f}%, Frechet {result['frechet_distance']:.2f} "
+              f"(floor {result['frechet_floor']:.2f}), slant {result['slant']:+.3f} (real "
+              f"{result['real_slant']:+.3f}), ink {result['ink']:.3f} (real {result['real_ink']:.3f})")
+    out = results[0] if len(results) == 1 else {"results": results}
+    if len(results) > 1:
+        curve = curve_png(results, os.path.join(args.out_dir, f"{args.name}-curve.png"))
+        out["curve_png"] = curve
+    json_path = os.path.join(args.out_dir, f"{args.name}.json")
+    atomic_write(json_path, lambda tmp: open(tmp, "w").write(json.dumps(out, indent=2)))
+    print(f"evaluate: wrote {json_path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""LoRA: the layer against its formula, merge/unmerge, adapter files, freezing, and the style data.
+
+Every equivalence is checked with lora_b set to non-zero values: with the initial B = 0 the
+update is zero and merged == unmerged == base would hold even for a broken implementation.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_finetune
+from config import LoraConfig, ModelConfig, preset_config
+from dataset import apply_style, ink, load_dataset, slant
+from lora import (LoraError, LoraLayer, add_lora, apply_adapter, load_adapter, lora_layers, lora_state_dict,
+                  mark_only_lora_as_trainable, merge_lora, save_adapter, set_lora_scale, unmerge_lora)
+from unet import Attention, UNet, save_checkpoint, state_fingerprint
+
+DEFAULT_TARGETS = LoraConfig().targets
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return UNet(preset_config(ModelConfig, "tiny")).eval()
+
+
+def randomise_lora(model, seed=1, std=0.1):
+    """Non-zero A and B in every adapter, so that the LoRA update really changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_a.copy_(torch.randn(layer.lora_a.shape, generator=g) * std)
+            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g) * std)
+
+
+def probe_inputs(batch=3):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn((batch, 1, 28, 28), generator=g), torch.tensor([0, 25, 49])[:batch], torch.tensor([1, 5, 10])[:batch]
+
+
+def forward(model):
+    with torch.no_grad():
+        return model(*probe_inputs())
+
+
+# ------------------------------------------------------------------ the layer
+
+def test_fresh_lora_layer_is_a_no_op():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = LoraLayer(base, 6, 5, r=2, alpha=4.0)
+    assert torch.count_nonzero(layer.lora_b) == 0 and torch.count_nonzero(layer.lora_a) > 0
+    assert layer.lora_a.shape == (6, 2) and layer.lora_b.shape == (2, 5)
+    x = torch.randn(3, 4, 6)
+    assert torch.equal(layer(x), base(x))
+
+
+def test_lora_layer_matches_its_formula_with_non_zero_b():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = LoraLayer(base, 6, 5, r=2, alpha=3.0)
+    with torch.no_grad():
+        layer.lora_b.copy_(torch.randn(2, 5))
+    x = torch.randn(4, 6)
+    base_out = x @ base.weight.T + base.bias
+    update = x @ layer.lora_a @ layer.lora_b * (3.0 / 2)
+    assert update.abs().max().item() > 1e-2
+    torch.testing.assert_close(layer(x), base_out + update, atol=1e-6, rtol=1e-5)
+    layer.scale = 0.5
+    torch.testing.assert_close(layer(x), base_out + 0.5 * update, atol=1e-6, rtol=1e-5)
+    layer.scale = 0.0
+    assert torch.equal(layer(x), base(x))
+    # the merge formula: the same update in nn.Linear's (out, in) layout
+    layer.scale = 1.0
+    torch.testing.assert_close(x @ layer.delta_weight().T, update, atol=1e-6, rtol=1e-5)
+
+
+def test_lora_rank_must_be_positive():
+    with pytest.raises(LoraError, match="r must be > 0, got 0"):
+        LoraLayer(nn.Linear(4, 4), 4, 4, r=0, alpha=1.0)
+    with pytest.raises(LoraError, match="r must be > 0"):
+        add_lora(tiny_model(), r=-1)
+    with pytest.raises(ValueError, match="--r 4"):
+        LoraConfig(r=0)
+
+
+# ------------------------------------------------------------------ add_lora
+
+def test_add_lora_wraps_exactly_the_attention_projections():
+    model = tiny_model()
+    attentions = [n for n, m in model.named_modules() if isinstance(m, Attention)]
+    layers = add_lora(model, DEFAULT_TARGETS, r=2, alpha=2.0)
+    expected = {f"{a}.{w}" for a in attentions for w in ("Wq", "Wk", "Wv")}
+    assert set(layers) == set(lora_layers(model)) == expected
+    assert len(expected) == 18  # 3 transformer blocks x (attn1, attn2) x (Wq, Wk, Wv)
+    assert any(".attn1." in n for n in expected) and any(".attn2." in n for n in expected)
+    for name, m in model.named_modules():
+        if name.endswith(".Wo") or ".ff." in name:
+            assert type(m) is not LoraLayer, name
+    # the wrapped layer is the original one, and its shape is kept
+    assert all(isinstance(layer.net, nn.Linear) for layer in layers.values())
+    assert layers["mid_attn.block.attn2.Wk"].lora_a.shape == (8, 2)  # context_dim 8 -> 16 channels
+    assert layers["mid_attn.block.attn2.Wk"].lora_b.shape == (2, 16)
+
+
+def test_add_lora_targets_that_match_nothing_list_the_names():
+    with pytest.raises(LoraError, match=r"match no nn.Linear.*'Wo'.*'time_proj'") as e:
+        add_lora(tiny_model(), ("foo",))
+    assert "'Wq'" in str(e.value)
+
+
+# ------------------------------------------------------------------ merging
+
+def test_merge_equals_unmerged_and_unmerge_restores_the_base():
+    model = tiny_model()
+    base_out = forward(model)
+    base_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    add_lora(model, DEFAULT_TARGETS, r=2, alpha=2.0)
+    assert torch.equal(forward(model), base_out)  # B = 0: still the base
+    randomise_lora(model)
+    lora_out = forward(model)
+    assert (lora_out - base_out).abs().max().item() > 1e-3
+
+    merged = merge_lora(model)
+    assert len(merged) == 18
+    assert not lora_layers(model)
+    for name in merged:
+        assert type(model.get_submodule(name)) is nn.Linear, name
+    merged_out = forward(model)
+    torch.testing.assert_close(merged_out, lora_out, atol=1e-5, rtol=1e-5)
+    assert (merged_out - base_out).abs().max().item() > 1e-3
+    # merged weight = W + (A B)^T alpha / r
+    layer = merged["mid_attn.block.attn1.Wq"]
+    expected = base_weights["mid_attn.block.attn1.Wq.weight"] + (layer.lora_a @ layer.lora_b).T * (2.0 / 2)
+    torch.testing.assert_close(model.get_submodule("mid_attn.block.attn1.Wq").weight, expected, atol=1e-6, rtol=0)
+
+    unmerge_lora(model, merged)
+    assert set(lora_layers(model)) == set(merged)
+    for name, layer in lora_layers(model).items():
+        assert torch.equal(layer.net.weight, base_weights[f"{name}.weight"]), name
+    assert torch.equal(forward(model), lora_out)
+    set_lora_scale(model, 0.0)
+    assert torch.equal(forward(model), base_out)
+
+
+def test_merge_honours_the_scale():
+    model = tiny_model()
+    add_lora(model, DEFAULT_TARGETS, r=2, alpha=2.0)
+    randomise_lora(model)
+    set_lora_scale(model, 0.5)
+    half = forward(model)
+    merge_lora(model)
+    torch.testing.assert_close(forward(model), half, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_without_lora_raises():
+    with pytest.raises(LoraError, match="no LoRA layers"):
+        merge_lora(tiny_model())
+
+
+# ------------------------------------------------------------------ training only LoRA
+
+def test_only_lora_parameters_change_during_training():
+    model = tiny_model().train()
+    add_lora(model, DEFAULT_TARGETS, r=2, alpha=2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable, total = mark_only_lora_as_trainable(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names) and len(names) == 2 * 18
+    assert trainable == sum(p.numel() for p in params) and trainable < total / 10
+    opt = torch.optim.AdamW(params, lr=1e-2)  # AdamW's default weight decay applies to whatever it is given
+    x, t, labels = probe_inputs()
+    for _ in range(3):
+        loss = model(x, t, labels).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    for k, v in after.items():
+        if "lora_" in k:
+            assert not torch.equal(v, before[k]), f"{k} did not train"
+        else:
+            assert torch.equal(v, before[k]), f"frozen {k} changed"
+
+
+# ------------------------------------------------------------------ adapter files
+
+def saved_adapter(tmp_path, model=None, name="adapter.pt"):
+    """A tiny model with a randomised adapter, saved; returns (model, path, fingerprint of its base)."""
+    model = model or tiny_model()
+    fingerprint = state_fingerprint(model.state_dict())
+    add_lora(model, DEFAULT_TARGETS, r=2, alpha=2.0)
+    randomise_lora(model)
+    path = str(tmp_path / name)
+    save_adapter(path, model, 2, 2.0, DEFAULT_TARGETS, fingerprint)
+    return model, path, fingerprint
+
+
+def test_adapter_round_trip_onto_a_fresh_base(tmp_path):
+    model, path, fingerprint = saved_adapter(tmp_path)
+    expected = forward(model)
+    fresh = tiny_model()
+    assert (forward(fresh) - expected).abs().max().item() > 1e-3
+    adapter = load_adapter(path)
+    layers = apply_adapter(fresh, adapter, state_fingerprint(fresh.state_dict()))
+    assert set(layers) == set(lora_layers(model))
+    assert torch.equal(forward(fresh), expected)
+    assert adapter["base_fingerprint"] == fingerprint and adapter["path"] == path
+
+
+def test_adapter_file_holds_only_lora_tensors_and_is_small(tmp_path, tiny_ckpt):
+    model, path, fingerprint = saved_adapter(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"version", "kind", "lora", "r", "alpha", "targets", "base_fingerprint"}
+    assert raw["kind"] == "lora" and raw["r"] == 2 and raw["alpha"] == 2.0
+    assert raw["targets"] == list(DEFAULT_TARGETS) and raw["base_fingerprint"] == fingerprint
+    assert set(raw["lora"]) == set(lora_state_dict(model))
+    assert len(raw["lora"]) == 36 and all(k.split(".")[-1] in ("lora_a", "lora_b") for k in raw["lora"])
+    assert os.path.getsize(path) * 5 < os.path.getsize(tiny_ckpt)
+
+
+def test_missing_adapter_raises_lora_error(tmp_path):
+    path = tmp_path / "none.pt"
+    with pytest.raises(LoraError, match="not found") as e:
+        load_adapter(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_corrupt_adapter_raises_lora_error(tmp_path):
+    _, path, _ = saved_adapter(tmp_path)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(LoraError, match="truncated or corrupt"):
+        load_adapter(path)
+
+
+def test_base_checkpoint_is_not_an_adapter(tiny_ckpt):
+    with pytest.raises(LoraError, match="not a lora checkpoint"):
+        load_adapter(tiny_ckpt)
+
+
+def test_adapter_for_another_base_needs_force(tmp_path):
+    model, path, fingerprint = saved_adapter(tmp_path)
+    other = tiny_model(seed=5)
+    other_fp = state_fingerprint(other.state_dict())
+    assert other_fp != fingerprint
+    with pytest.raises(LoraError, match=f"trained on base {fingerprint}.*is {other_fp}.*--force"):
+        apply_adapter(other, load_adapter(path), other_fp)
+    forced = tiny_model(seed=5)
+    apply_adapter(forced, load_adapter(path), other_fp, force=True)
+    assert len(lora_layers(forced)) == 18
+    for name, layer in lora_layers(forced).items():
+        assert torch.equal(layer.lora_b, lora_layers(model)[name].lora_b)
+
+
+def test_adapter_whose_rank_disagrees_with_its_tensors_is_refused(tmp_path):
+    _, path, _ = saved_adapter(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    save_checkpoint({**raw, "r": 3}, path)
+    with pytest.raises(LoraError, match="inconsistent with r=3"):
+        load_adapter(path)
+
+
+def test_adapter_with_other_targets_than_its_tensors_is_refused(tmp_path):
+    _, path, fingerprint = saved_adapter(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    save_checkpoint({**raw, "targets": ["Wq"]}, path)
+    with pytest.raises(LoraError, match=r"does not match targets \['Wq'\].*unexpected \[.*Wk") as e:
+        apply_adapter(tiny_model(), load_adapter(path), fingerprint)
+    assert "missing []" in str(e.value)
+
+
+def test_adapter_for_another_model_size_is_refused(tmp_path):
+    _, path, _ = saved_adapter(tmp_path)
+    bigger = UNet(preset_config(ModelConfig, "tiny", channels=(8, 32)))
+    with pytest.raises(LoraError, match="shapes differ"):
+        apply_adapter(bigger, load_adapter(path), "ignored", force=True)
+
+
+# ------------------------------------------------------------------ lora_finetune.py
+
+def test_finetune_adapter_matches_its_base(tiny_ckpt, tiny_adapter):
+    base = torch.load(tiny_ckpt, weights_only=True)
+    ad = load_adapter(tiny_adapter)
+    assert ad["base_fingerprint"] == state_fingerprint(base["ema"])
+    assert ad["step"] == preset_config(LoraConfig, "tiny").lora_steps
+    assert ad["r"] == 2 and ad["targets"] == list(DEFAULT_TARGETS) and ad["style"] == "italic"
+    assert any(torch.count_nonzero(v) for k, v in ad["lora"].items() if k.endswith("lora_b"))  # it learned
+    assert os.path.getsize(tiny_adapter) * 5 < os.path.getsize(tiny_ckpt)
+
+
+def run_finetune(ckpt, out, *extra):
+    return lora_finetune.main(["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--ckpt", str(ckpt),
+                               "--out", str(out), *extra])
+
+
+def test_finetune_resume_continues_bit_identically(tmp_path, tiny_ckpt):
+    run_finetune(tiny_ckpt, tmp_path / "straight.pt", "--lora-steps", "4")
+    run_finetune(tiny_ckpt, tmp_path / "split.pt", "--lora-steps", "2")
+    run_finetune(tiny_ckpt, tmp_path / "split.pt", "--resume", "--lora-steps", "4")
+    a = torch.load(tmp_path / "straight.pt", weights_only=True)
+    b = torch.load(tmp_path / "split.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for k in a["lora"]:
+        assert torch.equal(a["lora"][k], b["lora"][k]), k
+
+
+@pytest.mark.parametrize("flag,value,saved", [("--r", "3", "2"), ("--targets", "Wq", "['Wq', 'Wk', 'Wv']"),
+                                              ("--style", "bold", "italic")])
+def test_finetune_resume_with_contradicting_flags_exits_2(tmp_path, tiny_ckpt, tiny_adapter, capsys, flag, value,
+                                                         saved):
+    out = tmp_path / "lora.pt"
+    out.write_bytes(open(tiny_adapter, "rb").read())
+    before = out.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run_finetune(tiny_ckpt, out, "--resume", flag, value)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "contradicts adapter" in err and f"(trained with {saved})" in err
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--r", "0"], "LoRA rank r must be > 0, got 0"),
+    (["--targets", "foo"], "match no nn.Linear"),
+    (["--style", "wavy"], "style must be one of none, italic, bold"),
+])
+def test_finetune_bad_flags_exit_2(tmp_path, tiny_ckpt, capsys, args, message):
+    out = tmp_path / "lora.pt"
+    with pytest.raises(SystemExit) as e:
+        run_finetune(tiny_ckpt, out, *args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not out.exists()
+
+
+def test_finetune_on_a_missing_base_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_finetune(tmp_path / "no_ckpt.pt", tmp_path / "lora.pt")
+    assert e.value.code == 2
+    assert "not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the style data
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("mnist-5k", "test").images  # 500 real digits, 50 per class
+
+
+def test_italic_style_slants_the_digits(digits):
+    styled = apply_style(digits, "italic")
+    assert styled.shape == digits.shape and styled.dtype == torch.uint8
+    before, after = slant(digits).mean().item(), slant(styled).mean().item()
+    assert after - before > 0.2  # a shear of 0.3 adds about 0.3 to mu11 / mu02
+    assert abs(ink(styled).mean().item() - ink(digits).mean().item()) < 0.01  # a shear keeps the ink
+
+
+def test_bold_style_adds_ink(digits):
+    styled = apply_style(digits, "bold")
+    assert ink(styled).mean().item() > 1.5 * ink(digits).mean().item()
+    assert abs(slant(styled).mean().item() - slant(digits).mean().item()) < 0.05
+    assert torch.all(styled >= digits)  # a max filter never removes ink
+
+
+def test_none_style_is_the_identity(digits):
+    assert torch.equal(apply_style(digits, "none"), digits)
+    with pytest.raises(ValueError, match="unknown style"):
+        apply_style(digits, "wavy")
+
+
+def test_slant_of_a_known_shape():
+    img = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    for i in range(20):  # a stroke from bottom-left to top-right: x grows as y goes up
+        img[0, 24 - i, 4 + i] = 255
+    assert slant(img).item() == pytest.approx(1.0, abs=1e-5)
+    assert slant(img.flip(-1)).item() == pytest.approx(-1.0, abs=1e-5)

@@ -1,0 +1,256 @@
+"""The scripts end to end: train.py -> denoise.py (in-process), bad command lines, and full subprocess runs.
+
+In-process calls go through each script's main(argv); the @slow tests start real processes, as a
+user would, on the tiny preset (run them with --runslow).
+"""
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import denoise
+import lora_finetune
+import train
+from unet import state_fingerprint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TILE = 28 + 2  # save_grid: a 28x28 digit plus 2 pixels of padding
+
+
+def grid_size(cols, rows):
+    return cols * TILE + 2, rows * TILE + 2
+
+
+def run_denoise(ckpt, out_dir, *extra):
+    return denoise.main(["--ckpt", str(ckpt), "--out-dir", str(out_dir), "--device", "cpu", "--steps", "5", *extra])
+
+
+def expect_exit_2(main, argv, capsys):
+    """Run a script's main, expecting a clean exit with status 2; returns stderr."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "Traceback" not in err
+    return err
+
+
+# ------------------------------------------------------------------ train -> denoise
+
+def test_denoise_writes_grid_process_and_npz(tiny_ckpt, tmp_path):
+    written = run_denoise(tiny_ckpt, tmp_path)
+    names = {os.path.basename(p) for p in written}
+    assert names == {"samples.png", "samples.npz", "samples_process.png"}
+    with Image.open(tmp_path / "samples.png") as im:
+        assert im.size == grid_size(10, 1) and im.mode == "L"
+    with Image.open(tmp_path / "samples_process.png") as im:
+        im.load()
+        assert im.width > 100 and im.height > 50
+    with np.load(tmp_path / "samples.npz") as npz:
+        images, labels = npz["images"], npz["labels"]
+    assert images.dtype == np.uint8 and images.shape == (10, 28, 28)
+    assert np.issubdtype(labels.dtype, np.integer) and labels.tolist() == list(range(10))
+    assert images.std() > 0  # not a blank canvas
+    # the grid's tiles are the npz's images, column per label
+    grid = np.asarray(Image.open(tmp_path / "samples.png"))
+    assert np.array_equal(grid[2:30, 2 + 3 * TILE:2 + 3 * TILE + 28], images[3])
+
+
+def test_denoise_labels_and_samples_per_label(tiny_ckpt, tmp_path):
+    run_denoise(tiny_ckpt, tmp_path, "--labels", "3,3,7", "--n-per-label", "2", "--name", "few", "--frames", "0",
+                "--sampler", "ddpm", "--guidance", "0")
+    with np.load(tmp_path / "few.npz") as npz:
+        assert npz["images"].shape == (6, 28, 28) and npz["labels"].tolist() == [3, 3, 3, 3, 7, 7]
+    with Image.open(tmp_path / "few.png") as im:
+        assert im.size == grid_size(3, 2)
+    assert not (tmp_path / "few_process.png").exists()  # --frames 0: no process figure
+
+
+def test_denoise_same_seed_same_images(tiny_ckpt, tmp_path):
+    def images(seed, sub):
+        run_denoise(tiny_ckpt, tmp_path / sub, "--seed", str(seed), "--frames", "0")
+        with np.load(tmp_path / sub / "samples.npz") as npz:
+            return npz["images"]
+
+    a, b, c = images(0, "a"), images(0, "b"), images(1, "c")
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_bad_input_does_not_touch_existing_outputs(tiny_ckpt, tmp_path, capsys):
+    run_denoise(tiny_ckpt, tmp_path, "--frames", "0")
+    png = tmp_path / "samples.png"
+    content, mtime = png.read_bytes(), png.stat().st_mtime_ns
+    time.sleep(0.01)
+    err = expect_exit_2(denoise.main, ["--ckpt", str(tiny_ckpt), "--out-dir", str(tmp_path), "--labels", "11"],
+                        capsys)
+    assert "--labels '11'" in err and "0..9" in err
+    assert png.read_bytes() == content and png.stat().st_mtime_ns == mtime
+    assert sorted(os.listdir(tmp_path)) == ["samples.npz", "samples.png"]
+
+
+def test_denoise_with_adapter_merged_and_unmerged_agree(tiny_ckpt, tiny_adapter, tmp_path):
+    written = run_denoise(tiny_ckpt, tmp_path / "merged", "--lora", tiny_adapter, "--merge", "--frames", "0",
+                          "--precision", "fp32")
+    assert {os.path.basename(p) for p in written} == {"lora_scale_sweep.png", "lora_samples.png",
+                                                      "lora_samples.npz"}
+    run_denoise(tiny_ckpt, tmp_path / "unmerged", "--lora", tiny_adapter, "--frames", "0", "--precision", "fp32")
+    with np.load(tmp_path / "merged" / "lora_samples.npz") as m, np.load(tmp_path / "unmerged" / "lora_samples.npz") as u:
+        # fp32 merge changes only rounding: at most one grey level on a few pixels
+        assert np.abs(m["images"].astype(int) - u["images"].astype(int)).max() <= 2
+    with Image.open(tmp_path / "merged" / "lora_scale_sweep.png") as im:
+        assert im.size == grid_size(5, 10)  # scales 0, .25, .5, .75, 1 across, one row per label
+
+
+# ------------------------------------------------------------------ bad command lines
+
+def test_unknown_flag_exits_2(capsys):
+    for main in (train.main, lora_finetune.main, denoise.main):
+        err = expect_exit_2(main, ["--bogus-flag"], capsys)
+        assert "unrecognized arguments: --bogus-flag" in err
+
+
+def test_unknown_preset_exits_2(capsys):
+    err = expect_exit_2(train.main, ["--preset", "huge"], capsys)
+    assert "invalid choice: 'huge'" in err and "tiny" in err
+
+
+def test_bad_types_exit_2(capsys):
+    assert "invalid int value: 'many'" in expect_exit_2(train.main, ["--max-steps", "many"], capsys)
+    assert "comma-separated list of int" in expect_exit_2(train.main, ["--channels", "8,x"], capsys)
+
+
+def test_unknown_dataset_exits_2_before_writing(tmp_path, capsys):
+    out = tmp_path / "out"
+    err = expect_exit_2(train.main, ["--preset", "tiny", "--device", "cpu", "--dataset", "cifar", "--out-dir",
+                                     str(out)], capsys)
+    assert "unknown dataset 'cifar'" in err and "mnist-5k" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch-size", "0"], "batch_size must be > 0, got 0"),
+    (["--channels", "8,16", "--img-size", "30"], "img_size 30 must be divisible"),
+    (["--context-tokens", "1"], "gradient"),
+    (["--batch-size", "5000"], "larger than the 4500 training images"),
+])
+def test_invalid_train_settings_exit_2(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    err = expect_exit_2(train.main, ["--preset", "tiny", "--device", "cpu", "--out-dir", str(out), *args], capsys)
+    assert message in err
+    assert not (out / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--labels", "11"], "every label must be in 0..9"),
+    (["--labels", "a,b"], "expected integers"),
+    (["--steps", "0"], "steps must be > 0, got 0"),
+    (["--steps", "51"], "--steps 51 exceeds the model's T=50"),
+    (["--sampler", "euler"], "sampler must be one of ddim, ddpm"),
+    (["--merge"], "--merge needs --lora"),
+    (["--n-per-label", "0"], "--n-per-label must be > 0"),
+    (["--lora-scale", "-1"], "--lora-scale must be >= 0"),
+])
+def test_denoise_bad_arguments_exit_2(tiny_ckpt, tmp_path, capsys, args, message):
+    err = expect_exit_2(denoise.main, ["--ckpt", str(tiny_ckpt), "--out-dir", str(tmp_path / "out"), *args], capsys)
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_denoise_missing_checkpoint_exits_2(tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    err = expect_exit_2(denoise.main, ["--ckpt", str(missing), "--out-dir", str(tmp_path / "out")], capsys)
+    assert f"base checkpoint '{missing}' not found" in err and "python train.py" in err
+
+
+def test_denoise_truncated_checkpoint_exits_2(tiny_ckpt, tmp_path, capsys):
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(open(tiny_ckpt, "rb").read()[:1000])
+    err = expect_exit_2(denoise.main, ["--ckpt", str(bad), "--out-dir", str(tmp_path / "out")], capsys)
+    assert str(bad) in err and "truncated or corrupt" in err
+
+
+def test_denoise_bad_adapters_exit_2(tiny_ckpt, tiny_adapter, tmp_path, capsys):
+    base = ["--ckpt", str(tiny_ckpt), "--out-dir", str(tmp_path / "out"), "--steps", "2", "--frames", "0"]
+    missing = tmp_path / "no_lora.pt"
+    err = expect_exit_2(denoise.main, base + ["--lora", str(missing)], capsys)
+    assert f"lora checkpoint '{missing}' not found" in err and "lora_finetune.py" in err
+    err = expect_exit_2(denoise.main, base + ["--lora", str(tiny_ckpt)], capsys)
+    assert "not a lora checkpoint" in err
+    # an adapter trained on another base: refused, unless --force
+    other = dict(torch.load(tiny_adapter, weights_only=True), base_fingerprint="0123456789abcdef")
+    other_path = tmp_path / "other.pt"
+    torch.save(other, other_path)
+    err = expect_exit_2(denoise.main, base + ["--lora", str(other_path)], capsys)
+    assert "trained on base 0123456789abcdef" in err and "--force" in err
+    assert not (tmp_path / "out" / "lora_samples.png").exists()
+    denoise.main(base + ["--lora", str(other_path), "--force"])
+    assert (tmp_path / "out" / "lora_samples.png").exists()
+
+
+# ------------------------------------------------------------------ real processes (slow)
+
+def run_script(script, *args, cwd):
+    """Run a script as a user would; returns the CompletedProcess (stdout and stderr as text)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+@pytest.mark.slow
+def test_train_lora_denoise_pipeline(tmp_path):
+    out = tmp_path / "out"
+    check_ok(run_script("train.py", "--preset", "tiny", "--out-dir", out, cwd=tmp_path))
+    ckpt = out / "ckpt.pt"
+    assert (out / "config.json").exists() and (out / "samples" / "final.png").exists()
+    check_ok(run_script("lora_finetune.py", "--preset", "tiny", "--ckpt", ckpt, "--out", out / "lora.pt",
+                        cwd=tmp_path))
+    proc = run_script("denoise.py", "--ckpt", ckpt, "--out-dir", out, "--steps", "5", "--lora", out / "lora.pt",
+                      "--merge", cwd=tmp_path)
+    check_ok(proc)
+    assert "merged" in proc.stdout
+    for name, size in (("lora_samples.png", grid_size(10, 1)), ("lora_scale_sweep.png", grid_size(5, 10))):
+        with Image.open(out / name) as im:
+            assert im.size == size
+    with Image.open(out / "lora_samples_process.png") as im:
+        im.load()
+    with np.load(out / "lora_samples.npz") as npz:
+        assert npz["images"].shape == (10, 28, 28) and npz["images"].dtype == np.uint8
+        assert npz["labels"].tolist() == list(range(10))
+    base = torch.load(ckpt, map_location="cpu", weights_only=True)
+    adapter = torch.load(out / "lora.pt", map_location="cpu", weights_only=True)
+    assert adapter["base_fingerprint"] == state_fingerprint(base["ema"])
+    assert os.path.getsize(out / "lora.pt") * 5 < os.path.getsize(ckpt)
+    # the base pipeline too, from the defaults' point of view: out/ under the working directory
+    check_ok(run_script("denoise.py", "--steps", "5", "--frames", "0", cwd=tmp_path))
+    assert (out / "samples.png").exists() and (out / "samples.npz").exists()
+
+
+@pytest.mark.slow
+def test_scripts_fail_cleanly_as_processes(tmp_path):
+    proc = run_script("denoise.py", "--ckpt", tmp_path / "missing.pt", "--out-dir", tmp_path / "out", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_script("lora_finetune.py", "--r", "0", cwd=tmp_path)
+    assert proc.returncode == 2 and "LoRA rank r must be > 0" in proc.stderr
+    proc = run_script("train.py", "--preset", "nope", cwd=tmp_path)
+    assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr
+    assert os.listdir(tmp_path) == []  # nothing written by failed runs
+
+
+@pytest.mark.slow
+def test_scripts_import_without_side_effects(tmp_path):
+    """No work at import time: importing each script creates no files and prints nothing."""
+    code = "import train, lora_finetune, denoise, dataset, diffusion, unet, lora, config"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and os.listdir(tmp_path) == []
