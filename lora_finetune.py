@@ -96,7 +96,7 @@ def finetune(args):
         add_lora(model, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.lora_dropout)
     trainable, total = mark_only_lora_as_trainable(model)
     lora_params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(lora_params, lr=lcfg.lora_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(lora_params, lr=lcfg.lora_lr, weight_decay=0.0, fused=device.type in ("cpu", "cuda"))
     gen = torch.Generator().manual_seed(tcfg.seed + 2)
     step = 0
     if adapter is not None:

@@ -1,0 +1,207 @@
+"""bench.py: one tiny run end to end, its JSON checked field by field; bad flags; the helpers.
+
+No assertion depends on how fast anything ran: only that times are positive and that every
+ratio and rate agrees with the times it was computed from.
+"""
+import json
+import math
+
+import pytest
+import torch
+
+import bench
+from config import ModelConfig, preset_config
+from diffusion import Diffusion
+from unet import UNet
+
+SAMPLERS = ("ddpm", "ddim50", "ddim20")
+TARGET_NAMES = [t[0] for t in bench.TARGETS]
+
+
+def close(a, b, rel=2e-3, abs_=1e-6):
+    return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "b.json"
+    # --ddpm-steps 10 of T=50 exercises the extrapolation; a smaller matmul keeps the run short
+    res = bench.main(["--preset", "tiny", "--repeats", "1", "--device", "cpu", "--out", str(out),
+                      "--ddpm-steps", "10", "--matmul-size", "512", "--min-time", "0.05"])
+    return res, json.loads(out.read_text()), out
+
+
+def test_json_written_atomically_and_equal_to_result(tiny_run):
+    res, js, out = tiny_run
+    assert js == json.loads(json.dumps(res))
+    assert [p.name for p in out.parent.iterdir()] == ["b.json"]  # no temporary file left behind
+    assert set(js) >= {"version", "argv", "machine", "config", "memory_kind", "peak", "train", "lora", "inference",
+                       "sampling", "targets", "total_s", "table"}
+    assert js["total_s"] > 0
+
+
+def test_machine_description(tiny_run):
+    m = tiny_run[1]["machine"]
+    assert isinstance(m["cpu"], str) and m["cpu"]
+    assert m["torch"] == torch.__version__
+    assert m["torch_threads"] >= 1 and m["cpu_count"] >= 1 and m["cpus_available"] >= 1
+    assert m["device"] == "cpu" and m["gpu"] is None
+    assert isinstance(m["cpu_bf16_hardware"], bool)
+    assert tiny_run[1]["memory_kind"] == "process_peak_rss"
+
+
+def test_peak(tiny_run):
+    js = tiny_run[1]
+    pk = js["peak"]
+    assert pk["matmul_size"] == 512
+    assert pk["fp32_gflops"] > 0
+    assert pk["tf32_gflops"] is None  # CUDA only
+    wanted = js["machine"]["cpu_bf16_hardware"] or js["config"]["precision"] == "bf16"
+    assert (pk["bf16_gflops"] is not None) == wanted
+
+
+def test_training(tiny_run):
+    js = tiny_run[1]
+    tr, pk = js["train"], js["peak"]
+    used = js["config"]["precision"]
+    assert used == js["config"]["precision_auto"] == tr["precision_used"] == tr["headline"]
+    assert set(tr["runs"]) == {used, "fp32"}
+    assert tr["flops_per_step"] > 0 and tr["batch_size"] == 16
+    assert tr["compile"] is None
+    for name, r in tr["runs"].items():
+        assert r["precision"] == name and r["compiled"] is False
+        assert r["step_ms"] > 0 and r["first_call_s"] > 0
+        assert close(r["images_per_s"], tr["batch_size"] / (r["step_ms"] / 1e3))
+        assert close(r["achieved_gflops"], tr["flops_per_step"] / (r["step_ms"] / 1e3) / 1e9)
+        assert r["peak_key"] == name  # on a CPU every precision is held against its own matmul peak
+        assert close(r["peak_fraction"], r["achieved_gflops"] / pk[f"{name}_gflops"], abs_=1e-4)
+        assert close(r["fp32_peak_fraction"], r["achieved_gflops"] / pk["fp32_gflops"], abs_=1e-4)
+        assert 0 < r["data_ms"] < r["step_ms"]
+        assert close(r["data_wait_share"], r["data_ms"] / r["step_ms"], abs_=1e-4)
+        assert r["mem_peak_mb"] > 0 and r["mem_delta_mb"] >= 0
+
+
+def test_lora(tiny_run):
+    js = tiny_run[1]
+    lo = js["lora"]
+    assert lo["step_ms"] > 0 and lo["full_step_ms"] > 0
+    assert close(lo["step_ratio"], lo["step_ms"] / lo["full_step_ms"])
+    # AdamW keeps two fp32 moments per trained parameter
+    assert lo["opt_state_bytes"] == 2 * 4 * lo["trainable_params"]
+    assert lo["full_opt_state_bytes"] == 2 * 4 * js["config"]["parameters"]
+    assert lo["total_params"] == js["config"]["parameters"] + lo["trainable_params"]
+    assert close(lo["opt_state_ratio"], lo["opt_state_bytes"] / lo["full_opt_state_bytes"])
+    assert lo["r"] == 2 and lo["targets"] == ["Wq", "Wk", "Wv"]
+    assert lo["mem_peak_mb"] > 0 and lo["full_mem_peak_mb"] > 0
+
+
+def test_inference(tiny_run):
+    inf = tiny_run[1]["inference"]
+    assert inf["batch_size"] == 20  # 2 x --sample-batch: one guided sampling step
+    for k in ("base_ms", "unmerged_ms", "merged_ms"):
+        assert inf[k] > 0
+    assert close(inf["merged_over_base"], inf["merged_ms"] / inf["base_ms"])
+    assert close(inf["unmerged_over_base"], inf["unmerged_ms"] / inf["base_ms"])
+    assert inf["merged_max_abs_diff"] < 1e-4  # merging changes the cost, not the output
+    for k in ("base", "unmerged", "merged"):
+        assert inf[f"{k}_mem_peak_mb"] > 0
+
+
+def test_sampling(tiny_run):
+    sa = tiny_run[1]["sampling"]
+    assert sa["T"] == 50 and sa["batch_size"] == 10 and sa["guidance"] > 0
+    assert set(sa["runs"]) == set(SAMPLERS)
+    ddpm = sa["runs"]["ddpm"]
+    assert ddpm["sampler"] == "ddpm" and ddpm["steps"] == 50
+    assert ddpm["steps_timed"] == 10 and ddpm["extrapolated"] is True
+    assert sa["runs"]["ddim50"]["steps"] == 50 and sa["runs"]["ddim20"]["steps"] == 20
+    assert not sa["runs"]["ddim50"]["extrapolated"]
+    for r in sa["runs"].values():
+        assert r["guided_ms_per_sample"] > 0 and r["unguided_ms_per_sample"] > 0
+    for g in ("guided", "unguided"):
+        assert close(sa[f"ddpm_over_ddim50_{g}"],
+                     ddpm[f"{g}_ms_per_sample"] / sa["runs"]["ddim50"][f"{g}_ms_per_sample"], rel=5e-3)
+
+
+def test_targets_follow_the_values(tiny_run):
+    js = tiny_run[1]
+    targets = {t["name"]: t for t in js["targets"]}
+    assert list(targets) == TARGET_NAMES
+    head = js["train"]["runs"][js["train"]["headline"]]
+    source = {"train_fp32_peak_fraction": head["fp32_peak_fraction"], "lora_step_ratio": js["lora"]["step_ratio"],
+              "lora_opt_state_ratio": js["lora"]["opt_state_ratio"],
+              "merged_over_base": js["inference"]["merged_over_base"],
+              "unmerged_over_base": js["inference"]["unmerged_over_base"],
+              "ddpm_over_ddim50": js["sampling"]["ddpm_over_ddim50_guided"],
+              "data_wait_share": head["data_wait_share"]}
+    for name, t in targets.items():
+        assert t["value"] == source[name]
+        ok = {">=": t["value"] >= t["threshold"], "<=": t["value"] <= t["threshold"],
+              "<": t["value"] < t["threshold"]}[t["op"]]
+        assert t["pass"] is ok
+    assert js["targets"][-1]["pass"]  # data wait: indexing an in-memory tensor is a small share of a step
+
+
+def test_table_printed(tiny_run, capsys):
+    table = tiny_run[1]["table"]
+    assert table.count("\n| ") >= 15
+    for text in ("matmul fp32", "train step fp32", "LoRA fine-tune step", "forward LoRA merged", "DDIM-50",
+                 "DDPM-50", "10 of 50 steps timed, extrapolated", "Intel" if "Intel" in tiny_run[1]["machine"]["cpu"]
+                 else tiny_run[1]["machine"]["cpu"]):
+        assert text in table
+
+
+# ----------------------------------------------------------------- bad flags
+
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--repeats", "x"], ["--device", "tpu"], ["--preset", "huge"],
+                                  ["--warmup", "0"], ["--min-time", "-1"], ["--no-such-flag"],
+                                  ["--precision", "fp16", "--device", "cpu"]])
+def test_bad_flags_exit_2(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv + ["--out", str(tmp_path / "b.json")])
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_absent_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device", "cuda", "--out", str(tmp_path / "b.json")])
+    assert e.value.code == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------- helpers
+
+def test_measure_interleaves_and_counts():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    tm = bench.measure(fns, torch.device("cpu"), repeats=3, warmup=2, min_time=0.0)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-ups, then rounds taking turns
+    for t in tm.values():
+        assert t.number == 1 and len(t.runs_s) == 3 and len(t.warmup_s) == 2
+        assert t.median_s == sorted(t.runs_s)[1]
+        assert t.mem_peak > 0
+
+
+def test_optimizer_state_bytes():
+    lin = torch.nn.Linear(3, 5)
+    opt = torch.optim.AdamW(lin.parameters())
+    assert bench.optimizer_state_bytes(opt) == 0  # no step yet, no state
+    lin(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    assert bench.optimizer_state_bytes(opt) == 2 * 4 * (3 * 5 + 5)
+
+
+def test_flops_include_cpu_attention():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = UNet(preset_config(ModelConfig, "tiny"))
+    diffusion = Diffusion(timesteps=50)
+    batch = (torch.randn(4, 1, 28, 28), torch.arange(4), torch.randint(0, 50, (4,)), torch.randn(4, 1, 28, 28))
+    plain = FlopCounterMode(display=False)
+    with plain:
+        diffusion.loss(model, *batch).backward()
+    assert bench.count_train_flops(model, diffusion, batch) > plain.get_total_flops() > 0
+    assert all(p.grad is None for p in model.parameters())  # counting leaves no gradients behind
