@@ -51,8 +51,8 @@ from config import (CLIError, DiffusionConfig, LoraConfig, ModelConfig, SampleCo
 from dataset import DATASETS, load_dataset, to_model_range
 from diffusion import Diffusion
 from lora import LoraError, add_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
-from train import (USER_ERRORS, Dist, autocast, cpu_has_fast_bf16, draw_batch_noise, ema_update, epoch_batches,
-                   generate, pick_device, resolve_precision)
+from train import (USER_ERRORS, Dist, autocast, cpu_has_fast_bf16, ema_update, epoch_batches, generate, get_batch,
+                   make_optimizer, optimizer_step, pick_device, resolve_precision)
 from unet import UNet, count_parameters
 
 BENCH_VERSION = 1
@@ -343,13 +343,9 @@ def make_data_fn(x_all, y_all, batch_size, gen, seed, device, timesteps, label_d
     count = [0]
 
     def data():
-        idx = batches[count[0] % len(batches)].to(device)
+        idx = batches[count[0] % len(batches)]
         count[0] += 1
-        x0, labels = x_all[idx], y_all[idx]
-        t, noise, drop = draw_batch_noise(gen, batch_size, timesteps, label_drop, x0.shape[1:], Dist())
-        t, noise, drop = t.to(device), noise.to(device), drop.to(device)
-        labels = torch.where(drop, torch.full_like(labels, null_label), labels)
-        return x0, labels, t, noise
+        return get_batch(x_all, y_all, idx, gen, batch_size, timesteps, label_drop, null_label, Dist(), device)
     return data
 
 
@@ -364,18 +360,10 @@ def make_step(fwd_model, params, opt, diffusion, data_fn, device, precision, gra
 
     def step():
         start = time.perf_counter()
-        x0, labels, t, noise = data_fn()
+        batch = data_fn()
         sync(device)
         data_s.append(time.perf_counter() - start)
-        with autocast(device, precision):
-            loss = diffusion.loss(fwd_model, x0, labels, t, noise)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if grad_clip > 0:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        scaler.step(opt)
-        scaler.update()
+        loss = optimizer_step(fwd_model, params, opt, scaler, diffusion, batch, device, precision, grad_clip)
         if after_step is not None:
             after_step(count[0])
         count[0] += 1
@@ -390,7 +378,7 @@ def bench_train(model, diffusion, data_fn, tcfg, device, precision, args):
     steps, so the fraction of peak holds even when the machine is busy with other work for a
     while. Returns (peak, train results, the headline step function)."""
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    opt = make_optimizer(model.parameters(), tcfg.lr, tcfg.weight_decay, device)
     model.train()
 
     def after(n):
@@ -489,8 +477,8 @@ def bench_lora(base, diffusion, batch, lcfg, device, precision, args):
     lora = copy.deepcopy(base).train()
     add_lora(lora, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.lora_dropout)
     trainable, total = mark_only_lora_as_trainable(lora)
-    opts = {"lora": torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=lcfg.lora_lr),
-            "full": torch.optim.AdamW(full.parameters(), lr=lcfg.lora_lr)}
+    opts = {"lora": make_optimizer(lora.parameters(), lcfg.lora_lr, 0.0, device),
+            "full": make_optimizer(full.parameters(), lcfg.lora_lr, 0.0, device)}
 
     def fixed():
         return batch

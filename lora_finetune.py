@@ -25,8 +25,8 @@ from config import (CLIError, DiffusionConfig, LoraConfig, TrainConfig, add_conf
 from dataset import apply_style, ink, slant, to_model_range
 from diffusion import Diffusion
 from lora import LoraError, add_lora, apply_adapter, load_adapter, mark_only_lora_as_trainable, save_adapter
-from train import (USER_ERRORS, cleanup_distributed, fit, load_dataset_distributed, per_rank_batch, resolve_precision,
-                   setup_distributed)
+from train import (USER_ERRORS, cleanup_distributed, fit, load_dataset_distributed, make_optimizer, per_rank_batch,
+                   resolve_precision, setup_distributed)
 from unet import load_model, state_fingerprint
 
 # the training flags that make sense for a fine-tune (the rest come from LoraConfig)
@@ -96,7 +96,7 @@ def finetune(args):
         add_lora(model, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.lora_dropout)
     trainable, total = mark_only_lora_as_trainable(model)
     lora_params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(lora_params, lr=lcfg.lora_lr, weight_decay=0.0, fused=device.type in ("cpu", "cuda"))
+    opt = make_optimizer(lora_params, lcfg.lora_lr, 0.0, device)
     gen = torch.Generator().manual_seed(tcfg.seed + 2)
     step = 0
     if adapter is not None:

@@ -200,6 +200,37 @@ def generate(model, diffusion, labels, device, precision="fp32", sampler="ddim",
     return to_uint8(x, data_size), [to_uint8(f, data_size) for f in frames]
 
 
+def make_optimizer(params, lr, weight_decay, device):
+    """AdamW over the parameters that require grad; fused (one kernel for all tensors) on CPU and CUDA."""
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay,
+                             fused=device.type in ("cpu", "cuda"))
+
+
+def get_batch(x_all, y_all, idx, gen, global_batch, timesteps, label_drop, null_label, dist_info, device):
+    """This rank's training batch: images and labels by index, then t, noise, and labels dropped to null."""
+    idx = idx.to(device)
+    x0, labels = x_all[idx], y_all[idx]
+    t, noise, drop = draw_batch_noise(gen, global_batch, timesteps, label_drop, x0.shape[1:], dist_info)
+    t, noise, drop = t.to(device), noise.to(device), drop.to(device)
+    labels = torch.where(drop, torch.full_like(labels, null_label), labels)
+    return x0, labels, t, noise
+
+
+def optimizer_step(fwd_model, params, opt, scaler, diffusion, batch, device, precision, grad_clip):
+    """Forward in mixed precision, backward, clip, step; returns the loss (a tensor, not synced)."""
+    x0, labels, t, noise = batch
+    with autocast(device, precision):
+        loss = diffusion.loss(fwd_model, x0, labels, t, noise)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return loss
+
+
 def fit(fwd_model, params, opt, diffusion, x_all, y_all, gen, step, max_steps, global_batch, seed, dist_info,
         device, precision, lr_fn, label_drop, null_label, grad_clip, on_epoch_end, on_interrupt, after_step=None,
         desc="train", resume_hint=""):
@@ -223,23 +254,11 @@ def fit(fwd_model, params, opt, diffusion, x_all, y_all, gen, step, max_steps, g
         while step < max_steps:
             epoch, first = divmod(step, steps_per_epoch)
             for idx in epoch_batches(n, global_batch, epoch, seed, dist_info)[first:]:
-                idx = idx.to(device)
-                x0, labels = x_all[idx], y_all[idx]
-                t, noise, drop = draw_batch_noise(gen, global_batch, diffusion.timesteps, label_drop,
-                                                  x0.shape[1:], dist_info)
-                t, noise, drop = t.to(device), noise.to(device), drop.to(device)
-                labels = torch.where(drop, torch.full_like(labels, null_label), labels)
+                batch = get_batch(x_all, y_all, idx, gen, global_batch, diffusion.timesteps, label_drop, null_label,
+                                  dist_info, device)
                 for group in opt.param_groups:
                     group["lr"] = lr_fn(step)
-                with autocast(device, precision):
-                    loss = diffusion.loss(fwd_model, x0, labels, t, noise)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if grad_clip > 0:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                scaler.step(opt)
-                scaler.update()
+                loss = optimizer_step(fwd_model, params, opt, scaler, diffusion, batch, device, precision, grad_clip)
                 if after_step is not None:
                     after_step(step)
                 step += 1
@@ -342,9 +361,7 @@ def train(args):
     model = UNet(mcfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     diffusion = Diffusion.from_config(dcfg).to(device)
-    # fused: one kernel for all parameters instead of a dozen small ops per tensor
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-                            fused=device.type in ("cpu", "cuda"))
+    opt = make_optimizer(model.parameters(), tcfg.lr, tcfg.weight_decay, device)
     gen = torch.Generator().manual_seed(tcfg.seed + 1)  # noise, timesteps and label drop
     step, prior_seconds = 0, 0.0
     if ckpt is not None:

@@ -1,0 +1,153 @@
+"""evaluate.py: the metric is honest (real digits score high, noise and shuffled labels score chance),
+the Frechet distance is a distance, and bad input is refused with exit code 2."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from dataset import load_dataset
+
+
+@pytest.fixture(scope="module")
+def real():
+    train = load_dataset("mnist-5k", "train", log=lambda *a: None)
+    test = load_dataset("mnist-5k", "test", log=lambda *a: None)
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def classifier(real, tmp_path_factory):
+    """The reference classifier, trained once for this module (about a minute on two cores)."""
+    train, test = real
+    path = str(tmp_path_factory.mktemp("clf") / "classifier.pt")
+    model, acc = evaluate.get_classifier(train, test, path, log=lambda *a: None)
+    return model, acc, path
+
+
+def test_frechet_distance_is_zero_for_identical_and_grows_with_shift():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 8, generator=g)
+    assert evaluate.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # two Gaussians with identity covariance: FD = ||mu1 - mu2||^2 (+ sampling noise)
+    b = torch.randn(500, 8, generator=g) + 3.0
+    assert evaluate.frechet_distance(a, b) == pytest.approx(8 * 9.0, rel=0.1)
+    # scaled covariance: FD = d * (1 - s)^2 for covariances I and s^2 I
+    c = torch.randn(20000, 4, generator=g) * 2.0
+    d = torch.randn(20000, 4, generator=g)
+    assert evaluate.frechet_distance(c, d) == pytest.approx(4 * (2 - 1) ** 2, rel=0.1)
+
+
+def test_shift_augment_moves_content_without_changing_ink():
+    x = -torch.ones(4, 1, 28, 28)
+    x[:, :, 10:18, 10:18] = 1.0
+    y = evaluate._shift_augment(x, torch.Generator().manual_seed(1))
+    assert y.shape == x.shape
+    assert torch.equal((y > 0).sum(dim=(1, 2, 3)), (x > 0).sum(dim=(1, 2, 3)))  # a 2-pixel shift keeps the square
+
+
+@pytest.mark.slow
+def test_classifier_reaches_98_percent_on_held_out_digits(classifier):
+    _, acc, _ = classifier
+    assert acc >= 0.98
+
+
+@pytest.mark.slow
+def test_real_digits_score_high_and_near_the_floor(classifier, real):
+    model, _, _ = classifier
+    train, test = real
+    r = evaluate.score(test.images, test.labels, model, train, test)
+    assert r["accuracy"] >= 0.97
+    # the held-out set against itself is 0; the floor (train vs held-out) is the same order
+    assert r["frechet_distance"] <= r["frechet_floor"] + 1e-6
+    assert r["slant"] == pytest.approx(r["real_slant"])
+
+
+@pytest.mark.slow
+def test_noise_scores_chance_and_a_far_larger_distance(classifier, real):
+    model, _, _ = classifier
+    train, test = real
+    noise = torch.randint(0, 256, (500, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    labels = torch.arange(10).repeat_interleave(50)
+    r = evaluate.score(noise, labels, model, train, test)
+    assert r["accuracy"] <= 0.2  # chance is 0.1; noise mostly lands in one class
+    assert r["frechet_distance"] > 20 * r["frechet_floor"]
+
+
+@pytest.mark.slow
+def test_shuffled_labels_drop_accuracy_to_chance(classifier, real):
+    model, _, _ = classifier
+    train, test = real
+    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))
+    r = evaluate.score(test.images, test.labels[perm], model, train, test)
+    assert 0.03 <= r["accuracy"] <= 0.2
+    # the images are unchanged, so the distance is too
+    r_true = evaluate.score(test.images, test.labels, model, train, test)
+    assert r["frechet_distance"] == pytest.approx(r_true["frechet_distance"])
+
+
+@pytest.mark.slow
+def test_cli_scores_an_npz_and_writes_json_and_png(classifier, real, tmp_path):
+    _, _, clf_path = classifier
+    _, test = real
+    npz = tmp_path / "real.npz"
+    np.savez(npz, images=test.images[:200].numpy(), labels=test.labels[:200].numpy())
+    out = evaluate.main(["--samples", str(npz), "--dataset", "mnist-5k", "--classifier", clf_path,
+                         "--out-dir", str(tmp_path / "eval")])
+    data = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert data["num_samples"] == 200 and data["accuracy"] >= 0.97
+    assert len(data["per_class_accuracy"]) == 10
+    assert out["accuracy"] == data["accuracy"]
+    from PIL import Image
+    with Image.open(tmp_path / "eval" / "eval.png") as im:
+        assert im.size[0] > 500 and im.size[1] > 400
+
+
+@pytest.mark.slow
+def test_cached_classifier_is_reused_and_retrained_for_other_data(classifier, real, tmp_path, capsys, monkeypatch):
+    model, acc, clf_path = classifier
+    train, test = real
+    before = os.path.getmtime(clf_path)
+    again, acc2 = evaluate.get_classifier(train, test, clf_path, log=print)
+    assert acc2 == acc and os.path.getmtime(clf_path) == before
+    # other training data (here: a subset) must not reuse the cache
+    sub = type(train)(train.images[:1000], train.labels[:1000], train.name, "train", train.classes)
+    copy = tmp_path / "clf.pt"
+    copy.write_bytes(open(clf_path, "rb").read())
+    monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: (evaluate.Classifier(), 0.5))  # stand-in
+    _, acc3 = evaluate.get_classifier(sub, test, str(copy), log=print)
+    assert acc3 == 0.5
+    assert "trained on other data" in capsys.readouterr().out
+
+
+def _bad_npz(tmp_path, **arrays):
+    p = tmp_path / "bad.npz"
+    np.savez(p, **arrays)
+    return str(p)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(images=np.zeros((3, 28, 28), np.uint8)), "lacks ['labels']"),
+    (dict(labels=np.zeros(3, np.int64)), "lacks ['images']"),
+    (dict(images=np.zeros((3, 32, 32), np.uint8), labels=np.zeros(3, np.int64)), "expected (N, 28, 28)"),
+    (dict(images=np.zeros((3, 28, 28), np.uint8), labels=np.array([0, 4, 12])), "labels must be in 0..9"),
+    (dict(images=np.zeros((3, 28, 28), np.uint8), labels=np.zeros(2, np.int64)), "labels have shape"),
+])
+def test_bad_npz_exits_2_before_any_training(tmp_path, capsys, arrays, message):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--samples", _bad_npz(tmp_path, **arrays), "--dataset", "mnist-5k",
+                       "--classifier", str(tmp_path / "never-written.pt"), "--out-dir", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never-written.pt").exists() and not (tmp_path / "o").exists()
+
+
+def test_missing_npz_and_adapter_without_base_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--samples", str(tmp_path / "nope.npz"), "--dataset", "mnist-5k"])
+    assert e.value.code == 2 and "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--samples", str(tmp_path / "x.npz"), "--lora", "out/lora.pt"])
+    assert e.value.code == 2 and "needs the base" in capsys.readouterr().err
