@@ -47,11 +47,11 @@ import time
 import torch
 
 from config import (CLIError, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig, add_preset_arg,
-                    atomic_write, preset_config)
+                    atomic_write, preset_config, run_main)
 from dataset import DATASETS, load_dataset, to_model_range
 from diffusion import Diffusion
-from lora import LoraError, add_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
-from train import (USER_ERRORS, Dist, autocast, cpu_has_fast_bf16, ema_update, epoch_batches, generate, get_batch,
+from lora import add_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
+from train import (Dist, autocast, cpu_has_fast_bf16, ema_update, epoch_batches, generate, get_batch,
                    make_optimizer, optimizer_step, pick_device, resolve_precision)
 from unet import UNet, count_parameters
 
@@ -703,12 +703,8 @@ def markdown_table(res):
 # ----------------------------------------------------------------------- main
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return bench(args, sys.argv[1:] if argv is None else list(argv))
-    except USER_ERRORS + (LoraError,) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_main(lambda args: bench(args, argv), parse_args(argv))
 
 
 def log(msg):

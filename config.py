@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, fields
 
@@ -190,8 +191,26 @@ def preset_config(cls, preset="fast", **overrides):
 
 # ---------------------------------------------------------------- command line
 
-class CLIError(ValueError):
-    """Bad command-line input: the script prints it and exits with code 2."""
+class UserError(ValueError):
+    """Bad input from the user (a flag, a file, a data set): the scripts print it and exit with code 2.
+
+    Checkpoint, data set and LoRA errors subclass it, so one ``except`` in ``run_main`` covers all."""
+
+
+class CLIError(UserError):
+    """Bad command-line input."""
+
+
+def run_main(fn, args, cleanup=None):
+    """Run a script's body: a UserError becomes one ``error: ...`` line on stderr and exit code 2."""
+    try:
+        return fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if cleanup is not None:
+            cleanup()
 
 
 def _flag(name):

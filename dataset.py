@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from config import UserError
+
 DATASETS = ("auto", "mnist", "mnist-5k", "fashion-mnist")
 FASHION_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 MNIST_CLASSES = [str(i) for i in range(10)]
@@ -30,7 +32,7 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 HELD_OUT_PER_CLASS_5K = 50
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError):
     """A data set that cannot be had: the message names what to install or pass."""
 
 

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 
-from config import CLIError, DiffusionConfig, SampleConfig, add_config_args, atomic_write, config_from_args
+from config import CLIError, DiffusionConfig, SampleConfig, add_config_args, atomic_write, config_from_args, run_main
 from dataset import save_grid
 from diffusion import Diffusion
-from lora import LoraError, apply_adapter, load_adapter, merge_lora, set_lora_scale
-from train import USER_ERRORS, generate, pick_device, resolve_precision
+from lora import apply_adapter, load_adapter, merge_lora, set_lora_scale
+from train import generate, pick_device, resolve_precision
 from unet import load_model, state_fingerprint
 
 DEFAULT_LORA = os.path.join("out", "lora.pt")
@@ -101,12 +100,7 @@ def process_figure(frames, labels, path, show=False):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS + (LoraError,) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return run_main(run, parse_args(argv))
 
 
 def run(args):

@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -32,11 +31,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import CLIError, DiffusionConfig, SampleConfig, add_config_args, atomic_write, config_from_args
+from config import CLIError, DiffusionConfig, SampleConfig, add_config_args, atomic_write, config_from_args, run_main
 from dataset import apply_style, ink, load_dataset, slant, to_model_range
 from diffusion import Diffusion
-from lora import LoraError, apply_adapter, load_adapter, set_lora_scale
-from train import USER_ERRORS, generate, pick_device, resolve_precision
+from lora import apply_adapter, load_adapter, set_lora_scale
+from train import generate, pick_device, resolve_precision
 from unet import (CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_model, save_checkpoint,
                   state_fingerprint)
 
@@ -349,12 +348,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS + (LoraError,) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return run_main(run, parse_args(argv))
 
 
 def run(args):

@@ -21,10 +21,11 @@ import math
 import torch
 import torch.nn as nn
 
+from config import UserError
 from unet import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 
 
-class LoraError(ValueError):
+class LoraError(UserError):
     """An adapter that does not fit the model, or targets that match nothing: the message says what differs."""
 
 

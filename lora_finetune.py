@@ -15,17 +15,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 
 import torch
 
 from config import (CLIError, DiffusionConfig, LoraConfig, TrainConfig, add_config_args, add_preset_arg,
-                    config_from_args)
+                    config_from_args, run_main)
 from dataset import apply_style, ink, slant, to_model_range
 from diffusion import Diffusion
-from lora import LoraError, add_lora, apply_adapter, load_adapter, mark_only_lora_as_trainable, save_adapter
-from train import (USER_ERRORS, cleanup_distributed, fit, load_dataset_distributed, make_optimizer, per_rank_batch,
+from lora import add_lora, apply_adapter, load_adapter, mark_only_lora_as_trainable, save_adapter
+from train import (cleanup_distributed, fit, load_dataset_distributed, make_optimizer, per_rank_batch,
                    resolve_precision, setup_distributed)
 from unet import load_model, state_fingerprint
 
@@ -57,14 +56,7 @@ def check_resume_flags(args, adapter):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return finetune(args)
-    except USER_ERRORS + (LoraError,) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        cleanup_distributed()
+    return run_main(finetune, parse_args(argv), cleanup_distributed)
 
 
 def finetune(args):

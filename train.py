@@ -26,14 +26,11 @@ import torch
 import torch.distributed as dist
 
 from config import (CLIError, DiffusionConfig, ModelConfig, TrainConfig, add_config_args,
-                    add_preset_arg, atomic_write, config_dict, config_from_args, preset_config)
-from dataset import DatasetError, load_dataset, save_grid, to_model_range, to_uint8
+                    add_preset_arg, atomic_write, config_dict, config_from_args, preset_config, run_main)
+from dataset import load_dataset, save_grid, to_model_range, to_uint8
 from diffusion import Diffusion
-from unet import (CHECKPOINT_VERSION, CheckpointError, UNet, count_parameters, load_checkpoint, load_state_strict,
+from unet import (CHECKPOINT_VERSION, UNet, count_parameters, load_checkpoint, load_state_strict,
                   save_checkpoint)
-
-USER_ERRORS = (CLIError, CheckpointError, DatasetError)
-
 
 # ------------------------------------------------------------ device, precision
 
@@ -314,14 +311,7 @@ def check_resume_flags(args, ckpt, path):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return train(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        cleanup_distributed()
+    return run_main(train, parse_args(argv), cleanup_distributed)
 
 
 def train(args):

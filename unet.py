@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import ModelConfig, atomic_write
+from config import ModelConfig, UserError, atomic_write
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -219,7 +219,7 @@ def count_parameters(module, trainable_only=False):
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, truncated, not ours, or from another model: the message says which."""
 
 
