@@ -88,12 +88,13 @@ class TrainConfig:
     seed: int = 0  # seeds weights, data order and noise
     device: str = "auto"  # auto | cpu | cuda | mps (auto tries cuda, then mps, then cpu)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware does it fast)
+    save_every: int = 1  # write the checkpoint every N epochs (always at the end and on Ctrl-C)
     sample_every: int = 1  # write a sample grid every N epochs (0: only at the end)
     snapshot_every: int = 0  # also keep out/ckpt_stepNNNNNN.pt every N epochs (for time-to-quality curves); 0 off
     compile: bool = False  # torch.compile the model (opt-in; see bench.py)
 
     def __post_init__(self):
-        _positive(self, "max_steps", "batch_size")
+        _positive(self, "max_steps", "batch_size", "save_every")
         _choice(self, "batch_scope", ("global", "per-rank"))
         _choice(self, "device", ("auto", "cpu", "cuda", "mps"))
         _choice(self, "precision", ("auto", "fp32", "bf16", "fp16"))
@@ -168,7 +169,7 @@ PRESETS: dict[str, dict[type, dict]] = {
         # every level) a constant 1e-3 from step 0 collapsed to predicting zero noise on an H100, so
         # this preset keeps the warm-up and gradient clipping of the default
         TrainConfig: dict(batch_size=400, lr=1e-3, max_steps=30000, warmup_steps=1000, min_lr_ratio=1.0,
-                          ema_decay=0.9999, sample_every=10),
+                          ema_decay=0.9999, sample_every=10, save_every=10),  # a checkpoint is 2.8 GB here
         LoraConfig: dict(lora_batch_size=400, lora_steps=3000),
     },
     "tiny": {

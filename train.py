@@ -401,7 +401,8 @@ def train(args):
     start = time.time()
 
     def on_epoch_end(epoch, step, last):
-        save(epoch, step)
+        if last or epoch % tcfg.save_every == 0:
+            save(epoch, step)
         if dist_info.main and (last or (tcfg.sample_every and epoch % tcfg.sample_every == 0)):
             ema.eval()
             grid, _ = generate(ema, diffusion, grid_labels.repeat(4 if last else 1), device, precision,

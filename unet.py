@@ -230,9 +230,10 @@ def save_checkpoint(obj, path):
 
 def load_checkpoint(path, map_location="cpu", kind="base"):
     """Load a checkpoint dict with weights_only=True, turning every failure into one clear CheckpointError."""
+    noun = {"base": "base checkpoint", "lora": "LoRA adapter"}.get(kind, f"{kind} checkpoint")
     if not os.path.exists(path):
         hint = "train one first: python train.py" if kind == "base" else "fine-tune one first: python lora_finetune.py"
-        raise CheckpointError(f"{kind} checkpoint {path!r} not found; {hint}")
+        raise CheckpointError(f"{noun} {path!r} not found; {hint}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
@@ -243,7 +244,7 @@ def load_checkpoint(path, map_location="cpu", kind="base"):
                               "re-create it") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path!r} is not a {kind} checkpoint (found {found!r})")
+        raise CheckpointError(f"{path!r} is not a {noun} (found {found!r})")
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path!r} has format version {ckpt.get('version')}, this code reads {CHECKPOINT_VERSION}")
     return ckpt
