@@ -237,7 +237,7 @@ def test_corrupt_adapter_raises_lora_error(tmp_path):
 
 
 def test_base_checkpoint_is_not_an_adapter(tiny_ckpt):
-    with pytest.raises(LoraError, match="not a lora checkpoint"):
+    with pytest.raises(LoraError, match="not a LoRA adapter"):
         load_adapter(tiny_ckpt)
 
 

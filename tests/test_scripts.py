@@ -179,9 +179,9 @@ def test_denoise_bad_adapters_exit_2(tiny_ckpt, tiny_adapter, tmp_path, capsys):
     base = ["--ckpt", str(tiny_ckpt), "--out-dir", str(tmp_path / "out"), "--steps", "2", "--frames", "0"]
     missing = tmp_path / "no_lora.pt"
     err = expect_exit_2(denoise.main, base + ["--lora", str(missing)], capsys)
-    assert f"lora checkpoint '{missing}' not found" in err and "lora_finetune.py" in err
+    assert f"LoRA adapter '{missing}' not found" in err and "lora_finetune.py" in err
     err = expect_exit_2(denoise.main, base + ["--lora", str(tiny_ckpt)], capsys)
-    assert "not a lora checkpoint" in err
+    assert "not a LoRA adapter" in err
     # an adapter trained on another base: refused, unless --force
     other = dict(torch.load(tiny_adapter, weights_only=True), base_fingerprint="0123456789abcdef")
     other_path = tmp_path / "other.pt"
