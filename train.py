@@ -6,8 +6,8 @@
     torchrun --nproc_per_node=2 train.py             # DistributedDataParallel (gloo on CPU, nccl on CUDA)
 
 Writes out/ckpt.pt (model, EMA, optimizer, step, epoch, RNG state and the full config; a plain
-dict that loads with weights_only=True) at the end of every epoch and on Ctrl-C, a sample grid
-per epoch under out/samples/, and out/config.json.
+dict that loads with weights_only=True) at the end of every epoch (--save-every) and on Ctrl-C,
+a sample grid per epoch (--sample-every) under out/samples/, and out/config.json.
 """
 from __future__ import annotations
 
