@@ -192,15 +192,15 @@ def score(images_u8, labels, classifier, train, test, style="none", seed=0):
 
 # -------------------------------------------------------------------- sampling
 
-def sample_checkpoint(args, scfg, device, precision, n_per_label, log=print):
+def sample_checkpoint(ckpt_path, args, scfg, device, precision, log=print):
     """Draw n_per_label samples of every label from a checkpoint (+ adapter); returns images, labels, info."""
-    model, ckpt = load_model(args.ckpt_path, device, args.weights)
+    model, ckpt = load_model(ckpt_path, device, args.weights)
     if args.lora:
         adapter = load_adapter(args.lora, device)
         apply_adapter(model, adapter, state_fingerprint(ckpt[args.weights]), force=args.force)
         set_lora_scale(model, args.lora_scale)
     diffusion = Diffusion.from_config(DiffusionConfig(**ckpt["config"]["diffusion"])).to(device)
-    labels = torch.arange(model.num_classes).repeat_interleave(n_per_label)
+    labels = torch.arange(model.num_classes).repeat_interleave(args.n_per_label)
     images = []
     t0 = time.time()
     for i in range(0, len(labels), args.batch):
@@ -208,12 +208,12 @@ def sample_checkpoint(args, scfg, device, precision, n_per_label, log=print):
                            scfg.eta, scfg.guidance, seed=args.seed + i, data_size=ckpt.get("data_size", 28))
         images.append(imgs)
     seconds = time.time() - t0
-    info = {"ckpt": args.ckpt_path, "step": ckpt["step"], "train_seconds": ckpt.get("train_seconds"),
+    info = {"ckpt": ckpt_path, "step": ckpt["step"], "train_seconds": ckpt.get("train_seconds"),
             "dataset": ckpt.get("dataset"), "sampler": scfg.sampler,
             "steps": scfg.steps if scfg.sampler == "ddim" else ckpt["config"]["diffusion"]["timesteps"],
             "guidance": scfg.guidance, "eta": scfg.eta, "lora": args.lora, "lora_scale": args.lora_scale if args.lora
             else None, "sampling_seconds": seconds, "seconds_per_sample": seconds / len(labels)}
-    log(f"sampled {len(labels)} images from {args.ckpt_path} in {seconds:.1f} s")
+    log(f"sampled {len(labels)} images from {ckpt_path} in {seconds:.1f} s")
     return torch.cat(images), labels, info
 
 
@@ -371,19 +371,18 @@ def run(args):
         npz = load_npz(args.samples, len(test.classes), test.images.shape[-1])
     classifier, clf_acc = get_classifier(train, test, args.classifier or os.path.join(
         args.data_dir, f"classifier-{train.name}.pt"))
+    sources = args.ckpt or [None]
     results = []
-    for path in args.ckpt or [None]:
+    for path in sources:
         if path is None:
             images, labels = npz
             info = {"samples": args.samples}
         else:
-            args.ckpt_path = path
-            images, labels, info = sample_checkpoint(args, scfg, device, precision, args.n_per_label)
+            images, labels, info = sample_checkpoint(path, args, scfg, device, precision)
         result = {**info, **score(images, labels, classifier, train, test, style, args.seed),
                   "classifier_test_accuracy": clf_acc, "reference_dataset": test.name}
         results.append(result)
-        stem = args.name if len(results) == 1 and len(args.ckpt or [None]) == 1 else \
-            f"{args.name}-{os.path.splitext(os.path.basename(path))[0]}"
+        stem = args.name if len(sources) == 1 else f"{args.name}-{os.path.splitext(os.path.basename(path))[0]}"
         os.makedirs(args.out_dir, exist_ok=True)
         title = f"{path or args.samples}" + (f" + {args.lora} x{args.lora_scale}" if args.lora else "")
         report_png(result, images, labels, os.path.join(args.out_dir, f"{stem}.png"), title)
