@@ -395,7 +395,7 @@ def bench_train(model, diffusion, data_fn, tcfg, device, precision, args):
             "compiled": name.endswith("+compile"),
             "step_ms": ms(tm.median_s),
             "images_per_s": round(tcfg.batch_size / tm.median_s, 2),
-            "achieved_gflops": round(achieved, 2),
+            "achieved_gflops": round(achieved, 4),  # 4 places: a tiny model on a slow core is ~1 GFLOP/s
             "peak_key": key,
             "peak_fraction": round(achieved / peak[f"{key}_gflops"], 4),
             "fp32_peak_fraction": round(achieved / peak["fp32_gflops"], 4),
