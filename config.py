@@ -203,15 +203,20 @@ class CLIError(UserError):
 
 
 def run_main(fn, args, cleanup=None):
-    """Run a script's body: a UserError becomes one ``error: ...`` line on stderr and exit code 2."""
+    """Run a script's body: a UserError becomes one ``error: ...`` line on stderr and exit code 2.
+
+    ``cleanup(ok)`` runs last either way; ``ok`` says whether the body returned normally."""
+    ok = False
     try:
-        return fn(args)
+        result = fn(args)
+        ok = True
+        return result
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
         if cleanup is not None:
-            cleanup()
+            cleanup(ok)
 
 
 def _flag(name):

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -107,9 +108,21 @@ def setup_distributed(device_name):
     return Dist(rank, world, local_rank), device
 
 
-def cleanup_distributed():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup_distributed(ok=True):
+    """Leave the process group, all ranks together.
+
+    After the last step rank 0 still writes the checkpoint and the sample grid while the other
+    ranks are done. A rank that tore gloo down and exited in that window was seen to abort
+    ("terminate called without an active exception", SIGABRT) and take the run down with it, so
+    on success every rank first waits at a barrier for rank 0. The DDP wrapper's reducer holds
+    the process group too: collect it now, while the interpreter is whole, not at exit. On the
+    error path there is no barrier, since a rank that died would leave the others waiting."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def load_dataset_distributed(name, split, data_dir, dist_info, log=print):

@@ -109,6 +109,19 @@ def test_denoise_with_adapter_merged_and_unmerged_agree(tiny_ckpt, tiny_adapter,
 
 # ------------------------------------------------------------------ bad command lines
 
+def test_run_main_tells_cleanup_whether_the_body_succeeded(capsys):
+    """cleanup(ok): train.py's barrier before leaving the process group runs only on success."""
+    from config import UserError, run_main
+    seen = []
+    assert run_main(lambda a: a * 2, 21, seen.append) == 42
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda a: (_ for _ in ()).throw(UserError("no such file 'x.pt'")), None, seen.append)
+    assert e.value.code == 2 and "error: no such file 'x.pt'" in capsys.readouterr().err
+    with pytest.raises(ZeroDivisionError):
+        run_main(lambda a: 1 / 0, None, seen.append)
+    assert seen == [True, False, False]
+
+
 def test_unknown_flag_exits_2(capsys):
     for main in (train.main, lora_finetune.main, denoise.main):
         err = expect_exit_2(main, ["--bogus-flag"], capsys)
