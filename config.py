@@ -198,7 +198,9 @@ def preset_config(cls, preset="fast", **overrides):
 class UserError(ValueError):
     """Bad input from the user (a flag, a file, a data set): the scripts print it and exit with code 2.
 
-    Checkpoint, data set and LoRA errors subclass it, so one ``except`` in ``run_main`` covers all."""
+    Checkpoint, data set and LoRA errors subclass it, so one ``except`` in ``run_main`` covers all.
+    A subclass that is not command-line misuse (a run that diverged) sets another ``exit_code``."""
+    exit_code = 2
 
 
 class CLIError(UserError):
@@ -206,7 +208,7 @@ class CLIError(UserError):
 
 
 def run_main(fn, args, cleanup=None):
-    """Run a script's body: a UserError becomes one ``error: ...`` line on stderr and exit code 2.
+    """Run a script's body: a UserError becomes one ``error: ...`` line on stderr and its exit code (2).
 
     ``cleanup(ok)`` runs last either way; ``ok`` says whether the body returned normally."""
     ok = False
@@ -216,7 +218,7 @@ def run_main(fn, args, cleanup=None):
         return result
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     finally:
         if cleanup is not None:
             cleanup(ok)

@@ -137,7 +137,7 @@ def finetune(args):
                         global_batch, tcfg.seed, dist_info, device, precision,
                         lambda s: lcfg.lora_lr * min(1.0, (s + 1) / warmup), tcfg.label_drop, model.num_classes,
                         1.0, lambda e, s, last: save(e, s), on_interrupt=save, desc="lora",
-                        resume_hint="python lora_finetune.py --resume")
+                        resume_hint="python lora_finetune.py --resume", lr_flag="--lora-lr")
     # the frozen base is untouched: every non-LoRA tensor is bit-identical to what was loaded
     for k, v in model.state_dict().items():
         if "lora_" not in k:

@@ -26,7 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from config import (CLIError, DiffusionConfig, ModelConfig, TrainConfig, add_config_args,
+from config import (CLIError, DiffusionConfig, ModelConfig, TrainConfig, UserError, add_config_args,
                     add_preset_arg, atomic_write, config_dict, config_from_args, preset_config, run_main)
 from dataset import load_dataset, save_grid, to_model_range, to_uint8
 from diffusion import Diffusion
@@ -241,14 +241,21 @@ def optimizer_step(fwd_model, params, opt, scaler, diffusion, batch, device, pre
     return loss
 
 
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: the weights are lost, so nothing more is saved."""
+    exit_code = 1
+
+
 def fit(fwd_model, params, opt, diffusion, x_all, y_all, gen, step, max_steps, global_batch, seed, dist_info,
         device, precision, lr_fn, label_drop, null_label, grad_clip, on_epoch_end, on_interrupt, after_step=None,
-        desc="train", resume_hint=""):
+        desc="train", resume_hint="", lr_flag="--lr"):
     """The training loop shared by train.py and lora_finetune.py; returns (step, running loss).
 
     Runs from ``step`` to ``max_steps`` over epochs of ``epoch_batches``; calls
     ``on_epoch_end(epoch, step, last)`` after each epoch (epochs count from 1) and at the end, and
     ``on_interrupt(epoch, step)`` on Ctrl-C before exiting with 130, so nothing learned is lost.
+    A loss that is not finite raises TrainingDiverged before the next save, so the last good
+    checkpoint is never overwritten by NaN weights (the loss is all-reduced: every rank stops).
     """
     params = [p for p in params if p.requires_grad]
     n = len(y_all)
@@ -277,6 +284,13 @@ def fit(fwd_model, params, opt, diffusion, x_all, y_all, gen, step, max_steps, g
                     dist.all_reduce(lv)  # SUM: gloo has no AVG
                     lv = lv / dist_info.world
                 lv = lv.item()
+                if not math.isfinite(lv):
+                    if bar is not None:
+                        bar.close()
+                    raise TrainingDiverged(
+                        f"{desc}: the loss became {lv} at step {step} (lr {lr_fn(step - 1):.2e}): training "
+                        f"diverged. Nothing was saved after the last checkpoint, if any. Lower {lr_flag} or keep "
+                        f"--grad-clip on, then start again or continue from that checkpoint with: {resume_hint}")
                 running = lv if running != running else 0.98 * running + 0.02 * lv
                 if bar is not None:
                     bar.update(1)

@@ -4,6 +4,7 @@ In-process calls go through each script's main(argv); the @slow tests start real
 user would, on the tiny preset (run them with --runslow).
 """
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -105,6 +106,39 @@ def test_denoise_with_adapter_merged_and_unmerged_agree(tiny_ckpt, tiny_adapter,
         assert np.abs(m["images"].astype(int) - u["images"].astype(int)).max() <= 2
     with Image.open(tmp_path / "merged" / "lora_scale_sweep.png") as im:
         assert im.size == grid_size(5, 10)  # scales 0, .25, .5, .75, 1 across, one row per label
+
+
+# ------------------------------------------------------------------ a run that diverges
+
+def expect_diverged(main, argv, capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1, err
+    assert "the loss became nan" in err and "diverged" in err and f"Lower {flag}" in err
+    assert "Traceback" not in err
+
+
+def test_diverged_training_stops_before_overwriting_the_checkpoint(tiny_ckpt, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    shutil.copyfile(tiny_ckpt, ckpt)
+    before = ckpt.read_bytes()
+    expect_diverged(train.main, ["--resume", "--lr", "1e10", "--max-steps", "12", "--out-dir", str(tmp_path),
+                                 "--device", "cpu", "--precision", "fp32", "--sample-every", "0"], capsys, "--lr")
+    assert ckpt.read_bytes() == before  # the good weights were not replaced by NaNs
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "config.json", "samples"]
+    assert os.listdir(tmp_path / "samples") == []
+
+
+def test_diverged_lora_stops_before_overwriting_the_adapter(tiny_ckpt, tiny_adapter, tmp_path, capsys):
+    adapter = tmp_path / "lora.pt"
+    shutil.copyfile(tiny_adapter, adapter)
+    before = adapter.read_bytes()
+    expect_diverged(lora_finetune.main, ["--ckpt", tiny_ckpt, "--resume", str(adapter), "--out", str(adapter),
+                                         "--lora-lr", "1e10", "--lora-steps", "12", "--device", "cpu",
+                                         "--precision", "fp32"], capsys, "--lora-lr")
+    assert adapter.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["lora.pt"]
 
 
 # ------------------------------------------------------------------ bad command lines
