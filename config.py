@@ -170,7 +170,8 @@ PRESETS: dict[str, dict[type, dict]] = {
         # (activations ~1e7 by step 60, loss stuck at 1.000, the model predicts zero noise): seen on
         # an H100 at batch 400 and on a CPU at batch 16, with or without warm-up and clipping. DDPM's
         # own recipe (Ho et al. 2020: Adam 2e-4, warm-up, gradient clipping at 1.0, EMA 0.9999)
-        # kept activations O(1) and the loss falling (0.039 at step 150) in the same CPU probe.
+        # kept activations O(1) and the loss falling (0.039 at step 150) in the same CPU probe, and on
+        # an H200 reached 98.6% evaluate.py accuracy after 1,200 steps (warm-up 100; see the README).
         TrainConfig: dict(batch_size=400, lr=2e-4, max_steps=30000, warmup_steps=1000, min_lr_ratio=1.0,
                           ema_decay=0.9999, sample_every=10, save_every=10),  # a checkpoint is 2.8 GB here
         LoraConfig: dict(lora_batch_size=400, lora_steps=3000),
