@@ -15,7 +15,7 @@ call until it lasts --min-time, so short calls (a forward pass on a GPU) are tim
     peak       square matmuls (--matmul-size): fp32, and bf16 where the hardware has it (tf32 on
                CUDA, fp16 when that is the precision used); GFLOP/s = 2 n^3 / time. Timed in the
                same rounds as the training steps, so their fraction of peak holds on a busy machine
-    train      one optimizer step as train.py runs it (train.fit's loop body plus the EMA update),
+    train      one optimizer step as train.py runs it (trainer.fit's loop body plus the EMA update),
                in the precision train.py picks (resolve_precision('auto')) and in fp32; FLOPs of
                one forward+backward counted by torch.utils.flop_counter.FlopCounterMode; data wait
                = indexing the in-memory batch + drawing t, noise and label drop, over the whole step
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -46,13 +45,14 @@ import time
 
 import torch
 
+from checkpoint import write_json
 from config import (CLIError, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig, add_preset_arg,
-                    atomic_write, preset_config, run_main)
+                    preset_config, run_main)
 from dataset import DATASETS, load_dataset, to_model_range
-from diffusion import Diffusion
+from diffusion import Diffusion, generate
 from lora import add_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
-from train import (Dist, autocast, cpu_has_fast_bf16, ema_update, epoch_batches, generate, get_batch,
-                   make_optimizer, optimizer_step, pick_device, resolve_precision)
+from runtime import Dist, add_runtime_args, autocast, cpu_has_fast_bf16, enable_tf32, pick_device, resolve_precision
+from trainer import TrainData, ema_update, epoch_batches, make_optimizer, optimizer_step
 from unet import UNet, count_parameters
 
 BENCH_VERSION = 1
@@ -98,11 +98,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_preset_arg(p)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto tries cuda, then mps, then cpu")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="precision of the training run, LoRA, inference and sampling (training is also timed "
-                        "in fp32); auto is what train.py uses")
+    add_runtime_args(p, devices=("auto", "cpu", "cuda"))  # precision: of training (also timed in fp32), LoRA,
+    # inference and sampling; auto is what train.py uses
     p.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed rounds; medians are reported")
     p.add_argument("--warmup", type=_int_at_least(1), default=1, help="untimed calls of each variant first")
     p.add_argument("--min-time", type=_non_negative_float, default=0.2,
@@ -322,23 +319,22 @@ def count_train_flops(model, diffusion, batch):
 
 # ------------------------------------------------------------------- training
 
-def make_data_fn(x_all, y_all, batch_size, gen, seed, device, timesteps, label_drop, null_label):
-    """train.fit's data part: index the in-memory set, draw t, noise and the label-drop mask."""
-    batches = epoch_batches(len(y_all), batch_size, 0, seed, Dist())
+def make_data_fn(data, device, timesteps):
+    """trainer.fit's data part for ``data`` (a TrainData): index the in-memory set, draw t, noise and label drop."""
+    batches = epoch_batches(len(data.labels), data.global_batch, 0, data.seed, Dist())
     count = [0]
 
-    def data():
+    def batch():
         idx = batches[count[0] % len(batches)]
         count[0] += 1
-        return get_batch(x_all, y_all, idx, gen, batch_size, timesteps, label_drop, null_label, Dist(), device)
-    return data
+        return data.batch(idx, timesteps, device)
+    return batch
 
 
-def make_step(fwd_model, params, opt, diffusion, data_fn, device, precision, grad_clip, after_step=None):
-    """One optimizer step as train.fit runs it (the learning-rate schedule aside); returns (step, data_seconds).
+def make_step(fwd_model, opt, diffusion, data_fn, device, precision, grad_clip, after_step=None):
+    """One optimizer step as trainer.fit runs it (the learning-rate schedule aside); returns (step, data_seconds).
 
     Each call appends the time of its data part (``data_fn``) to data_seconds."""
-    params = [p for p in params if p.requires_grad]
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
     data_s = []
     count = [0]
@@ -348,11 +344,11 @@ def make_step(fwd_model, params, opt, diffusion, data_fn, device, precision, gra
         batch = data_fn()
         sync(device)
         data_s.append(time.perf_counter() - start)
-        loss = optimizer_step(fwd_model, params, opt, scaler, diffusion, batch, device, precision, grad_clip)
+        loss = optimizer_step(fwd_model, opt, scaler, diffusion, batch, device, precision, grad_clip)
         if after_step is not None:
             after_step(count[0])
         count[0] += 1
-        loss.item()  # train.fit reads the loss every step (a device sync on GPUs)
+        loss.item()  # trainer.fit reads the loss every step (a device sync on GPUs)
     return step, data_s
 
 
@@ -375,8 +371,7 @@ def bench_train(model, diffusion, data_fn, tcfg, device, precision, args):
         variants[precision + "+compile"] = (torch.compile(model), precision)
     steps, data_lists = {}, {}
     for name, (fwd, prec) in variants.items():
-        steps[name], data_lists[name] = make_step(fwd, model.parameters(), opt, diffusion, data_fn, device, prec,
-                                                  tcfg.grad_clip, after)
+        steps[name], data_lists[name] = make_step(fwd, opt, diffusion, data_fn, device, prec, tcfg.grad_clip, after)
     flops = count_train_flops(model, diffusion, data_fn())
     warmup = max(args.warmup, 2) if args.compile else args.warmup  # a compiled step may recompile once
     mm = matmul_fns(device, args.matmul_size, matmul_kinds(device, precision))
@@ -467,8 +462,8 @@ def bench_lora(base, diffusion, batch, lcfg, device, precision, args):
 
     def fixed():
         return batch
-    steps = {"lora": make_step(lora, lora.parameters(), opts["lora"], diffusion, fixed, device, precision, 1.0)[0],
-             "full": make_step(full, full.parameters(), opts["full"], diffusion, fixed, device, precision, 1.0)[0]}
+    steps = {"lora": make_step(lora, opts["lora"], diffusion, fixed, device, precision, 1.0)[0],
+             "full": make_step(full, opts["full"], diffusion, fixed, device, precision, 1.0)[0]}
     tm = measure(steps, device, args.repeats, args.warmup, args.min_time)
     state = {k: optimizer_state_bytes(o) for k, o in opts.items()}
     return {"precision": precision, "batch_size": len(batch[1]), "r": lcfg.r, "alpha": lcfg.alpha,
@@ -535,8 +530,8 @@ def bench_sampling(model, diffusion, scfg, device, precision, args):
     def run(sampler, steps, timed, w):
         if sampler == "ddpm" and timed < T:
             return lambda: ddpm_partial(model, diffusion, labels, shape, timed, w, device, precision, args.seed)
-        return lambda: generate(model, diffusion, labels, device, precision, sampler=sampler, steps=steps,
-                                eta=0.0, guidance=w, seed=args.seed)
+        cfg = SampleConfig(sampler=sampler, steps=steps, eta=0.0, guidance=w)
+        return lambda: generate(model, diffusion, labels, device, precision, cfg, seed=args.seed)
 
     fns = {(name, g): run(*spec, w) for name, spec in samplers.items() for g, w in guidance.items()}
     tm = measure(fns, device, args.repeats, args.warmup, args.min_time)
@@ -696,14 +691,6 @@ def log(msg):
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    atomic_write(path, write)
-
-
 def bench(args, argv):
     start = time.perf_counter()
     device = pick_device(args.device)
@@ -713,9 +700,7 @@ def bench(args, argv):
     tcfg = preset_config(TrainConfig, args.preset)
     scfg = preset_config(SampleConfig, args.preset)
     lcfg = preset_config(LoraConfig, args.preset)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: TF32 on Ampere and later
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(device)  # as train.py
     torch.manual_seed(args.seed)
 
     data = load_dataset(args.dataset or tcfg.dataset, "train", args.data_dir, download=False, log=lambda *a: None)
@@ -742,8 +727,8 @@ def bench(args, argv):
     log(f"matmul peak ({args.matmul_size}x{args.matmul_size}) and training step, batch {tcfg.batch_size}, "
         f"{precision} and fp32{' and compiled' if args.compile else ''}")
     gen = torch.Generator().manual_seed(args.seed + 1)
-    data_fn = make_data_fn(x_all, y_all, tcfg.batch_size, gen, args.seed, device, dcfg.timesteps,
-                           tcfg.label_drop, mcfg.num_classes)
+    data_fn = make_data_fn(TrainData(x_all, y_all, tcfg.batch_size, args.seed, tcfg.label_drop, mcfg.num_classes,
+                                     Dist(), gen), device, dcfg.timesteps)
     base_state = copy.deepcopy(model.state_dict())
     res["peak"], res["train"], head_step = bench_train(model, diffusion, data_fn, tcfg, device, precision, args)
     if args.profile:
@@ -753,8 +738,8 @@ def bench(args, argv):
     model.load_state_dict(base_state)  # the later sections start from the same initial weights
 
     log(f"LoRA vs full fine-tune, batch {lcfg.lora_batch_size}")
-    lora_data = make_data_fn(x_all, y_all, lcfg.lora_batch_size, gen, args.seed, device, dcfg.timesteps,
-                             tcfg.label_drop, mcfg.num_classes)
+    lora_data = make_data_fn(TrainData(x_all, y_all, lcfg.lora_batch_size, args.seed, tcfg.label_drop,
+                                       mcfg.num_classes, Dist(), gen), device, dcfg.timesteps)
     res["lora"] = bench_lora(model, diffusion, lora_data(), lcfg, device, precision, args)
 
     infer_batch = args.infer_batch or 2 * args.sample_batch

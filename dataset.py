@@ -186,7 +186,7 @@ def save_grid(images_u8, path, nrow=10, pad=2):
     """Tile uint8 images (N, H, W) into one PNG, row-major, ``nrow`` per row, written atomically."""
     from PIL import Image  # Pillow comes with matplotlib
 
-    from config import atomic_write
+    from checkpoint import atomic_write  # here, not at the top: checkpoint.py imports the models, which import this
 
     n, h, w = images_u8.shape
     rows = (n + nrow - 1) // nrow

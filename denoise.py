@@ -6,7 +6,8 @@
     python denoise.py --lora --lora-scale 0.5      # half the adapter's effect, unmerged
 
 Writes, in --out-dir (default out/), with NAME = samples (or lora_samples with --lora):
-    NAME_process.png   the denoising process: one row per sample, noise -> digit across columns
+    NAME_process.png   the denoising process: one row per label asked for (its first sample),
+                       noise -> digit across columns
     NAME.png           a grid of the final samples, one column per label
     NAME.npz           images (uint8, N x 28 x 28 at the data set's resolution) and labels (N)
     lora_scale_sweep.png   with --lora: LoRA scale 0 -> 1 across columns, one row per label
@@ -19,12 +20,13 @@ import os
 import numpy as np
 import torch
 
-from config import CLIError, DiffusionConfig, SampleConfig, add_config_args, atomic_write, config_from_args, run_main
+from adapter import load_adapter
+from checkpoint import atomic_write, load_for_sampling
+from config import CLIError, SampleConfig, add_config_args, config_from_args, run_main
 from dataset import save_grid
-from diffusion import Diffusion
-from lora import apply_adapter, load_adapter, merge_lora, set_lora_scale
-from train import generate, pick_device, resolve_precision
-from unet import load_model, state_fingerprint
+from diffusion import generate
+from lora import apply_adapter, merge_lora, set_lora_scale
+from runtime import add_runtime_args, pick_device, resolve_precision
 
 DEFAULT_LORA = os.path.join("out", "lora.pt")
 
@@ -59,8 +61,7 @@ def parse_args(argv):
     p.add_argument("--labels", default="0..9", help="labels to draw: 0..9, 3,3,7 or 0..2,7")
     p.add_argument("--n-per-label", type=int, default=1, help="samples per label")
     p.add_argument("--seed", type=int, default=0, help="same seed, same pictures")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    add_runtime_args(p)
     p.add_argument("--frames", type=int, default=10, help="columns of the denoising-process figure")
     p.add_argument("--show", action="store_true", help="also open the figures in a window")
     p.add_argument("--lora", nargs="?", const=DEFAULT_LORA, default=None, metavar="PATH",
@@ -72,8 +73,21 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+PROCESS_MAX_ROWS = 20  # rows of the denoising-process figure: matplotlib takes seconds per hundred axes
+
+
+def process_rows(labels, n_per_label):
+    """Indices of the samples the process figure shows: the first sample of each label asked for.
+
+    ``--n-per-label 50`` draws 50 samples a label, but the figure keeps one row per label (at
+    most PROCESS_MAX_ROWS), so it stays readable and is written in a second, whatever the count."""
+    return [i * n_per_label for i in range(min(len(labels), PROCESS_MAX_ROWS))]
+
+
 def process_figure(frames, labels, path, show=False):
-    """One row per sample, columns from pure noise to the final digit (the tutorial's figure)."""
+    """One row per label, columns from pure noise to the final digit (the tutorial's figure).
+
+    ``frames`` is a list of uint8 (rows, H, W) tensors, one per column; ``labels`` one per row."""
     import matplotlib
 
     if not show:
@@ -113,23 +127,23 @@ def run(args):
         raise CLIError(f"--lora-scale must be >= 0, got {args.lora_scale}")
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
-    # validate everything the user typed before loading or writing anything
-    model, ckpt = load_model(args.ckpt, device, args.weights)
+    # the flags are checked above; the labels and step count need the model, so they are checked
+    # right after loading it, before anything samples or writes
+    adapter = load_adapter(args.lora, device) if args.lora else None
+
+    def attach(model, fingerprint):
+        if adapter is not None:
+            apply_adapter(model, adapter, fingerprint, force=args.force)
+
+    pipe = load_for_sampling(args.ckpt, device, args.weights, attach)
+    model, diffusion = pipe.model, pipe.diffusion
     labels = parse_labels(args.labels, model.num_classes)
-    dcfg = DiffusionConfig(**ckpt["config"]["diffusion"])
-    if scfg.sampler == "ddim" and scfg.steps > dcfg.timesteps:
-        raise CLIError(f"--steps {scfg.steps} exceeds the model's T={dcfg.timesteps}")
-    diffusion = Diffusion.from_config(dcfg).to(device)
-    data_size = ckpt.get("data_size", 28)
-    adapter = None
-    if args.lora:
-        adapter = load_adapter(args.lora, device)
-        apply_adapter(model, adapter, state_fingerprint(ckpt[args.weights]), force=args.force)
+    if scfg.sampler == "ddim" and scfg.steps > diffusion.timesteps:
+        raise CLIError(f"--steps {scfg.steps} exceeds the model's T={diffusion.timesteps}")
     name = args.name or ("lora_samples" if adapter else "samples")
     out = args.out_dir
     os.makedirs(out, exist_ok=True)
-    common = dict(device=device, precision=precision, sampler=scfg.sampler, steps=scfg.steps, eta=scfg.eta,
-                  guidance=scfg.guidance, seed=args.seed, data_size=data_size)
+    common = dict(device=device, precision=precision, cfg=scfg, seed=args.seed, data_size=pipe.data_size)
     written = []
 
     if adapter is not None:
@@ -159,18 +173,23 @@ def run(args):
     order = torch.arange(len(label_t)).view(len(labels), args.n_per_label).T.flatten()
     save_grid(images[order], grid_path, nrow=len(labels))
     npz_path = os.path.join(out, f"{name}.npz")
-    atomic_write(npz_path, lambda tmp: np.savez_compressed(open(tmp, "wb"), images=images.numpy(),
-                                                           labels=label_t.numpy().astype(np.int64)))
+
+    def write_npz(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, images=images.numpy(), labels=label_t.numpy().astype(np.int64))
+    atomic_write(npz_path, write_npz)
     written += [grid_path, npz_path]
     if args.frames > 0:
         proc_path = os.path.join(out, f"{name}_process.png")
-        process_figure(frames, label_t.tolist(), proc_path, show=args.show)
+        rows = process_rows(labels, args.n_per_label)
+        process_figure([f[rows] for f in frames], label_t[rows].tolist(), proc_path, show=args.show)
         written.append(proc_path)
     lora_note = ""
     if adapter is not None:
         lora_note = f", LoRA {args.lora} (scale {args.lora_scale}{', merged' if args.merge else ''})"
-    print(f"denoise: {len(label_t)} samples, {scfg.sampler} {scfg.steps if scfg.sampler == 'ddim' else dcfg.timesteps}"
-          f" steps, guidance {scfg.guidance}{lora_note}; wrote {', '.join(written)}")
+    steps = scfg.steps if scfg.sampler == "ddim" else diffusion.timesteps
+    print(f"denoise: {len(label_t)} samples, {scfg.sampler} {steps} steps, guidance {scfg.guidance}{lora_note}; "
+          f"wrote {', '.join(written)}")
     return written
 
 

@@ -15,8 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import DiffusionConfig, SampleConfig
+from dataset import to_uint8
+from runtime import autocast
 
-def linear_betas(timesteps, beta_start=1e-4, beta_end=0.02):
+_DEFAULTS = DiffusionConfig()  # one place for the schedule's defaults: config.py
+
+
+def linear_betas(timesteps, beta_start, beta_end):
     return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
 
 
@@ -26,7 +32,8 @@ def _extract(a, t, ndim):
 
 
 class Diffusion(nn.Module):
-    def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02, min_snr_gamma=0.0):
+    def __init__(self, timesteps=_DEFAULTS.timesteps, beta_start=_DEFAULTS.beta_start, beta_end=_DEFAULTS.beta_end,
+                 min_snr_gamma=_DEFAULTS.min_snr_gamma):
         super().__init__()
         self.timesteps = timesteps
         self.min_snr_gamma = min_snr_gamma
@@ -132,7 +139,7 @@ class Diffusion(nn.Module):
         return torch.linspace(self.timesteps - 1, 0, steps).round().long().unique_consecutive().tolist()
 
     @torch.no_grad()
-    def sample(self, model, labels, shape, sampler="ddim", steps=50, eta=0.0, guidance=0.0,
+    def sample(self, model, labels, shape, *, sampler="ddim", steps=50, eta=0.0, guidance=0.0,
                null_label=None, generator=None, num_frames=0, progress=None):
         """Generate images for ``labels``; returns (x0, frames).
 
@@ -161,3 +168,21 @@ class Diffusion(nn.Module):
             if i in keep:
                 frames.append(x.clamp(-1, 1).clone())
         return x.clamp(-1, 1), frames
+
+
+@torch.no_grad()
+def generate(model, diffusion, labels, device, precision="fp32", cfg=None, *, seed=0, data_size=None, num_frames=0,
+             progress=None):
+    """Sample one image per label in ``precision`` with ``cfg`` (a SampleConfig: sampler, steps, eta, guidance;
+    the defaults when None); returns (uint8 images (N, H, W), list of uint8 frames).
+
+    A torch.Generator seeded with ``seed`` makes the result the same on every run; images are
+    resized back to ``data_size`` (the data set's side) when the model works at another size."""
+    cfg = cfg or SampleConfig()
+    g = torch.Generator(device).manual_seed(seed)
+    labels = labels.to(device)
+    shape = (len(labels), model.cfg.in_channels, model.cfg.img_size, model.cfg.img_size)
+    with autocast(device, precision):
+        x, frames = diffusion.sample(model, labels, shape, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
+                                     guidance=cfg.guidance, generator=g, num_frames=num_frames, progress=progress)
+    return to_uint8(x, data_size), [to_uint8(f, data_size) for f in frames]

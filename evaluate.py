@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import time
 
@@ -31,13 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import CLIError, DiffusionConfig, SampleConfig, add_config_args, atomic_write, config_from_args, run_main
+from adapter import load_adapter
+from checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_write, load_checkpoint, load_for_sampling,
+                        save_checkpoint, write_json)
+from config import CLIError, SampleConfig, add_config_args, config_from_args, run_main
 from dataset import apply_style, ink, load_dataset, slant, to_model_range
-from diffusion import Diffusion
-from lora import apply_adapter, load_adapter, set_lora_scale
-from train import generate, pick_device, resolve_precision
-from unet import (CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_model, save_checkpoint,
-                  state_fingerprint)
+from diffusion import generate
+from lora import apply_adapter, set_lora_scale
+from runtime import add_runtime_args, pick_device, resolve_precision
 
 
 # ------------------------------------------------------------------ classifier
@@ -194,18 +194,19 @@ def score(images_u8, labels, classifier, train, test, style="none", seed=0):
 
 def sample_checkpoint(ckpt_path, args, scfg, device, precision, log=print):
     """Draw n_per_label samples of every label from a checkpoint (+ adapter); returns images, labels, info."""
-    model, ckpt = load_model(ckpt_path, device, args.weights)
-    if args.lora:
-        adapter = load_adapter(args.lora, device)
-        apply_adapter(model, adapter, state_fingerprint(ckpt[args.weights]), force=args.force)
-        set_lora_scale(model, args.lora_scale)
-    diffusion = Diffusion.from_config(DiffusionConfig(**ckpt["config"]["diffusion"])).to(device)
+    def attach(model, fingerprint):
+        if args.lora:
+            apply_adapter(model, load_adapter(args.lora, device), fingerprint, force=args.force)
+            set_lora_scale(model, args.lora_scale)
+
+    pipe = load_for_sampling(ckpt_path, device, args.weights, attach)
+    model, diffusion, ckpt = pipe.model, pipe.diffusion, pipe.ckpt
     labels = torch.arange(model.num_classes).repeat_interleave(args.n_per_label)
     images = []
     t0 = time.time()
     for i in range(0, len(labels), args.batch):
-        imgs, _ = generate(model, diffusion, labels[i:i + args.batch], device, precision, scfg.sampler, scfg.steps,
-                           scfg.eta, scfg.guidance, seed=args.seed + i, data_size=ckpt.get("data_size", 28))
+        imgs, _ = generate(model, diffusion, labels[i:i + args.batch], device, precision, scfg, seed=args.seed + i,
+                           data_size=pipe.data_size)
         images.append(imgs)
     seconds = time.time() - t0
     info = {"ckpt": ckpt_path, "step": ckpt["step"], "train_seconds": ckpt.get("train_seconds"),
@@ -341,8 +342,7 @@ def parse_args(argv):
     p.add_argument("--style", default=None, choices=["none", "italic", "bold"],
                    help="also report the real data in this style (default: the adapter's style)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    add_runtime_args(p)
     add_config_args(p, SampleConfig)
     return p.parse_args(argv)
 
@@ -394,7 +394,7 @@ def run(args):
         curve = curve_png(results, os.path.join(args.out_dir, f"{args.name}-curve.png"))
         out["curve_png"] = curve
     json_path = os.path.join(args.out_dir, f"{args.name}.json")
-    atomic_write(json_path, lambda tmp: open(tmp, "w").write(json.dumps(out, indent=2)))
+    write_json(json_path, out)
     print(f"evaluate: wrote {json_path}")
     return out
 

@@ -103,30 +103,30 @@ fi
 timeout "$(limit 90 $((TEST_RESERVE + 60)))" "$PY" - "$DS" >"$LOGS/speed.log" 2>&1 <<'EOF'
 import copy, sys, time
 import torch
-import train as T
 from config import DiffusionConfig, ModelConfig, TrainConfig, preset_config
 from dataset import load_dataset, to_model_range
 from diffusion import Diffusion
+from runtime import Dist, enable_tf32, resolve_precision
+from trainer import Hooks, Loop, TrainData, ema_update, fit, make_optimizer
 from unet import UNet
 
 dev = torch.device("cuda")
-torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py does
+enable_tf32(dev)  # as train.py does
 mc, dc, tc = (preset_config(c, "tutorial") for c in (ModelConfig, DiffusionConfig, TrainConfig))
-precision = T.resolve_precision("auto", dev)
+precision = resolve_precision("auto", dev)
 data = load_dataset(sys.argv[1], "train", "data", download=False, log=lambda *a: None)
-x_all, y_all = to_model_range(data.images, mc.img_size).to(dev), data.labels.to(dev)
 torch.manual_seed(0)
 model = UNet(mc).to(dev)
 ema = copy.deepcopy(model).requires_grad_(False)
 diffusion = Diffusion.from_config(dc).to(dev)
-opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-gen = torch.Generator().manual_seed(1)
+opt = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, dev)
+train_data = TrainData(to_model_range(data.images, mc.img_size).to(dev), data.labels.to(dev), tc.batch_size, tc.seed,
+                       tc.label_drop, mc.num_classes, Dist(), torch.Generator().manual_seed(1))
+hooks = Hooks(on_epoch_end=lambda e, s, last: None, on_interrupt=lambda e, s: None,
+              after_step=lambda s: ema_update(ema, model, tc.ema_decay, s))
 
 def steps(a, b):  # train.py's loop, with the per-epoch checkpoint and samples left out
-    T.fit(model, model.parameters(), opt, diffusion, x_all, y_all, gen, a, b, tc.batch_size, tc.seed, T.Dist(),
-          dev, precision, lambda s: tc.lr, tc.label_drop, mc.num_classes, tc.grad_clip,
-          lambda e, s, last: None, lambda e, s: None, after_step=lambda s: T.ema_update(ema, model, tc.ema_decay, s),
-          desc="speed")
+    fit(model, opt, diffusion, train_data, Loop(b, lambda s: tc.lr, tc.grad_clip, dev, precision, desc="speed"), a, hooks)
 
 warm, timed = 10, 50
 steps(0, warm)

@@ -9,8 +9,7 @@ with ``lora_``: that prefix is the contract freezing and saving rely on.
 
     layers = add_lora(model, targets=("Wq", "Wk", "Wv"), r=4, alpha=4)
     mark_only_lora_as_trainable(model)
-    save_adapter("out/lora.pt", model, ...)        # only the lora_ tensors + r, alpha, targets, fingerprint
-    apply_adapter(model, load_adapter("out/lora.pt"), base_fingerprint)
+    apply_adapter(model, adapter, base_fingerprint)  # an adapter dict (adapter.py reads and writes the files)
     merged = merge_lora(model)                     # plain nn.Linear layers again: zero inference overhead
     unmerge_lora(model, merged)                    # the exact base weights back
 """
@@ -22,7 +21,6 @@ import torch
 import torch.nn as nn
 
 from config import UserError
-from unet import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 
 
 class LoraError(UserError):
@@ -107,30 +105,7 @@ def lora_state_dict(model):
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 
-# ---------------------------------------------------------------- adapter files
-
-def save_adapter(path, model, r, alpha, targets, base_fingerprint, **extra):
-    """Write the adapter atomically: lora_ tensors plus what is needed to re-attach it safely."""
-    save_checkpoint({"version": CHECKPOINT_VERSION, "kind": "lora", "lora": lora_state_dict(model), "r": int(r),
-                     "alpha": float(alpha), "targets": list(targets), "base_fingerprint": base_fingerprint,
-                     **extra}, path)
-
-
-def load_adapter(path, map_location="cpu"):
-    """Load and sanity-check an adapter file; every problem is a LoraError naming the file."""
-    try:
-        ad = load_checkpoint(path, map_location, kind="lora")
-    except CheckpointError as e:
-        raise LoraError(str(e)) from None
-    for key in ("lora", "r", "alpha", "targets", "base_fingerprint"):
-        if key not in ad:
-            raise LoraError(f"adapter {path!r} lacks {key!r}; it is corrupt or from another tool; re-create it")
-    for k, v in ad["lora"].items():
-        if k.endswith("lora_a") and v.shape[1] != ad["r"] or k.endswith("lora_b") and v.shape[0] != ad["r"]:
-            raise LoraError(f"adapter {path!r}: {k} has shape {tuple(v.shape)}, inconsistent with r={ad['r']}")
-    ad["path"] = path
-    return ad
-
+# ------------------------------------------------------------ applying adapters
 
 def apply_adapter(model, adapter, base_fingerprint, force=False):
     """Inject LoRA as the adapter describes and load its tensors, checking base, keys and shapes.

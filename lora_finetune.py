@@ -19,17 +19,18 @@ import time
 
 import torch
 
-from config import (CLIError, DiffusionConfig, LoraConfig, TrainConfig, add_config_args, add_preset_arg,
-                    config_from_args, run_main)
+from adapter import load_adapter, save_adapter
+from checkpoint import load_for_sampling
+from config import CLIError, LoraConfig, TrainConfig, add_config_args, add_preset_arg, config_from_args, run_main
 from dataset import apply_style, ink, slant, to_model_range
-from diffusion import Diffusion
-from lora import add_lora, apply_adapter, load_adapter, mark_only_lora_as_trainable, save_adapter
-from train import (cleanup_distributed, fit, load_dataset_distributed, make_optimizer, per_rank_batch,
-                   resolve_precision, setup_distributed)
-from unet import load_model, state_fingerprint
+from lora import add_lora, apply_adapter, mark_only_lora_as_trainable
+from runtime import (cleanup_distributed, enable_tf32, per_rank_batch, rank0_logger, resolve_precision,
+                     setup_distributed, wrap_ddp)
+from trainer import Hooks, Loop, TrainData, fit, load_dataset_distributed, lora_lr_at, make_optimizer
 
 # the training flags that make sense for a fine-tune (the rest come from LoraConfig)
 SHARED_TRAIN_FLAGS = ("dataset", "data_dir", "seed", "device", "precision", "label_drop", "batch_scope")
+LORA_GRAD_CLIP = 1.0  # max gradient norm of the LoRA tensors, as for the base model
 
 
 def parse_args(argv):
@@ -72,29 +73,21 @@ def finetune(args):
         tcfg = config_from_args(args, TrainConfig, args.preset)
     dist_info, device = setup_distributed(tcfg.device)
     precision = resolve_precision(tcfg.precision, device)
-    log = print if dist_info.main else (lambda *a, **k: None)
+    enable_tf32(device)
+    log = rank0_logger(dist_info)
 
-    model, ckpt = load_model(args.ckpt, device, args.weights)
-    fingerprint = state_fingerprint(ckpt[args.weights])
-    base_copy = {k: v.clone() for k, v in model.state_dict().items()}  # to prove the base stays bit-identical
-    dcfg = DiffusionConfig(**ckpt["config"]["diffusion"])
-    diffusion = Diffusion.from_config(dcfg).to(device)
+    def attach(model, fingerprint):
+        if adapter is not None:
+            apply_adapter(model, adapter, fingerprint)
+        else:
+            # seeded: A's random init is the same on every run, so torchrun and one process agree
+            torch.manual_seed(tcfg.seed)
+            add_lora(model, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.lora_dropout)
 
-    if adapter is not None:
-        apply_adapter(model, adapter, fingerprint)
-    else:
-        # seeded: A's random init is the same on every run, so torchrun and one process agree
-        torch.manual_seed(tcfg.seed)
-        add_lora(model, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.lora_dropout)
+    pipe = load_for_sampling(args.ckpt, device, args.weights, attach)
+    model, diffusion, fingerprint = pipe.model, pipe.diffusion, pipe.fingerprint
     trainable, total = mark_only_lora_as_trainable(model)
-    lora_params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(lora_params, lcfg.lora_lr, 0.0, device)
-    gen = torch.Generator().manual_seed(tcfg.seed + 2)
-    step = 0
-    if adapter is not None:
-        opt.load_state_dict(adapter["optimizer"])
-        gen.set_state(adapter["rng"]["noise"])
-        step = adapter["step"]
+    opt = make_optimizer(model.parameters(), lcfg.lora_lr, 0.0, device)
 
     local_batch, global_batch = per_rank_batch(lcfg.lora_batch_size, tcfg.batch_scope, dist_info.world)
     data = load_dataset_distributed(tcfg.dataset, "train", tcfg.data_dir, dist_info, log)
@@ -103,18 +96,19 @@ def finetune(args):
     if global_batch > len(data):
         raise CLIError(f"batch {global_batch} is larger than the {len(data)} images; lower --lora-batch-size")
     styled = apply_style(data.images, lcfg.style)
-    x_all = to_model_range(styled, model.cfg.img_size).to(device)
-    y_all = data.labels.to(device)
-
-    fwd_model = model
-    if dist_info.world > 1:
-        # DDP all-reduces the gradients of parameters that require grad: the LoRA tensors. Told to
-        # ignore the frozen base, it also skips broadcasting it at start-up (every rank loaded the
-        # same file, and the check after fit() proves the base never changed)
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        fwd_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_data = TrainData(images=to_model_range(styled, model.cfg.img_size).to(device),
+                           labels=data.labels.to(device), global_batch=global_batch, seed=tcfg.seed,
+                           label_drop=tcfg.label_drop, null_label=model.num_classes, dist=dist_info,
+                           gen=torch.Generator().manual_seed(tcfg.seed + 2))
+    step = 0
+    if adapter is not None:
+        opt.load_state_dict(adapter["optimizer"])
+        train_data.gen.set_state(adapter["rng"]["noise"])
+        if "torch" in adapter["rng"]:
+            torch.set_rng_state(adapter["rng"]["torch"])
+        step = adapter["step"]
+    # DDP all-reduces the gradients of the LoRA tensors only; the frozen base is ignored
+    fwd_model = wrap_ddp(model, dist_info, device, frozen_ignored=True)
 
     log(f"lora: base {args.ckpt} [{args.weights}] (fingerprint {fingerprint}), targets {list(lcfg.targets)}, "
         f"r={lcfg.r}, alpha={lcfg.alpha}, style {lcfg.style}")
@@ -127,22 +121,18 @@ def finetune(args):
     def save(epoch, step):
         if dist_info.main:
             save_adapter(args.out, model, lcfg.r, lcfg.alpha, lcfg.targets, fingerprint,
-                         optimizer=opt.state_dict(), step=step, epoch=epoch, rng={"noise": gen.get_state()},
+                         optimizer=opt.state_dict(), step=step, epoch=epoch,
+                         rng={"noise": train_data.gen.get_state(), "torch": torch.get_rng_state()},
                          config=dataclasses.asdict(lcfg), train_config=dataclasses.asdict(tcfg), style=lcfg.style,
-                         base_config=ckpt["config"], data_size=ckpt.get("data_size", 28))
+                         base_config=pipe.ckpt["config"], data_size=pipe.data_size)
 
-    warmup = max(1, min(50, lcfg.lora_steps // 10))
     start = time.time()
-    step, running = fit(fwd_model, lora_params, opt, diffusion, x_all, y_all, gen, step, lcfg.lora_steps,
-                        global_batch, tcfg.seed, dist_info, device, precision,
-                        lambda s: lcfg.lora_lr * min(1.0, (s + 1) / warmup), tcfg.label_drop, model.num_classes,
-                        1.0, lambda e, s, last: save(e, s), on_interrupt=save, desc="lora",
-                        resume_hint="python lora_finetune.py --resume", lr_flag="--lora-lr")
-    # the frozen base is untouched: every non-LoRA tensor is bit-identical to what was loaded
-    for k, v in model.state_dict().items():
-        if "lora_" not in k:
-            base_key = k.replace(".net.", ".")
-            assert torch.equal(v, base_copy[base_key]), f"base weight {k} changed during LoRA training"
+    loop = Loop(max_steps=lcfg.lora_steps, lr_fn=lambda s: lora_lr_at(s, lcfg), grad_clip=LORA_GRAD_CLIP,
+                device=device, precision=precision, desc="lora",
+                resume_hint=f"python lora_finetune.py --ckpt {args.ckpt} --resume {args.out} --out {args.out}",
+                lr_flag="--lora-lr")
+    hooks = Hooks(on_epoch_end=lambda e, s, last: save(e, s), on_interrupt=save)
+    step, running = fit(fwd_model, opt, diffusion, train_data, loop, step, hooks)
     size = os.path.getsize(args.out) if dist_info.main else 0
     log(f"lora: done, {step} steps in {(time.time() - start) / 60:.1f} min, loss {running:.4f}; adapter "
         f"{args.out} ({size / 1024:.0f} KB, base checkpoint {os.path.getsize(args.ckpt) / 2**20:.1f} MB)")

@@ -9,21 +9,20 @@ Why at least two context tokens: with one key, softmax over keys is identically 
 attention output is Wv(context) whatever the query, and Wq and Wk receive exactly zero
 gradient (the tutorial's bug). With several tokens the query selects among them.
 
-Layout (fast preset, 28x28): conv_in -> [res, res+attn, res+attn] down 28->14->7 -> middle
-(res, attn, res) -> mirrored up path with skip connections -> GroupNorm, SiLU, conv_out.
+Layout (fast preset, 28x28, ``patch_size`` 2, ``channels`` (64, 128)): the image is folded into
+14x14x4 patches; conv_in -> level 0 at 14x14 (res) -> down to 7x7 -> level 1 (res + transformer)
+-> middle (res, transformer, res) -> the mirrored up path with skip connections -> GroupNorm,
+SiLU, conv_out -> unfolded back to 28x28. Each level after the first halves the resolution;
+``attn_levels`` says which levels get a transformer block.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import pickle
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import ModelConfig, UserError, atomic_write
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -212,84 +211,3 @@ class UNet(nn.Module):
 
 def count_parameters(module, trainable_only=False):
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-# ----------------------------------------------------------------- checkpoints
-
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(UserError):
-    """A checkpoint that is missing, truncated, not ours, or from another model: the message says which."""
-
-
-def save_checkpoint(obj, path):
-    """Write a plain dict of tensors and built-in types atomically (never a pickled nn.Module)."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def load_checkpoint(path, map_location="cpu", kind="base"):
-    """Load a checkpoint dict with weights_only=True, turning every failure into one clear CheckpointError."""
-    noun = {"base": "base checkpoint", "lora": "LoRA adapter"}.get(kind, f"{kind} checkpoint")
-    if not os.path.exists(path):
-        hint = "train one first: python train.py" if kind == "base" else "fine-tune one first: python lora_finetune.py"
-        raise CheckpointError(f"{noun} {path!r} not found; {hint}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
-        # torch raises these for truncated zips, random bytes and pickles of arbitrary objects
-        # (an empty file gives an EOFError with an empty message, hence the fallback to its type)
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path!r} is not a readable checkpoint (truncated or corrupt? {reason}); "
-                              "re-create it") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path!r} is not a {noun} (found {found!r})")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path!r} has format version {ckpt.get('version')}, this code reads {CHECKPOINT_VERSION}")
-    return ckpt
-
-
-def model_config_from_checkpoint(ckpt):
-    return ModelConfig(**ckpt["config"]["model"])
-
-
-def load_state_strict(model, state, what):
-    """load_state_dict(strict=True), with a message that names the keys and shapes that differ."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        if extra:
-            parts.append(f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:3]}{'...' if len(shapes) > 3 else ''}")
-        raise CheckpointError(f"{what} does not fit this model ({'; '.join(parts)}): it was built for another "
-                              "model size; use the flags it was trained with, or retrain")
-    model.load_state_dict(state, strict=True)
-
-
-def load_model(path, map_location="cpu", weights="ema"):
-    """Rebuild the UNet from a checkpoint's saved config and load its (EMA by default) weights, in eval mode."""
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be ema or model, got {weights!r}")
-    ckpt = load_checkpoint(path, map_location)
-    model = UNet(model_config_from_checkpoint(ckpt))
-    load_state_strict(model, ckpt[weights], f"{path!r} [{weights}]")
-    return model.to(map_location).eval(), ckpt
-
-
-def state_fingerprint(state):
-    """A short hash of a state dict's names, shapes and values: which base an adapter was trained on."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k].detach().to("cpu", torch.float32).contiguous()
-        h.update(k.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]

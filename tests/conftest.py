@@ -1,4 +1,4 @@
-"""Shared test setup: the project root on sys.path, one CPU thread per test process, --runslow."""
+"""Shared test setup: the project root on sys.path, the --runslow switch, a fixed seed, and tiny shared runs."""
 import os
 import sys
 

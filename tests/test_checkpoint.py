@@ -8,8 +8,9 @@ import torch
 
 import train
 from config import DiffusionConfig, ModelConfig, TrainConfig, preset_config
-from unet import (CheckpointError, UNet, load_checkpoint, load_model, load_state_strict, save_checkpoint,
-                  state_fingerprint)
+from checkpoint import (CheckpointError, load_checkpoint, load_model, load_state_strict, save_checkpoint,
+                        state_fingerprint)
+from unet import UNet
 
 
 def run_train(out_dir, *extra):

@@ -16,10 +16,13 @@ import torch
 
 import denoise
 import lora_finetune
+import runtime
 import train
 from config import CLIError, DiffusionConfig, ModelConfig, config_dict, preset_config
-from lora import add_lora, apply_adapter, lora_layers, load_adapter, save_adapter
-from unet import CHECKPOINT_VERSION, UNet, load_checkpoint, load_model, save_checkpoint, state_fingerprint
+from adapter import load_adapter, save_adapter
+from checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_model, save_checkpoint, state_fingerprint
+from lora import add_lora, apply_adapter, lora_layers
+from unet import UNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
@@ -86,17 +89,17 @@ def test_checkpoint_round_trip_on_cpu(tmp_path, map_location):
 
 
 def test_pick_device():
-    assert train.pick_device("cpu") == torch.device("cpu")
+    assert runtime.pick_device("cpu") == torch.device("cpu")
     if HAS_CUDA:
-        assert train.pick_device("auto").type == "cuda"
+        assert runtime.pick_device("auto").type == "cuda"
     else:
-        assert train.pick_device("auto").type in ("cpu", "mps")
+        assert runtime.pick_device("auto").type in ("cpu", "mps")
         with pytest.raises(CLIError, match="no CUDA GPU"):
-            train.pick_device("cuda")
+            runtime.pick_device("cuda")
 
 
 def test_no_dot_cuda_calls_in_the_project():
-    """Device is picked once and passed down (STYLE habit 7); a .cuda call would pin code to GPU 0."""
+    """Device is picked once (runtime.pick_device) and passed down; a .cuda call would pin code to GPU 0."""
     pattern = re.compile(r"\." + "cuda" + r"\s*\(")  # spelled in pieces so this file does not match itself
     offenders = []
     for folder, dirs, files in os.walk(ROOT):

@@ -26,8 +26,10 @@ import denoise
 import lora_finetune
 import train
 from config import CLIError, ModelConfig
-from train import Dist, draw_batch_noise, epoch_batches, per_rank_batch
-from unet import UNet, load_checkpoint
+from checkpoint import load_checkpoint
+from runtime import Dist, per_rank_batch
+from trainer import draw_batch_noise, epoch_batches
+from unet import UNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2

@@ -12,9 +12,11 @@ import torch.nn as nn
 import lora_finetune
 from config import LoraConfig, ModelConfig, preset_config
 from dataset import apply_style, ink, load_dataset, slant
-from lora import (LoraError, LoraLayer, add_lora, apply_adapter, load_adapter, lora_layers, lora_state_dict,
-                  mark_only_lora_as_trainable, merge_lora, save_adapter, set_lora_scale, unmerge_lora)
-from unet import Attention, UNet, save_checkpoint, state_fingerprint
+from adapter import load_adapter, save_adapter
+from checkpoint import save_checkpoint, state_fingerprint
+from lora import (LoraError, LoraLayer, add_lora, apply_adapter, lora_layers, lora_state_dict,
+                  mark_only_lora_as_trainable, merge_lora, set_lora_scale, unmerge_lora)
+from unet import Attention, UNet
 
 DEFAULT_TARGETS = LoraConfig().targets
 

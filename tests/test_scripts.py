@@ -17,7 +17,7 @@ from PIL import Image
 import denoise
 import lora_finetune
 import train
-from unet import state_fingerprint
+from checkpoint import state_fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TILE = 28 + 2  # save_grid: a 28x28 digit plus 2 pixels of padding
@@ -42,6 +42,19 @@ def expect_exit_2(main, argv, capsys):
 
 
 # ------------------------------------------------------------------ train -> denoise
+
+def test_process_figure_keeps_one_row_per_label_whatever_the_sample_count(tiny_ckpt, tmp_path):
+    """--n-per-label 50 once drew 500 rows of 10 frames (minutes in matplotlib); now one row per label."""
+    run_denoise(tiny_ckpt, tmp_path / "one", "--labels", "0..9", "--n-per-label", "1")
+    run_denoise(tiny_ckpt, tmp_path / "fifty", "--labels", "0..9", "--n-per-label", "50")
+    with Image.open(tmp_path / "one" / "samples_process.png") as one, \
+            Image.open(tmp_path / "fifty" / "samples_process.png") as fifty:
+        assert fifty.size == one.size  # ten rows either way
+    with np.load(tmp_path / "fifty" / "samples.npz") as npz:
+        assert npz["images"].shape == (500, 28, 28)  # every sample is still written
+    assert denoise.process_rows(list(range(10)), 50) == [0, 50, 100, 150, 200, 250, 300, 350, 400, 450]
+    assert len(denoise.process_rows([3] * 100, 1)) == denoise.PROCESS_MAX_ROWS
+
 
 def test_denoise_writes_grid_process_and_npz(tiny_ckpt, tmp_path):
     written = run_denoise(tiny_ckpt, tmp_path)
@@ -296,8 +309,29 @@ def test_scripts_fail_cleanly_as_processes(tmp_path):
 @pytest.mark.slow
 def test_scripts_import_without_side_effects(tmp_path):
     """No work at import time: importing each script creates no files and prints nothing."""
-    code = "import train, lora_finetune, denoise, dataset, diffusion, unet, lora, config"
+    code = ("import train, lora_finetune, denoise, evaluate, bench, runtime, checkpoint, trainer, adapter, dataset, "
+            "diffusion, unet, lora, config")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and os.listdir(tmp_path) == []
+
+
+SCRIPTS = ("train", "lora_finetune", "denoise", "evaluate", "bench")
+
+
+def test_no_module_imports_a_script():
+    """Scripts sit on top: what two of them share lives in a module below, never in another script."""
+    import ast
+
+    offenders = []
+    for name in os.listdir(ROOT):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            imported = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            offenders += [f"{name} imports {m}" for m in imported if m.split(".")[0] in SCRIPTS]
+    assert not offenders, offenders

@@ -36,8 +36,21 @@ def test_output_shape_matches_input(cfg):
     assert torch.isfinite(out).all()
 
 
-def test_fast_preset_is_the_default_model_config():
-    assert preset_config(ModelConfig, "fast") == ModelConfig()
+def test_presets_are_differences_from_the_defaults():
+    """Every preset value names a real field and differs from its default; "fast" is the default itself."""
+    import dataclasses
+
+    from config import PRESETS
+
+    assert PRESETS["fast"] == {}
+    for name, by_class in PRESETS.items():
+        for cls, overrides in by_class.items():
+            defaults = cls()
+            fields = {f.name for f in dataclasses.fields(cls)}
+            for key, value in overrides.items():
+                assert key in fields, f"preset {name}: {cls.__name__} has no field {key}"
+                assert getattr(preset_config(cls, name), key) != getattr(defaults, key), \
+                    f"preset {name}: {cls.__name__}.{key}={value!r} is the default already"
 
 
 def test_different_labels_give_different_outputs():

@@ -1,0 +1,283 @@
+"""The training loop that train.py and lora_finetune.py share: data order, noise, one optimizer step, EMA.
+
+    data = TrainData(images, labels, global_batch, seed, label_drop, null_label, dist_info, gen)
+    loop = Loop(max_steps, lr_fn, grad_clip, device, precision, desc="train", resume_hint=..., lr_flag="--lr")
+    step, loss = fit(fwd_model, opt, diffusion, data, loop, step, Hooks(on_epoch_end, on_interrupt, after_step))
+
+Ctrl-C (SIGINT) never cuts a step in half: it sets a flag, the step in progress finishes, and the
+loop stops at the boundary, saves through ``on_interrupt`` and exits with 130. The state saved
+there (weights, EMA, optimizer, RNG, step) is exactly the state an uninterrupted run has at that
+step, so ``--resume`` continues it tensor for tensor. A second Ctrl-C stops at once, saving
+nothing; the last checkpoint written (always at a step boundary, atomically) is then the one to
+resume from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import threading
+from typing import Callable, Optional
+
+import torch
+
+from config import UserError
+from dataset import load_dataset
+from runtime import Dist, all_reduce_mean, autocast, broadcast_object
+
+# the LoRA warm-up: a tenth of the fine-tune, at most this many steps (enough for AdamW's moments to settle)
+LORA_WARMUP_MAX_STEPS = 50
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: the weights are lost, so nothing more is saved."""
+    exit_code = 1
+
+
+# ------------------------------------------------------------------------ data
+
+def load_dataset_distributed(name, split, data_dir, dist_info, log=print):
+    """load_dataset on every rank, and the same data set on all of them.
+
+    Only rank 0 may download, and only rank 0 turns "auto" into a concrete name, which it sends to
+    the others: a rank that resolved "auto" itself could pick mnist-5k while rank 0 downloads full
+    MNIST (or find another disk on another machine) and silently train on other data."""
+    if dist_info.world == 1:
+        return load_dataset(name, split, data_dir, download=True, log=log)
+    data = load_dataset(name, split, data_dir, download=True, log=log) if dist_info.main else None
+    chosen = broadcast_object(data.name if dist_info.main else None, dist_info)  # others wait for the download
+    if not dist_info.main:
+        data = load_dataset(chosen, split, data_dir, download=False, log=log)
+    return data
+
+
+def epoch_batches(n, global_batch, epoch, seed, dist_info):
+    """The index batches of one epoch for this rank, as torch's DistributedSampler shards them.
+
+    One permutation per (seed, epoch), the same on every rank; global batch k is
+    perm[k*B:(k+1)*B] and rank r takes every world-th element of it, so the ranks together see
+    exactly the batches a single process would, and each rank a different shard every epoch.
+    The last incomplete batch is dropped."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    steps = n // global_batch
+    return [perm[k * global_batch:(k + 1) * global_batch][dist_info.rank::dist_info.world] for k in range(steps)]
+
+
+def draw_batch_noise(gen, global_batch, timesteps, label_drop, shape, dist_info):
+    """t, noise and the label-drop mask for the whole global batch, then this rank's share.
+
+    Drawn for the global batch on every rank from the same generator, so a run on N processes
+    sees the same noise per example as a single process on the same global batch."""
+    t = torch.randint(0, timesteps, (global_batch,), generator=gen)
+    noise = torch.randn((global_batch, *shape), generator=gen)
+    drop = torch.rand(global_batch, generator=gen) < label_drop
+    sl = slice(dist_info.rank, None, dist_info.world)
+    return t[sl], noise[sl], drop[sl]
+
+
+@dataclasses.dataclass
+class TrainData:
+    """The data side of a run: what is drawn from, how, and by which rank."""
+    images: torch.Tensor  # (N, C, S, S) in [-1, 1], on the training device
+    labels: torch.Tensor  # (N,) int64, on the training device
+    global_batch: int  # images per optimizer step over all ranks
+    seed: int  # data order: one permutation per (seed, epoch)
+    label_drop: float  # share of labels replaced by the null label (classifier-free guidance)
+    null_label: int  # the label index meaning "no label"
+    dist: Dist  # this rank and the world size
+    gen: torch.Generator  # timesteps, noise and label drop; its state is saved for --resume
+
+    @property
+    def steps_per_epoch(self):
+        return len(self.labels) // self.global_batch
+
+    def batch(self, idx, timesteps, device):
+        """This rank's training batch: images and labels by index, then t, noise, and labels dropped to null."""
+        idx = idx.to(device)
+        x0, labels = self.images[idx], self.labels[idx]
+        t, noise, drop = draw_batch_noise(self.gen, self.global_batch, timesteps, self.label_drop, x0.shape[1:],
+                                          self.dist)
+        t, noise, drop = t.to(device), noise.to(device), drop.to(device)
+        labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
+        return x0, labels, t, noise
+
+
+# ------------------------------------------------------------ schedule, steps
+
+def lr_at(step, cfg):
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at max_steps (SGDR, Loshchilov & Hutter 2017)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def lora_lr_at(step, lcfg):
+    """The fine-tune's schedule: linear warm-up over a tenth of the steps (at most LORA_WARMUP_MAX_STEPS), then constant."""
+    warmup = max(1, min(LORA_WARMUP_MAX_STEPS, lcfg.lora_steps // 10))
+    return lcfg.lora_lr * min(1.0, (step + 1) / warmup)
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay, num_updates):
+    """EMA of the weights, warmed up as in TensorFlow's ExponentialMovingAverage: min(decay, (1+n)/(10+n))."""
+    d = min(decay, (1 + num_updates) / (10 + num_updates))
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - d)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def make_optimizer(params, lr, weight_decay, device):
+    """AdamW over the parameters that require grad; fused (one kernel for all tensors) on CPU and CUDA."""
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay,
+                             fused=device.type in ("cpu", "cuda"))
+
+
+def optimizer_params(opt):
+    """The parameters an optimizer updates, in its own order."""
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def optimizer_step(fwd_model, opt, scaler, diffusion, batch, device, precision, grad_clip):
+    """Forward in mixed precision, backward, clip, step; returns the loss (a tensor, not synced)."""
+    x0, labels, t, noise = batch
+    with autocast(device, precision):
+        loss = diffusion.loss(fwd_model, x0, labels, t, noise)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(optimizer_params(opt), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return loss
+
+
+# ------------------------------------------------------------------------ loop
+
+@dataclasses.dataclass
+class Loop:
+    """How the loop runs: its length, schedule, clipping, device and precision, and what it tells the user."""
+    max_steps: int
+    lr_fn: Callable[[int], float]  # step -> learning rate
+    grad_clip: float  # max gradient norm; 0 turns clipping off
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    desc: str = "train"  # progress bar and message prefix
+    resume_hint: str = ""  # the exact command that continues this run
+    lr_flag: str = "--lr"  # the flag to lower when the loss diverges
+
+
+@dataclasses.dataclass
+class Hooks:
+    on_epoch_end: Callable[[int, int, bool], None]  # (epoch, step, last): save, sample
+    on_interrupt: Callable[[int, int], None]  # (epoch, step): save at the step boundary after Ctrl-C
+    after_step: Optional[Callable[[int], None]] = None  # (step index): the EMA update
+
+
+class _StopAtBoundary:
+    """While active, the first SIGINT only asks the loop to stop after the current step; a second one interrupts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:  # asked twice: the user wants out now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving (press Ctrl-C again to stop without saving)",
+              file=sys.stderr)
+
+    def __enter__(self):
+        # signal handlers can only be set from the main thread; elsewhere Ctrl-C is not delivered anyway
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class _Stop(Exception):
+    pass
+
+
+def fit(fwd_model, opt, diffusion, data, loop, step, hooks):
+    """Train from ``step`` to ``loop.max_steps`` over epochs of ``epoch_batches``; returns (step, running loss).
+
+    Calls ``hooks.on_epoch_end(epoch, step, last)`` after each epoch (epochs count from 1) and at
+    the end. On Ctrl-C the current step finishes, ``hooks.on_interrupt(epoch, step)`` saves, and the
+    process exits with 130. A loss that is not finite raises TrainingDiverged before the next
+    save, so the last good checkpoint is never overwritten by NaN weights (the loss is
+    all-reduced, and so is the stop request: every rank stops at the same step)."""
+    device, dist_info = loop.device, data.dist
+    n, steps_per_epoch = len(data.labels), data.steps_per_epoch
+    scaler = torch.amp.GradScaler(device.type, enabled=(loop.precision == "fp16"))
+    bar = None
+    if dist_info.main:
+        from tqdm import tqdm
+        bar = tqdm(total=loop.max_steps, initial=step, desc=loop.desc, dynamic_ncols=True, mininterval=1.0)
+    running = float("nan")
+    fwd_model.train()
+    stop = _StopAtBoundary()
+    try:
+        with stop:
+            while step < loop.max_steps:
+                epoch, first = divmod(step, steps_per_epoch)
+                for idx in epoch_batches(n, data.global_batch, epoch, data.seed, dist_info)[first:]:
+                    batch = data.batch(idx, diffusion.timesteps, device)
+                    for group in opt.param_groups:
+                        group["lr"] = loop.lr_fn(step)
+                    loss = optimizer_step(fwd_model, opt, scaler, diffusion, batch, device, loop.precision,
+                                          loop.grad_clip)
+                    if hooks.after_step is not None:
+                        hooks.after_step(step)
+                    step += 1
+                    # the loss of the global batch (as one process would log it) and whether any rank was
+                    # interrupted, in one all-reduce
+                    both = all_reduce_mean(torch.stack([loss.detach().float(),
+                                                        torch.tensor(float(stop.requested), device=device)]),
+                                           dist_info)
+                    lv, stop_now = both[0].item(), both[1].item() > 0
+                    if not math.isfinite(lv):
+                        raise TrainingDiverged(
+                            f"{loop.desc}: the loss became {lv} at step {step} (lr {loop.lr_fn(step - 1):.2e}): "
+                            f"training diverged. Nothing was saved after the last checkpoint, if any. Lower "
+                            f"{loop.lr_flag} or keep --grad-clip on, then start again or continue from that "
+                            f"checkpoint with: {loop.resume_hint}")
+                    running = lv if running != running else 0.98 * running + 0.02 * lv
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{running:.4f}", lr=f"{loop.lr_fn(step - 1):.2e}", epoch=epoch + 1)
+                    if stop_now:
+                        raise _Stop
+                    if step >= loop.max_steps:
+                        break
+                last = step >= loop.max_steps
+                if step % steps_per_epoch == 0 or last:
+                    hooks.on_epoch_end(step // steps_per_epoch, step, last)
+                if stop.requested and not last:  # Ctrl-C while saving or sampling: stop here
+                    raise _Stop
+    except _Stop:
+        if bar is not None:
+            bar.close()
+        hooks.on_interrupt(step // steps_per_epoch, step)
+        if dist_info.main:  # only rank 0 saved, so only rank 0 says so
+            print(f"\ninterrupted at step {step}; saved; continue with: {loop.resume_hint}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        if dist_info.main:
+            print(f"\ninterrupted inside step {step + 1}: nothing saved since the last checkpoint; continue from it "
+                  f"with: {loop.resume_hint}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if bar is not None:
+            bar.close()
+    return step, running
