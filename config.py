@@ -5,8 +5,9 @@ Every script builds its command line from these fields (``--batch-size``,
 never drift apart. ``--preset NAME`` applies a preset first; explicit flags win.
 
     fast      the default: sized for a laptop CPU (the README gives measured times)
-    tutorial  the original tutorial's sizes (48x48, channels 64..1024, T=1000,
-              batch 400), with DDPM's optimiser (Adam 2e-4, clipping 1.0): for a GPU
+    tutorial  the original tutorial's network (48x48, channels 64..1024, a small
+              cross-attention in each of its nine blocks, T=1000, batch 400), with
+              DDPM's optimiser (Adam 2e-4, clipping 1.0): for a GPU
     tiny      seconds, for tests
 """
 from __future__ import annotations
@@ -31,8 +32,16 @@ class ModelConfig:
     context_dim: int = 64  # width of each label token (the "text encoder" output width in Stable Diffusion)
     time_dim: int = 128  # width of the time embedding MLP
     dropout: float = 0.0  # dropout inside residual blocks
+    arch: str = "sd"  # sd: Stable Diffusion's UNet | tutorial: the tutorial's (a small cross-attention per block)
+    attn_dim: int = 0  # arch tutorial: width of Wq, Wk, Wv (the tutorial's 16); 0: the block's channels
+    ff_dim: int = 0  # arch tutorial: hidden width of the feed-forward after the cross-attention (the tutorial's 32); 0: none
 
     def __post_init__(self):
+        _choice(self, "arch", ("sd", "tutorial"))
+        if self.arch == "sd" and (self.attn_dim or self.ff_dim):
+            raise ValueError("attn_dim and ff_dim size the tutorial's cross-attention blocks; they need arch tutorial")
+        if min(self.attn_dim, self.ff_dim) < 0:
+            raise ValueError(f"attn_dim and ff_dim must be >= 0, got {self.attn_dim}, {self.ff_dim}")
         self.channels = tuple(int(c) for c in self.channels)
         self.attn_levels = tuple(int(a) for a in self.attn_levels)
         if not self.channels or min(self.channels) <= 0:
@@ -48,8 +57,10 @@ class ModelConfig:
         if self.context_tokens < 2:
             raise ValueError(f"context_tokens must be >= 2 (got {self.context_tokens}): with one key the "
                              "cross-attention softmax is always 1 and Wq/Wk get zero gradient")
-        if any(c % self.num_heads for c in (self.channels[a] for a in self.attn_levels)):
-            raise ValueError(f"channels at attention levels must be divisible by num_heads={self.num_heads}")
+        widths = [self.attn_dim or self.channels[a] for a in self.attn_levels]
+        if any(w % self.num_heads for w in widths):
+            what = "attn_dim" if self.attn_dim else "channels at attention levels"
+            raise ValueError(f"{what} must be divisible by num_heads={self.num_heads}")
         _positive(self, "num_classes", "num_res_blocks", "num_heads", "context_dim", "time_dim", "in_channels")
 
 
@@ -160,14 +171,18 @@ def _choice(cfg, name, allowed):
 PRESETS: dict[str, dict[type, dict]] = {
     "fast": {},
     "tutorial": {
-        ModelConfig: dict(img_size=48, patch_size=1, channels=(64, 128, 256, 512, 1024), attn_levels=(1, 2, 3, 4),
-                          num_heads=8, context_dim=256, time_dim=256),
+        # the tutorial's UNet: one block per level at 48, 24, 12, 6, 3 pixels, each followed by a cross-attention
+        # to the label (q, k, v 16 wide, one head, a feed-forward 32 wide), nine in all; 4 label tokens of 32
+        ModelConfig: dict(img_size=48, patch_size=1, channels=(64, 128, 256, 512, 1024), attn_levels=(0, 1, 2, 3, 4),
+                          num_heads=1, context_dim=32, time_dim=256, arch="tutorial", attn_dim=16, ff_dim=32),
         DiffusionConfig: dict(min_snr_gamma=0.0),
         # DDPM's own optimiser (Adam 2e-4, warm-up, clipping 1.0, EMA 0.9999), not the tutorial's
         # Adam 1e-3, which collapses this model: the README's "Measured on a GPU" says how it was seen
         TrainConfig: dict(batch_size=400, lr=2e-4, max_steps=30000, warmup_steps=1000, min_lr_ratio=1.0,
                           ema_decay=0.9999, sample_every=10, save_every=10),  # a checkpoint is 2.8 GB here
-        LoraConfig: dict(lora_batch_size=400, lora_steps=3000),
+        # the tutorial's rank 8 on its nine cross-attentions' Wq, Wk, Wv; alpha = r keeps this project's
+        # alpha / r = 1 (the tutorial's alpha 1 scales the update by 1/8: --alpha 1)
+        LoraConfig: dict(r=8, alpha=8.0, lora_batch_size=400, lora_steps=3000),
     },
     "tiny": {
         ModelConfig: dict(channels=(8, 16), num_heads=2, context_tokens=2, context_dim=8,

@@ -14,6 +14,12 @@ Layout (fast preset, 28x28, ``patch_size`` 2, ``channels`` (64, 128)): the image
 -> middle (res, transformer, res) -> the mirrored up path with skip connections -> GroupNorm,
 SiLU, conv_out -> unfolded back to 28x28. Each level after the first halves the resolution;
 ``attn_levels`` says which levels get a transformer block.
+
+``arch="tutorial"`` (the tutorial preset) is the tutorial's network instead: one residual block per
+level at 48, 24, 12, 6 and 3 pixels (channels 64..1024), each followed by a small cross-attention
+to the label (``CrossAttentionBlock``: Wq, Wk, Wv ``attn_dim`` = 16 wide, a feed-forward 32 wide,
+no self-attention), max-pooling on the way down, a 2x2 transposed convolution and one skip per
+level on the way up, no middle block: nine cross-attentions in all.
 """
 from __future__ import annotations
 
@@ -61,22 +67,23 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention; self-attention when ``context`` is None, cross-attention otherwise."""
 
-    def __init__(self, dim, num_heads, context_dim=None):
+    def __init__(self, dim, num_heads, context_dim=None, inner_dim=None):
         super().__init__()
         self.num_heads = num_heads
         context_dim = context_dim or dim
-        self.Wq = nn.Linear(dim, dim, bias=False)
-        self.Wk = nn.Linear(context_dim, dim, bias=False)
-        self.Wv = nn.Linear(context_dim, dim, bias=False)
-        self.Wo = nn.Linear(dim, dim)
+        inner_dim = inner_dim or dim  # width of q, k, v: the block's channels in Stable Diffusion, 16 in the tutorial
+        self.Wq = nn.Linear(dim, inner_dim, bias=False)
+        self.Wk = nn.Linear(context_dim, inner_dim, bias=False)
+        self.Wv = nn.Linear(context_dim, inner_dim, bias=False)
+        self.Wo = nn.Linear(inner_dim, dim)
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        B, L, D = x.shape
+        B, L, _ = x.shape
         H = self.num_heads
-        q = self.Wq(x).view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
-        k = self.Wk(context).view(B, -1, H, D // H).transpose(1, 2)  # (B, H, S, Dh)
-        v = self.Wv(context).view(B, -1, H, D // H).transpose(1, 2)
+        q = self.Wq(x).view(B, L, H, -1).transpose(1, 2)  # (B, H, L, Dh)
+        k = self.Wk(context).view(B, -1, H, q.shape[-1]).transpose(1, 2)  # (B, H, S, Dh)
+        v = self.Wv(context).view(B, -1, H, q.shape[-1]).transpose(1, 2)
         if x.device.type == "cpu":
             # The plain formula: at these sizes (49 tokens) PyTorch's fused CPU kernel is slower, its
             # bf16 backward about 7x slower (bench.py --profile showed it taking a third of a step).
@@ -84,7 +91,7 @@ class Attention(nn.Module):
             out = w.softmax(dim=-1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(Dh)) v, fused
-        return self.Wo(out.transpose(1, 2).reshape(B, L, D))
+        return self.Wo(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, H * Dh) -> (B, L, dim)
 
 
 class TransformerBlock(nn.Module):
@@ -124,24 +131,48 @@ class SpatialTransformer(nn.Module):
         return x + self.proj_out(h)
 
 
+class CrossAttentionBlock(nn.Module):
+    """The tutorial's cross-attention on a feature map: every pixel queries the label tokens.
+
+    Post-norm as in the tutorial (and Vaswani et al. 2017): h = LayerNorm(x + attention(x, context)),
+    then LayerNorm(h + feed-forward(h)); q, k, v are ``attn_dim`` wide, the feed-forward ``ff_dim``
+    (none when 0). No self-attention: the pixels see each other only through the convolutions."""
+
+    def __init__(self, channels, num_heads, context_dim, attn_dim, ff_dim):
+        super().__init__()
+        self.attn = Attention(channels, num_heads, context_dim, attn_dim)
+        self.norm1 = nn.LayerNorm(channels)
+        self.ff = nn.Sequential(nn.Linear(channels, ff_dim), nn.ReLU(), nn.Linear(ff_dim, channels)) if ff_dim else None
+        self.norm2 = nn.LayerNorm(channels) if ff_dim else None
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        h = self.norm1(h + self.attn(h, context))
+        if self.ff is not None:
+            h = self.norm2(h + self.ff(h))
+        return h.transpose(1, 2).reshape(B, C, H, W)
+
+
 class NoAttention(nn.Module):
-    """Stands in for a SpatialTransformer at levels without attention."""
+    """Stands in for an attention block at levels without attention."""
 
     def forward(self, x, context):
         return x
 
 
 class UNetLevel(nn.Module):
-    """Residual blocks, each followed by a transformer block when the level has attention."""
+    """Residual blocks, each followed by an attention block (``attn(channels)``) when ``attn`` is given."""
 
-    def __init__(self, c_ins, c_out, time_dim, attn, num_heads, context_dim, dropout):
+    def __init__(self, c_ins, c_out, time_dim, dropout, attn=None):
         super().__init__()
         self.res = nn.ModuleList(ResBlock(c, c_out, time_dim, dropout) for c in c_ins)
-        self.attn = nn.ModuleList(SpatialTransformer(c_out, num_heads, context_dim) if attn else NoAttention()
-                                  for _ in c_ins)
+        self.attn = nn.ModuleList(attn(c_out) if attn else NoAttention() for _ in c_ins)
 
 
 class UNet(nn.Module):
+    """``cfg.arch`` "sd": Stable Diffusion's layout; "tutorial": the tutorial's (see the module docstring)."""
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -154,11 +185,19 @@ class UNet(nn.Module):
         # patch_size p > 1 folds each p x p patch into channels (space-to-depth, as the patching of
         # Hoogeboom et al. 2023 "simple diffusion" and DiT): p*p fewer positions at every level.
         self.conv_in = nn.Conv2d(cfg.in_channels * cfg.patch_size ** 2, ch[0], 3, padding=1)
+        if cfg.arch == "tutorial":
+            self._build_tutorial(cfg)
+        else:
+            self._build_sd(cfg)
+        self.norm_out = norm(ch[0])
+        self.conv_out = nn.Conv2d(ch[0], cfg.in_channels * cfg.patch_size ** 2, 3, padding=1)
 
-        n = cfg.num_res_blocks
+    def _build_sd(self, cfg):
+        ch, n, td = cfg.channels, cfg.num_res_blocks, cfg.time_dim
 
         def level(c_ins, c_out, i):
-            return UNetLevel(c_ins, c_out, td, i in cfg.attn_levels, cfg.num_heads, cfg.context_dim, cfg.dropout)
+            attn = (lambda c: SpatialTransformer(c, cfg.num_heads, cfg.context_dim)) if i in cfg.attn_levels else None
+            return UNetLevel(c_ins, c_out, td, cfg.dropout, attn)
 
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
@@ -179,8 +218,24 @@ class UNet(nn.Module):
             if i > 0:
                 self.upsample.append(nn.Conv2d(ch[i], ch[i - 1], 3, padding=1))
             c_prev = ch[i] if i == 0 else ch[i - 1]
-        self.norm_out = norm(ch[0])
-        self.conv_out = nn.Conv2d(ch[0], cfg.in_channels * cfg.patch_size ** 2, 3, padding=1)
+
+    def _build_tutorial(self, cfg):
+        """The tutorial's encoder and decoder: no middle block; the deepest level's block is the bottom."""
+        ch, n, td = cfg.channels, cfg.num_res_blocks, cfg.time_dim
+
+        def level(c_ins, c_out, i):
+            attn = ((lambda c: CrossAttentionBlock(c, cfg.num_heads, cfg.context_dim, cfg.attn_dim, cfg.ff_dim))
+                    if i in cfg.attn_levels else None)
+            return UNetLevel(c_ins, c_out, td, cfg.dropout, attn)
+
+        self.down = nn.ModuleList(level([ch[max(i - 1, 0)]] + [c] * (n - 1), c, i) for i, c in enumerate(ch))
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i in reversed(range(len(ch) - 1)):
+            # a 2x2 transposed convolution doubles the size and halves the channels; the skip of the same
+            # size is concatenated to it, so the first block of each level sees 2 * ch[i] channels
+            self.upsample.append(nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2))
+            self.up.append(level([2 * ch[i]] + [ch[i]] * (n - 1), ch[i], i))
 
     def context(self, labels):
         """Labels (B,) -> context tokens (B, context_tokens, context_dim): the "prompt"."""
@@ -191,6 +246,11 @@ class UNet(nn.Module):
         t_emb = self.time_mlp(timestep_embedding(t, self.cfg.time_dim))
         ctx = self.context(labels)
         h = self.conv_in(F.pixel_unshuffle(x, self.cfg.patch_size))
+        body = self._tutorial_body if self.cfg.arch == "tutorial" else self._sd_body
+        h = body(h, t_emb, ctx)
+        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.cfg.patch_size)
+
+    def _sd_body(self, h, t_emb, ctx):
         skips = []
         for i, lvl in enumerate(self.down):
             for res, attn in zip(lvl.res, lvl.attn):
@@ -206,7 +266,21 @@ class UNet(nn.Module):
                 h = attn(h, ctx)
             if i < len(self.upsample):
                 h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.cfg.patch_size)
+        return h
+
+    def _tutorial_body(self, h, t_emb, ctx):
+        skips = []
+        for i, lvl in enumerate(self.down):
+            for res, attn in zip(lvl.res, lvl.attn):
+                h = attn(res(h, t_emb), ctx)
+            if i < len(self.down) - 1:
+                skips.append(h)  # one skip per level, the level's last output
+                h = F.max_pool2d(h, 2)
+        for upsample, lvl in zip(self.upsample, self.up):
+            h = torch.cat([skips.pop(), upsample(h)], dim=1)  # (B, 2 ch[i], H, W)
+            for res, attn in zip(lvl.res, lvl.attn):
+                h = attn(res(h, t_emb), ctx)
+        return h
 
 
 def count_parameters(module, trainable_only=False):
