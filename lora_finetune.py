@@ -1,14 +1,17 @@
 """Fine-tune a LoRA adapter on the attention projections of a trained UNet; the base stays frozen.
 
-    python lora_finetune.py                        # italic digits on top of out/ckpt.pt -> out/lora.pt
-    python lora_finetune.py --style bold --r 8 --alpha 8 --targets Wq,Wk,Wv,Wo
+    python lora_finetune.py                        # italic digits on top of out/ckpt.pt -> out/lora/
+    python lora_finetune.py --style bold --r 8 --alpha 8 --targets Wq,Wk,Wv,Wo --out out/bold
     python lora_finetune.py --style none           # the tutorial's setting: same data, no visible change
-    python lora_finetune.py --resume               # carry on from out/lora.pt
+    python lora_finetune.py --resume               # carry on from out/lora/ (its training_state.pt)
+    python lora_finetune.py --full --lora-lr 1e-4  # every weight instead -> out/full.pt, a base checkpoint
     torchrun --nproc_per_node=2 lora_finetune.py   # only the LoRA parameters are synchronised
 
-The adapter file holds only the lora_ tensors, r, alpha, targets and a fingerprint of the base
-weights it was trained on (plus its optimizer state, for --resume): a few hundred KB next to a
-base checkpoint of tens of MB. ``python denoise.py --lora --merge`` uses it.
+The adapter is a folder in PEFT's layout (adapter.py): adapter_model.safetensors with only the
+lora_ tensors and, in its header, the fingerprint of the base weights it was trained on, beside
+adapter_config.json (r, alpha, targets): tens of KB next to a base checkpoint of tens of MB.
+The optimizer state and RNG for --resume go into training_state.pt beside them, never into the
+shared file. ``python denoise.py --lora --merge`` uses it.
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ import time
 
 import torch
 
-from adapter import load_adapter, save_adapter
-from checkpoint import load_for_sampling
+from adapter import DEFAULT_ADAPTER, adapter_size, check_output_folder, load_adapter, load_training_state, save_adapter
+from checkpoint import CHECKPOINT_VERSION, load_for_sampling, save_checkpoint
 from config import CLIError, LoraConfig, TrainConfig, add_config_args, add_preset_arg, config_from_args, run_main
 from dataset import apply_style, ink, slant, to_model_range
 from lora import add_lora, apply_adapter, mark_only_lora_as_trainable
@@ -30,6 +33,7 @@ from trainer import Hooks, Loop, TrainData, fit, load_dataset_distributed, lora_
 
 # the training flags that make sense for a fine-tune (the rest come from LoraConfig)
 SHARED_TRAIN_FLAGS = ("dataset", "data_dir", "seed", "device", "precision", "label_drop", "batch_scope")
+FULL_DEFAULT = os.path.join("out", "full.pt")
 LORA_GRAD_CLIP = 1.0  # max gradient norm of the LoRA tensors, as for the base model
 
 
@@ -38,7 +42,10 @@ def parse_args(argv):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_preset_arg(p)
     p.add_argument("--ckpt", default=os.path.join("out", "ckpt.pt"), help="base checkpoint from train.py")
-    p.add_argument("--out", default=os.path.join("out", "lora.pt"), help="where the adapter is written")
+    p.add_argument("--out", default=None, help=f"the adapter folder (default {DEFAULT_ADAPTER}; with --full "
+                   f"{FULL_DEFAULT})")
+    p.add_argument("--full", action="store_true", help="fine-tune every weight instead of an adapter and write a "
+                   "base checkpoint (what lora_tools.py extract takes)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="base weights to adapt")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="ADAPTER",
                    help="continue from ADAPTER (default: --out) at its saved step")
@@ -62,12 +69,20 @@ def main(argv=None):
 
 def finetune(args):
     adapter = None
+    if args.full and args.resume is not None:
+        raise CLIError("--full cannot --resume: a full fine-tune is short; run it again")
+    args.out = args.out or (FULL_DEFAULT if args.full else DEFAULT_ADAPTER)
+    if not args.full:
+        check_output_folder(args.out)
     if args.resume is not None:
         adapter = load_adapter(args.resume or args.out)
+        state = load_training_state(args.resume or args.out)
+        # the state's own copy of the tensors: always the ones its optimizer state belongs to
+        adapter = dict(adapter, lora=state["lora"], **{k: state[k] for k in ("optimizer", "rng", "step")})
         check_resume_flags(args, adapter)
         # the adapter's own settings, not the preset's; flags given now (say --lora-steps) still win
-        lcfg = config_from_args(args, LoraConfig, saved=adapter["config"])
-        tcfg = config_from_args(args, TrainConfig, saved=adapter["train_config"])
+        lcfg = config_from_args(args, LoraConfig, saved=state["config"])
+        tcfg = config_from_args(args, TrainConfig, saved=state["train_config"])
     else:
         lcfg = config_from_args(args, LoraConfig, args.preset)
         tcfg = config_from_args(args, TrainConfig, args.preset)
@@ -77,6 +92,8 @@ def finetune(args):
     log = rank0_logger(dist_info)
 
     def attach(model, fingerprint):
+        if args.full:
+            return
         if adapter is not None:
             apply_adapter(model, adapter, fingerprint)
         else:
@@ -86,7 +103,11 @@ def finetune(args):
 
     pipe = load_for_sampling(args.ckpt, device, args.weights, attach)
     model, diffusion, fingerprint = pipe.model, pipe.diffusion, pipe.fingerprint
-    trainable, total = mark_only_lora_as_trainable(model)
+    if args.full:
+        model.requires_grad_(True)
+        trainable = total = sum(p.numel() for p in model.parameters())
+    else:
+        trainable, total = mark_only_lora_as_trainable(model)
     opt = make_optimizer(model.parameters(), lcfg.lora_lr, 0.0, device)
 
     local_batch, global_batch = per_rank_batch(lcfg.lora_batch_size, tcfg.batch_scope, dist_info.world)
@@ -119,12 +140,22 @@ def finetune(args):
         f"lr {lcfg.lora_lr}, steps {step}->{lcfg.lora_steps}, device {device}, {precision}")
 
     def save(epoch, step):
-        if dist_info.main:
-            save_adapter(args.out, model, lcfg.r, lcfg.alpha, lcfg.targets, fingerprint,
-                         optimizer=opt.state_dict(), step=step, epoch=epoch,
-                         rng={"noise": train_data.gen.get_state(), "torch": torch.get_rng_state()},
-                         config=dataclasses.asdict(lcfg), train_config=dataclasses.asdict(tcfg), style=lcfg.style,
-                         base_config=pipe.ckpt["config"], data_size=pipe.data_size)
+        if not dist_info.main:
+            return
+        if args.full:
+            # a base checkpoint that load_model reads; no EMA is kept, so "ema" holds the weights too
+            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            save_checkpoint({"version": CHECKPOINT_VERSION, "kind": "base", "model": weights, "ema": weights,
+                             "step": step, "epoch": epoch, "config": pipe.ckpt["config"], "data_size": pipe.data_size,
+                             "fine_tune": {"base_fingerprint": fingerprint, "style": lcfg.style,
+                                           "config": dataclasses.asdict(lcfg)}}, args.out)
+            return
+        save_adapter(args.out, model, lcfg.r, lcfg.alpha, lcfg.targets, fingerprint, style=lcfg.style,
+                     dropout=lcfg.lora_dropout,
+                     training_state={"optimizer": opt.state_dict(), "step": step, "epoch": epoch,
+                                     "rng": {"noise": train_data.gen.get_state(), "torch": torch.get_rng_state()},
+                                     "config": dataclasses.asdict(lcfg), "train_config": dataclasses.asdict(tcfg),
+                                     "base_config": pipe.ckpt["config"], "data_size": pipe.data_size})
 
     start = time.time()
     loop = Loop(max_steps=lcfg.lora_steps, lr_fn=lambda s: lora_lr_at(s, lcfg), grad_clip=LORA_GRAD_CLIP,
@@ -133,8 +164,9 @@ def finetune(args):
                 lr_flag="--lora-lr")
     hooks = Hooks(on_epoch_end=lambda e, s, last: save(e, s), on_interrupt=save)
     step, running = fit(fwd_model, opt, diffusion, train_data, loop, step, hooks)
-    size = os.path.getsize(args.out) if dist_info.main else 0
-    log(f"lora: done, {step} steps in {(time.time() - start) / 60:.1f} min, loss {running:.4f}; adapter "
+    size = adapter_size(args.out) if dist_info.main else 0
+    log(f"lora: done, {step} steps in {(time.time() - start) / 60:.1f} min, loss {running:.4f}; "
+        f"{'full fine-tune' if args.full else 'adapter'} "
         f"{args.out} ({size / 1024:.0f} KB, base checkpoint {os.path.getsize(args.ckpt) / 2**20:.1f} MB)")
     return args.out
 

@@ -66,9 +66,9 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_adapter(tmp_path_factory, tiny_ckpt):
-    """Path of an adapter from ``lora_finetune.py --preset tiny`` on ``tiny_ckpt`` (4 steps, italic)."""
+    """Path of an adapter folder from ``lora_finetune.py --preset tiny`` on ``tiny_ckpt`` (4 steps, italic)."""
     import lora_finetune
 
-    out = tmp_path_factory.mktemp("tiny_lora") / "lora.pt"
+    out = tmp_path_factory.mktemp("tiny_lora") / "lora"
     return lora_finetune.main(["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--ckpt", tiny_ckpt,
                                "--out", str(out)])

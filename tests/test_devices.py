@@ -19,7 +19,7 @@ import lora_finetune
 import runtime
 import train
 from config import CLIError, DiffusionConfig, ModelConfig, config_dict, preset_config
-from adapter import load_adapter, save_adapter
+from adapter import load_adapter, load_training_state, save_adapter
 from checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_model, save_checkpoint, state_fingerprint
 from lora import add_lora, apply_adapter, lora_layers
 from unet import UNet
@@ -143,7 +143,7 @@ def test_cpu_checkpoint_loads_on_cuda(tmp_path, exact_fp32, map_location):
 @needs_cuda
 def test_lora_adapter_crosses_devices(tmp_path, exact_fp32):
     """An adapter trained on the GPU applies to the same base on the CPU, and the reverse."""
-    base_path, ad_path = str(tmp_path / "ckpt.pt"), str(tmp_path / "lora.pt")
+    base_path, ad_path = str(tmp_path / "ckpt.pt"), str(tmp_path / "lora")
     save_base(tiny_model("cpu"), base_path)
     for src, dst in (("cuda", "cpu"), ("cpu", "cuda")):
         model, ckpt = load_model(base_path, src, "ema")
@@ -189,12 +189,12 @@ def test_train_on_cuda_resume_on_cpu_and_lora_resume_on_cuda(tmp_path, restore_t
     assert "steps 2->3" in text, text
     assert load_checkpoint(ckpt_path)["step"] == 3
     # a LoRA fine-tune on the GPU, resumed on the GPU (the adapter is loaded onto cuda)
-    ad_path = str(tmp_path / "lora.pt")
+    ad_path = str(tmp_path / "lora")
     lora = ["--preset", "tiny", "--dataset", "mnist-5k", "--ckpt", ckpt_path, "--out", ad_path, "--device", "cuda"]
     quiet(lora_finetune.main, lora + ["--lora-steps", "1"])
     _, text = quiet(lora_finetune.main, lora + ["--lora-steps", "2", "--resume"])
     assert "steps 1->2" in text, text
-    assert load_checkpoint(ad_path, kind="lora")["step"] == 2
+    assert load_training_state(ad_path)["step"] == 2
     # and both sample on the CPU
     written, _ = quiet(denoise.main, ["--ckpt", ckpt_path, "--lora", ad_path, "--merge", "--device", "cpu",
                                       "--steps", "3", "--frames", "0", "--out-dir", str(tmp_path / "samples")])

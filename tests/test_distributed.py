@@ -26,6 +26,7 @@ import denoise
 import lora_finetune
 import train
 from config import CLIError, ModelConfig
+from adapter import load_adapter, load_training_state
 from checkpoint import load_checkpoint
 from runtime import Dist, per_rank_batch
 from trainer import draw_batch_noise, epoch_batches
@@ -251,8 +252,8 @@ def lora_runs(single_run, tmp_path_factory):
     """A LoRA step on the single-process base: once in this process, once under torchrun."""
     base = single_run[0] / "ckpt.pt"
     s_dir, d_dir = tmp_path_factory.mktemp("lora_single"), tmp_path_factory.mktemp("lora_ddp")
-    s_text = run_inprocess(lora_finetune.main, lora_args(base, s_dir / "lora.pt", 1))
-    logs = run_torchrun("lora_finetune.py", lora_args(base, d_dir / "lora.pt", 1),
+    s_text = run_inprocess(lora_finetune.main, lora_args(base, s_dir / "lora", 1))
+    logs = run_torchrun("lora_finetune.py", lora_args(base, d_dir / "lora", 1),
                         tmp_path_factory.mktemp("lora_logs"))
     return base, (s_dir, s_text), (d_dir, logs)
 
@@ -266,11 +267,11 @@ def assert_adapters_close(a, b, atol=1e-5):
 @pytest.mark.slow
 def test_lora_ddp_one_step_equals_single_process(lora_runs):
     _, (s_dir, s_text), (d_dir, logs) = lora_runs
-    single = load_checkpoint(str(s_dir / "lora.pt"), kind="lora")
-    multi = load_checkpoint(str(d_dir / "lora.pt"), kind="lora")
+    single, multi = load_training_state(s_dir / "lora"), load_training_state(d_dir / "lora")
     assert single["step"] == multi["step"] == 1
-    assert single["base_fingerprint"] == multi["base_fingerprint"]
+    assert load_adapter(s_dir / "lora")["base_fingerprint"] == load_adapter(d_dir / "lora")["base_fingerprint"]
     assert set(single) == set(multi)
+    assert_adapters_close(load_adapter(s_dir / "lora"), load_adapter(d_dir / "lora"))
     assert_adapters_close(single, multi)
     for i, st in single["optimizer"]["state"].items():  # the LoRA gradients (Adam's exp_avg)
         torch.testing.assert_close(multi["optimizer"]["state"][i]["exp_avg"], st["exp_avg"], rtol=1e-4, atol=1e-9)
@@ -282,11 +283,12 @@ def test_lora_ddp_one_step_equals_single_process(lora_runs):
 @pytest.mark.slow
 def test_lora_ddp_only_rank0_writes_and_adapter_samples(lora_runs, tmp_path):
     base, _, (d_dir, logs) = lora_runs
-    assert files_under(d_dir) == ["lora.pt"]
+    assert files_under(d_dir) == ["lora/adapter_config.json", "lora/adapter_model.safetensors",
+                                  "lora/training_state.pt"]
     assert "2 process(es) x batch 8 = global batch 16" in logs[0]["stdout"]
     assert logs[1]["stdout"] == "", f"rank 1 printed:\n{logs[1]['stdout']}"
     assert not re.search(r"lora|it/s|\d+%\|", logs[1]["stderr"]), f"rank 1 printed:\n{logs[1]['stderr']}"
-    written = denoise.main(["--ckpt", str(base), "--lora", str(d_dir / "lora.pt"), "--merge",
+    written = denoise.main(["--ckpt", str(base), "--lora", str(d_dir / "lora"), "--merge",
                             "--out-dir", str(tmp_path), "--steps", "3", "--device", "cpu", "--frames", "0"])
     assert all(os.path.exists(p) for p in written)
 
@@ -295,12 +297,12 @@ def test_lora_ddp_only_rank0_writes_and_adapter_samples(lora_runs, tmp_path):
 def test_lora_ddp_resume_continues_from_saved_step(lora_runs, tmp_path):
     """Resumed under torchrun from step 1 to 2 == two steps in one process (the LoRA gradients are all real)."""
     base, _, (d_dir, _) = lora_runs
-    resumed = tmp_path / "resumed.pt"
-    shutil.copyfile(d_dir / "lora.pt", resumed)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(d_dir / "lora", resumed)
     logs = run_torchrun("lora_finetune.py", lora_args(base, resumed, 2) + ["--resume"], tmp_path / "logs")
     assert "steps 1->2" in logs[0]["stdout"]
-    straight = tmp_path / "straight.pt"
+    straight = tmp_path / "straight"
     run_inprocess(lora_finetune.main, lora_args(base, straight, 2))
-    a, b = load_checkpoint(str(resumed), kind="lora"), load_checkpoint(str(straight), kind="lora")
+    a, b = load_training_state(resumed), load_training_state(straight)
     assert a["step"] == b["step"] == 2
     assert_adapters_close(b, a)

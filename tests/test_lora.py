@@ -3,7 +3,9 @@
 Every equivalence is checked with lora_b set to non-zero values: with the initial B = 0 the
 update is zero and merged == unmerged == base would hold even for a broken implementation.
 """
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -12,8 +14,8 @@ import torch.nn as nn
 import lora_finetune
 from config import LoraConfig, ModelConfig, preset_config
 from dataset import apply_style, ink, load_dataset, slant
-from adapter import load_adapter, save_adapter
-from checkpoint import save_checkpoint, state_fingerprint
+from adapter import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, adapter_size, load_adapter, load_training_state, save_adapter
+from checkpoint import state_fingerprint
 from lora import (LoraError, LoraLayer, add_lora, apply_adapter, lora_layers, lora_state_dict,
                   mark_only_lora_as_trainable, merge_lora, set_lora_scale, unmerge_lora)
 from unet import Attention, UNet
@@ -188,7 +190,7 @@ def test_only_lora_parameters_change_during_training():
 
 # ------------------------------------------------------------------ adapter files
 
-def saved_adapter(tmp_path, model=None, name="adapter.pt"):
+def saved_adapter(tmp_path, model=None, name="adapter"):
     """A tiny model with a randomised adapter, saved; returns (model, path, fingerprint of its base)."""
     model = model or tiny_model()
     fingerprint = state_fingerprint(model.state_dict())
@@ -211,19 +213,27 @@ def test_adapter_round_trip_onto_a_fresh_base(tmp_path):
     assert adapter["base_fingerprint"] == fingerprint and adapter["path"] == path
 
 
-def test_adapter_file_holds_only_lora_tensors_and_is_small(tmp_path, tiny_ckpt):
+def test_adapter_folder_holds_only_lora_tensors_and_is_small(tmp_path, tiny_ckpt):
+    from safetensors import safe_open
+
     model, path, fingerprint = saved_adapter(tmp_path)
-    raw = torch.load(path, weights_only=True)
-    assert set(raw) == {"version", "kind", "lora", "r", "alpha", "targets", "base_fingerprint"}
-    assert raw["kind"] == "lora" and raw["r"] == 2 and raw["alpha"] == 2.0
-    assert raw["targets"] == list(DEFAULT_TARGETS) and raw["base_fingerprint"] == fingerprint
-    assert set(raw["lora"]) == set(lora_state_dict(model))
-    assert len(raw["lora"]) == 36 and all(k.split(".")[-1] in ("lora_a", "lora_b") for k in raw["lora"])
-    assert os.path.getsize(path) * 5 < os.path.getsize(tiny_ckpt)
+    assert sorted(os.listdir(path)) == [CONFIG_NAME, WEIGHTS_NAME]  # no training state unless asked for
+    cfg = json.load(open(os.path.join(path, CONFIG_NAME)))
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 2.0
+    assert cfg["target_modules"] == list(DEFAULT_TARGETS) and cfg["use_rslora"] is False
+    with safe_open(os.path.join(path, WEIGHTS_NAME), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+        a = f.get_tensor("base_model.model.mid_attn.block.attn2.Wk.lora_A.weight")
+    assert len(keys) == 36 and all(k.startswith("base_model.model.") for k in keys)
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert meta["mnist_sd.base_fingerprint"] == fingerprint and meta["mnist_sd.format_version"] == "2"
+    assert torch.equal(a, lora_layers(model)["mid_attn.block.attn2.Wk"].lora_a.T)  # PEFT's (r, in)
+    assert set(load_adapter(path)["lora"]) == set(lora_state_dict(model))
+    assert adapter_size(path) * 5 < os.path.getsize(tiny_ckpt)
 
 
 def test_missing_adapter_raises_lora_error(tmp_path):
-    path = tmp_path / "none.pt"
+    path = tmp_path / "none"
     with pytest.raises(LoraError, match="not found") as e:
         load_adapter(str(path))
     assert str(path) in str(e.value)
@@ -231,10 +241,15 @@ def test_missing_adapter_raises_lora_error(tmp_path):
 
 def test_corrupt_adapter_raises_lora_error(tmp_path):
     _, path, _ = saved_adapter(tmp_path)
-    data = open(path, "rb").read()
-    with open(path, "wb") as f:
+    weights = os.path.join(path, WEIGHTS_NAME)
+    data = open(weights, "rb").read()
+    with open(weights, "wb") as f:
         f.write(data[: len(data) // 2])
     with pytest.raises(LoraError, match="truncated or corrupt"):
+        load_adapter(path)
+    with open(weights, "wb") as f:  # one flipped bit in the tensor data: only the content hash sees it
+        f.write(data[:-9] + bytes([data[-9] ^ 1]) + data[-8:])
+    with pytest.raises(LoraError, match="corrupt: content hash differs"):
         load_adapter(path)
 
 
@@ -257,18 +272,23 @@ def test_adapter_for_another_base_needs_force(tmp_path):
         assert torch.equal(layer.lora_b, lora_layers(model)[name].lora_b)
 
 
+def edit_config(path, **changes):
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    cfg = json.load(open(cfg_path))
+    cfg.update(changes)
+    json.dump(cfg, open(cfg_path, "w"))
+
+
 def test_adapter_whose_rank_disagrees_with_its_tensors_is_refused(tmp_path):
     _, path, _ = saved_adapter(tmp_path)
-    raw = torch.load(path, weights_only=True)
-    save_checkpoint({**raw, "r": 3}, path)
+    edit_config(path, r=3)
     with pytest.raises(LoraError, match="inconsistent with r=3"):
         load_adapter(path)
 
 
 def test_adapter_with_other_targets_than_its_tensors_is_refused(tmp_path):
     _, path, fingerprint = saved_adapter(tmp_path)
-    raw = torch.load(path, weights_only=True)
-    save_checkpoint({**raw, "targets": ["Wq"]}, path)
+    edit_config(path, target_modules=["Wq"])
     with pytest.raises(LoraError, match=r"does not match targets \['Wq'\].*unexpected \[.*Wk") as e:
         apply_adapter(tiny_model(), load_adapter(path), fingerprint)
     assert "missing []" in str(e.value)
@@ -287,10 +307,11 @@ def test_finetune_adapter_matches_its_base(tiny_ckpt, tiny_adapter):
     base = torch.load(tiny_ckpt, weights_only=True)
     ad = load_adapter(tiny_adapter)
     assert ad["base_fingerprint"] == state_fingerprint(base["ema"])
-    assert ad["step"] == preset_config(LoraConfig, "tiny").lora_steps
+    assert load_training_state(tiny_adapter)["step"] == preset_config(LoraConfig, "tiny").lora_steps
     assert ad["r"] == 2 and ad["targets"] == list(DEFAULT_TARGETS) and ad["style"] == "italic"
     assert any(torch.count_nonzero(v) for k, v in ad["lora"].items() if k.endswith("lora_b"))  # it learned
-    assert os.path.getsize(tiny_adapter) * 5 < os.path.getsize(tiny_ckpt)
+    assert adapter_size(tiny_adapter) * 5 < os.path.getsize(tiny_ckpt)
+    assert os.path.exists(os.path.join(tiny_adapter, STATE_NAME))  # beside the shared files, not in them
 
 
 def run_finetune(ckpt, out, *extra):
@@ -299,12 +320,11 @@ def run_finetune(ckpt, out, *extra):
 
 
 def test_finetune_resume_continues_bit_identically(tmp_path, tiny_ckpt):
-    run_finetune(tiny_ckpt, tmp_path / "straight.pt", "--lora-steps", "4")
-    run_finetune(tiny_ckpt, tmp_path / "split.pt", "--lora-steps", "2")
-    run_finetune(tiny_ckpt, tmp_path / "split.pt", "--resume", "--lora-steps", "4")
-    a = torch.load(tmp_path / "straight.pt", weights_only=True)
-    b = torch.load(tmp_path / "split.pt", weights_only=True)
-    assert a["step"] == b["step"] == 4
+    run_finetune(tiny_ckpt, tmp_path / "straight", "--lora-steps", "4")
+    run_finetune(tiny_ckpt, tmp_path / "split", "--lora-steps", "2")
+    run_finetune(tiny_ckpt, tmp_path / "split", "--resume", "--lora-steps", "4")
+    a, b = load_adapter(tmp_path / "straight"), load_adapter(tmp_path / "split")
+    assert load_training_state(tmp_path / "straight")["step"] == load_training_state(tmp_path / "split")["step"] == 4
     for k in a["lora"]:
         assert torch.equal(a["lora"][k], b["lora"][k]), k
 
@@ -313,15 +333,15 @@ def test_finetune_resume_continues_bit_identically(tmp_path, tiny_ckpt):
                                               ("--style", "bold", "italic")])
 def test_finetune_resume_with_contradicting_flags_exits_2(tmp_path, tiny_ckpt, tiny_adapter, capsys, flag, value,
                                                          saved):
-    out = tmp_path / "lora.pt"
-    out.write_bytes(open(tiny_adapter, "rb").read())
-    before = out.read_bytes()
+    out = tmp_path / "lora"
+    shutil.copytree(tiny_adapter, out)
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
     with pytest.raises(SystemExit) as e:
         run_finetune(tiny_ckpt, out, "--resume", flag, value)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "contradicts adapter" in err and f"(trained with {saved})" in err
-    assert out.read_bytes() == before
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
 
 
 @pytest.mark.parametrize("args,message", [
@@ -330,7 +350,7 @@ def test_finetune_resume_with_contradicting_flags_exits_2(tmp_path, tiny_ckpt, t
     (["--style", "wavy"], "style must be one of none, italic, bold"),
 ])
 def test_finetune_bad_flags_exit_2(tmp_path, tiny_ckpt, capsys, args, message):
-    out = tmp_path / "lora.pt"
+    out = tmp_path / "lora"
     with pytest.raises(SystemExit) as e:
         run_finetune(tiny_ckpt, out, *args)
     assert e.value.code == 2
@@ -341,7 +361,7 @@ def test_finetune_bad_flags_exit_2(tmp_path, tiny_ckpt, capsys, args, message):
 
 def test_finetune_on_a_missing_base_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        run_finetune(tmp_path / "no_ckpt.pt", tmp_path / "lora.pt")
+        run_finetune(tmp_path / "no_ckpt.pt", tmp_path / "lora")
     assert e.value.code == 2
     assert "not found" in capsys.readouterr().err
 

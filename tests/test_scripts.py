@@ -17,6 +17,7 @@ from PIL import Image
 import denoise
 import lora_finetune
 import train
+from adapter import adapter_size, load_adapter, write_adapter
 from checkpoint import state_fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,14 +145,14 @@ def test_diverged_training_stops_before_overwriting_the_checkpoint(tiny_ckpt, tm
 
 
 def test_diverged_lora_stops_before_overwriting_the_adapter(tiny_ckpt, tiny_adapter, tmp_path, capsys):
-    adapter = tmp_path / "lora.pt"
-    shutil.copyfile(tiny_adapter, adapter)
-    before = adapter.read_bytes()
+    adapter = tmp_path / "lora"
+    shutil.copytree(tiny_adapter, adapter)
+    before = {n: (adapter / n).read_bytes() for n in os.listdir(adapter)}
     expect_diverged(lora_finetune.main, ["--ckpt", tiny_ckpt, "--resume", str(adapter), "--out", str(adapter),
                                          "--lora-lr", "1e10", "--lora-steps", "12", "--device", "cpu",
                                          "--precision", "fp32"], capsys, "--lora-lr")
-    assert adapter.read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["lora.pt"]
+    assert {n: (adapter / n).read_bytes() for n in os.listdir(adapter)} == before
+    assert sorted(os.listdir(tmp_path)) == ["lora"]
 
 
 # ------------------------------------------------------------------ bad command lines
@@ -237,15 +238,14 @@ def test_denoise_truncated_checkpoint_exits_2(tiny_ckpt, tmp_path, capsys):
 
 def test_denoise_bad_adapters_exit_2(tiny_ckpt, tiny_adapter, tmp_path, capsys):
     base = ["--ckpt", str(tiny_ckpt), "--out-dir", str(tmp_path / "out"), "--steps", "2", "--frames", "0"]
-    missing = tmp_path / "no_lora.pt"
+    missing = tmp_path / "no_lora"
     err = expect_exit_2(denoise.main, base + ["--lora", str(missing)], capsys)
     assert f"LoRA adapter '{missing}' not found" in err and "lora_finetune.py" in err
     err = expect_exit_2(denoise.main, base + ["--lora", str(tiny_ckpt)], capsys)
     assert "not a LoRA adapter" in err
     # an adapter trained on another base: refused, unless --force
-    other = dict(torch.load(tiny_adapter, weights_only=True), base_fingerprint="0123456789abcdef")
-    other_path = tmp_path / "other.pt"
-    torch.save(other, other_path)
+    other_path = tmp_path / "other"
+    write_adapter(other_path, dict(load_adapter(tiny_adapter), base_fingerprint="0123456789abcdef"))
     err = expect_exit_2(denoise.main, base + ["--lora", str(other_path)], capsys)
     assert "trained on base 0123456789abcdef" in err and "--force" in err
     assert not (tmp_path / "out" / "lora_samples.png").exists()
@@ -271,10 +271,9 @@ def test_train_lora_denoise_pipeline(tmp_path):
     check_ok(run_script("train.py", "--preset", "tiny", "--out-dir", out, cwd=tmp_path))
     ckpt = out / "ckpt.pt"
     assert (out / "config.json").exists() and (out / "samples" / "final.png").exists()
-    check_ok(run_script("lora_finetune.py", "--preset", "tiny", "--ckpt", ckpt, "--out", out / "lora.pt",
-                        cwd=tmp_path))
-    proc = run_script("denoise.py", "--ckpt", ckpt, "--out-dir", out, "--steps", "5", "--lora", out / "lora.pt",
-                      "--merge", cwd=tmp_path)
+    # the defaults, as the quick start runs them: out/ckpt.pt -> out/lora/ -> denoise.py --lora --merge
+    check_ok(run_script("lora_finetune.py", "--preset", "tiny", cwd=tmp_path))
+    proc = run_script("denoise.py", "--steps", "5", "--lora", "--merge", cwd=tmp_path)
     check_ok(proc)
     assert "merged" in proc.stdout
     for name, size in (("lora_samples.png", grid_size(10, 1)), ("lora_scale_sweep.png", grid_size(5, 10))):
@@ -286,9 +285,9 @@ def test_train_lora_denoise_pipeline(tmp_path):
         assert npz["images"].shape == (10, 28, 28) and npz["images"].dtype == np.uint8
         assert npz["labels"].tolist() == list(range(10))
     base = torch.load(ckpt, map_location="cpu", weights_only=True)
-    adapter = torch.load(out / "lora.pt", map_location="cpu", weights_only=True)
+    adapter = load_adapter(out / "lora")
     assert adapter["base_fingerprint"] == state_fingerprint(base["ema"])
-    assert os.path.getsize(out / "lora.pt") * 5 < os.path.getsize(ckpt)
+    assert adapter_size(out / "lora") * 5 < os.path.getsize(ckpt)
     # the base pipeline too, from the defaults' point of view: out/ under the working directory
     check_ok(run_script("denoise.py", "--steps", "5", "--frames", "0", cwd=tmp_path))
     assert (out / "samples.png").exists() and (out / "samples.npz").exists()
@@ -309,15 +308,15 @@ def test_scripts_fail_cleanly_as_processes(tmp_path):
 @pytest.mark.slow
 def test_scripts_import_without_side_effects(tmp_path):
     """No work at import time: importing each script creates no files and prints nothing."""
-    code = ("import train, lora_finetune, denoise, evaluate, bench, runtime, checkpoint, trainer, adapter, dataset, "
-            "diffusion, unet, lora, config")
+    code = ("import train, lora_finetune, denoise, evaluate, bench, lora_tools, runtime, checkpoint, trainer, adapter, "
+            "dataset, diffusion, unet, lora, config")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and os.listdir(tmp_path) == []
 
 
-SCRIPTS = ("train", "lora_finetune", "denoise", "evaluate", "bench")
+SCRIPTS = ("train", "lora_finetune", "denoise", "evaluate", "bench", "lora_tools")
 
 
 def test_no_module_imports_a_script():
