@@ -2,8 +2,9 @@
 
     python denoise.py                              # labels 0..9 from out/ckpt.pt (EMA weights)
     python denoise.py --labels 3,3,7 --n-per-label 4 --sampler ddpm --guidance 3
-    python denoise.py --lora --merge               # + out/lora.pt, merged into the weights
+    python denoise.py --lora --merge               # + the adapter in out/lora/, merged into the weights
     python denoise.py --lora --lora-scale 0.5      # half the adapter's effect, unmerged
+    python denoise.py --lora out/italic:0.8 --lora out/bold:0.5   # two adapters, each at its own weight
 
 Writes, in --out-dir (default out/), with NAME = samples (or lora_samples with --lora):
     NAME_process.png   the denoising process: one row per label asked for (its first sample),
@@ -20,15 +21,15 @@ import os
 import numpy as np
 import torch
 
-from adapter import load_adapter
+from adapter import DEFAULT_ADAPTER, attach_adapters, load_adapters
 from checkpoint import atomic_write, load_for_sampling
 from config import CLIError, SampleConfig, add_config_args, config_from_args, run_main
 from dataset import save_grid
 from diffusion import generate
-from lora import apply_adapter, merge_lora, set_lora_scale
+from lora import merge_lora, set_lora_scale
 from runtime import add_runtime_args, pick_device, resolve_precision
 
-DEFAULT_LORA = os.path.join("out", "lora.pt")
+DEFAULT_LORA = DEFAULT_ADAPTER
 
 
 def parse_labels(text, num_classes):
@@ -64,8 +65,8 @@ def parse_args(argv):
     add_runtime_args(p)
     p.add_argument("--frames", type=int, default=10, help="columns of the denoising-process figure")
     p.add_argument("--show", action="store_true", help="also open the figures in a window")
-    p.add_argument("--lora", nargs="?", const=DEFAULT_LORA, default=None, metavar="PATH",
-                   help=f"apply a LoRA adapter (default {DEFAULT_LORA})")
+    p.add_argument("--lora", nargs="?", const=DEFAULT_LORA, default=None, action="append", metavar="PATH[:WEIGHT]",
+                   help=f"apply a LoRA adapter (default {DEFAULT_LORA}) at WEIGHT (default 1); repeat for several")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the weights (needs --lora)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the adapter: 0 off, 1 as trained")
     p.add_argument("--force", action="store_true", help="load an adapter trained on another base checkpoint")
@@ -129,11 +130,11 @@ def run(args):
     precision = resolve_precision(args.precision, device)
     # the flags are checked above; the labels and step count need the model, so they are checked
     # right after loading it, before anything samples or writes
-    adapter = load_adapter(args.lora, device) if args.lora else None
+    adapter = load_adapters(args.lora, device) if args.lora else None
 
     def attach(model, fingerprint):
         if adapter is not None:
-            apply_adapter(model, adapter, fingerprint, force=args.force)
+            attach_adapters(model, adapter, fingerprint, force=args.force)
 
     pipe = load_for_sampling(args.ckpt, device, args.weights, attach)
     model, diffusion = pipe.model, pipe.diffusion
@@ -186,7 +187,7 @@ def run(args):
         written.append(proc_path)
     lora_note = ""
     if adapter is not None:
-        lora_note = f", LoRA {args.lora} (scale {args.lora_scale}{', merged' if args.merge else ''})"
+        lora_note = f", LoRA {', '.join(args.lora)} (scale {args.lora_scale}{', merged' if args.merge else ''})"
     steps = scfg.steps if scfg.sampler == "ddim" else diffusion.timesteps
     print(f"denoise: {len(label_t)} samples, {scfg.sampler} {steps} steps, guidance {scfg.guidance}{lora_note}; "
           f"wrote {', '.join(written)}")

@@ -1,7 +1,8 @@
 """Measure sample quality with a reference classifier: conditional accuracy, Frechet distance, slant, ink.
 
     python evaluate.py --ckpt out/ckpt.pt                        # samples 100 per label itself, then scores
-    python evaluate.py --ckpt out/ckpt.pt --lora out/lora.pt     # the same with the adapter (--lora-scale S)
+    python evaluate.py --ckpt out/ckpt.pt --lora out/lora        # the same with the adapter (--lora-scale S)
+    python evaluate.py --ckpt out/ckpt.pt --lora out/italic:0.8 --lora out/bold:0.5   # several, with weights
     python evaluate.py --samples out/samples.npz                 # scores images written by denoise.py
     python evaluate.py --ckpt a.pt b.pt c.pt                     # several checkpoints: + a time-to-quality curve
 
@@ -30,13 +31,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapter import load_adapter
+from adapter import DEFAULT_ADAPTER, attach_adapters, load_adapters
 from checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_write, load_checkpoint, load_for_sampling,
                         save_checkpoint, write_json)
 from config import CLIError, SampleConfig, add_config_args, config_from_args, run_main
 from dataset import apply_style, ink, load_dataset, slant, to_model_range
 from diffusion import generate
-from lora import apply_adapter, set_lora_scale
+from lora import set_lora_scale
 from runtime import add_runtime_args, pick_device, resolve_precision
 
 
@@ -196,7 +197,7 @@ def sample_checkpoint(ckpt_path, args, scfg, device, precision, log=print):
     """Draw n_per_label samples of every label from a checkpoint (+ adapter); returns images, labels, info."""
     def attach(model, fingerprint):
         if args.lora:
-            apply_adapter(model, load_adapter(args.lora, device), fingerprint, force=args.force)
+            attach_adapters(model, load_adapters(args.lora, device), fingerprint, force=args.force)
             set_lora_scale(model, args.lora_scale)
 
     pipe = load_for_sampling(ckpt_path, device, args.weights, attach)
@@ -336,7 +337,9 @@ def parse_args(argv):
     p.add_argument("--n-per-label", type=int, default=100, help="samples per label when sampling a checkpoint")
     p.add_argument("--batch", type=int, default=500, help="images per sampling batch")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
-    p.add_argument("--lora", default=None, help="LoRA adapter to apply to the checkpoint")
+    p.add_argument("--lora", nargs="?", const=DEFAULT_ADAPTER, default=None, action="append", metavar="PATH[:WEIGHT]",
+                   help=f"LoRA adapter to apply to the checkpoint (default {DEFAULT_ADAPTER}) at WEIGHT (default 1); "
+                   "repeat for several")
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--force", action="store_true", help="apply an adapter trained on another base")
     p.add_argument("--style", default=None, choices=["none", "italic", "bold"],
@@ -361,7 +364,7 @@ def run(args):
     precision = resolve_precision(args.precision, device)
     style = args.style
     if style is None:
-        style = load_adapter(args.lora).get("style", "none") if args.lora else "none"
+        style = (load_adapters(args.lora, log=lambda _: None)[0]["style"] or "none") if args.lora else "none"
     dataset = args.dataset
     if dataset is None and args.ckpt:
         dataset = load_checkpoint(args.ckpt[0]).get("dataset", "auto")
@@ -384,7 +387,7 @@ def run(args):
         results.append(result)
         stem = args.name if len(sources) == 1 else f"{args.name}-{os.path.splitext(os.path.basename(path))[0]}"
         os.makedirs(args.out_dir, exist_ok=True)
-        title = f"{path or args.samples}" + (f" + {args.lora} x{args.lora_scale}" if args.lora else "")
+        title = f"{path or args.samples}" + (f" + {', '.join(args.lora)} x{args.lora_scale}" if args.lora else "")
         report_png(result, images, labels, os.path.join(args.out_dir, f"{stem}.png"), title)
         print(f"{title}: accuracy {100 * result['accuracy']:.1f}%, Frechet {result['frechet_distance']:.2f} "
               f"(floor {result['frechet_floor']:.2f}), slant {result['slant']:+.3f} (real "
