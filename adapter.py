@@ -401,6 +401,10 @@ def _load_legacy(path):
     for key in ("lora", "r", "alpha", "targets", "base_fingerprint"):
         if key not in ad:
             raise LoraError(f"adapter {path!r} lacks {key!r}; it is corrupt or from another tool; re-create it")
+    if not isinstance(ad["targets"], (list, tuple)) or not all(isinstance(t, str) for t in ad["targets"]):
+        raise LoraError(f"adapter {path!r}: 'targets' is not a list of layer names; re-create it")
+    if not isinstance(ad["r"], int) or not isinstance(ad["alpha"], (int, float)) or not math.isfinite(ad["alpha"]):
+        raise LoraError(f"adapter {path!r}: r and alpha are not numbers; re-create it")
     lora = ad["lora"]
     if not isinstance(lora, dict) or not lora or not all(isinstance(v, torch.Tensor) for v in lora.values()):
         raise LoraError(f"adapter {path!r}: its 'lora' entry is not a map of tensors; re-create it")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, fields
 
@@ -228,6 +229,9 @@ def run_main(fn, args, cleanup=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first): every file is whole or absent
+        print("\ninterrupted: stopped without finishing; files already written are complete", file=sys.stderr)
+        sys.exit(130)
     finally:
         if cleanup is not None:
             cleanup(ok)
@@ -237,8 +241,20 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
+def finite_float(text):
+    """The type of every float flag: a number, and a finite one (float() accepts nan and inf, no setting does)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _parse_tuple(example):
     item = type(example[0]) if example else str
+    item = finite_float if item is float else item
 
     def parse(text):
         parts = [p for p in text.replace(" ", ",").split(",") if p]
@@ -264,7 +280,8 @@ def add_config_args(parser, cls, skip=()):
             group.add_argument(_flag(f.name), dest=f.name, type=_parse_tuple(default), default=None,
                                metavar="A,B,..", help=help_text)
         else:
-            group.add_argument(_flag(f.name), dest=f.name, type=type(default), default=None, help=help_text)
+            kind = finite_float if isinstance(default, float) else type(default)
+            group.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, help=help_text)
 
 
 def config_from_args(args, cls, preset="fast", saved=None):

@@ -3,11 +3,13 @@
     python train.py                                  # the fast default: a laptop CPU
     python train.py --preset tutorial --device cuda  # the tutorial's sizes, for a GPU
     python train.py --resume                         # carry on from out/ckpt.pt, exactly where it stopped
+    python train.py --out-dir out --overwrite        # start afresh where a checkpoint already is, replacing it
     torchrun --nproc_per_node=2 train.py             # DistributedDataParallel (gloo on CPU, nccl on CUDA)
 
 Writes out/ckpt.pt (model, EMA, optimizer, step, epoch, RNG state and the full config; a plain
 dict that loads with weights_only=True) at the end of every epoch (--save-every) and on Ctrl-C,
-a sample grid per epoch (--sample-every) under out/samples/, and out/config.json.
+a sample grid per epoch (--sample-every) under out/samples/, and out/config.json with the first
+checkpoint (a run that fails before it leaves an earlier run's config.json as it was).
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ import argparse
 import copy
 import dataclasses
 import os
+import shlex
 import shutil
 import time
 
 import torch
 
-from checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_state_strict, save_checkpoint, write_json
+from checkpoint import (CHECKPOINT_VERSION, atomic_write, check_writable_dir, load_checkpoint, load_state_strict,
+                        same_file, save_checkpoint, write_json)
 from config import (CLIError, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig, add_config_args, add_preset_arg,
                     config_dict, config_from_args, preset_config, run_main)
 from dataset import save_grid, to_model_range
@@ -39,6 +43,8 @@ def parse_args(argv):
     add_preset_arg(p)
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="continue from CKPT (default OUT_DIR/ckpt.pt) at its saved step")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh even though OUT_DIR already holds a checkpoint, replacing it")
     add_config_args(p, ModelConfig)
     add_config_args(p, DiffusionConfig)
     add_config_args(p, TrainConfig)
@@ -63,6 +69,7 @@ def main(argv=None):
 def train(args):
     """Parse the settings, build the model, data and optimizer, run the loop, save; returns the checkpoint path."""
     tcfg, mcfg, dcfg, ckpt, resume_path = resolve_configs(args)
+    check_out_dir(tcfg.out_dir, resume_path, args.overwrite)
     dist_info, device = setup_distributed(tcfg.device)
     precision = resolve_precision(tcfg.precision, device)
     enable_tf32(device)
@@ -104,10 +111,7 @@ def train(args):
     out_dir = tcfg.out_dir
     cfg_all = config_dict(mcfg, dcfg, tcfg)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    resume_hint = f"python train.py --resume {ckpt_path} --out-dir {out_dir}"
-    if dist_info.main:
-        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-        write_json(os.path.join(out_dir, "config.json"), cfg_all)
+    resume_hint = f"python train.py --resume {shlex.quote(ckpt_path)} --out-dir {shlex.quote(out_dir)}"
     log(f"train: {data.name} ({len(data)} images, {data_size}x{data_size} -> {mcfg.img_size}), device {device}, "
         f"{precision}, {count_parameters(model) / 1e6:.2f}M parameters, preset {args.preset}")
     log(f"train: {dist_info.world} process(es) x batch {local_batch} = global batch {global_batch}, "
@@ -115,6 +119,7 @@ def train(args):
         f"{train_data.steps_per_epoch} steps per epoch")
 
     start = time.time()
+    config_written = []  # config.json goes with the first checkpoint: a run that fails before it rewrites nothing
 
     def save(epoch, step):
         if not dist_info.main:
@@ -126,8 +131,12 @@ def train(args):
             "config": cfg_all, "dataset": data.name, "data_size": data_size,
             "train_seconds": prior_seconds + time.time() - start,  # wall time of training, across resumes
         }, ckpt_path)
+        if not config_written:
+            write_json(os.path.join(out_dir, "config.json"), cfg_all)
+            config_written.append(True)
         if tcfg.snapshot_every and epoch % tcfg.snapshot_every == 0:
-            shutil.copyfile(ckpt_path, os.path.join(out_dir, f"ckpt_step{step:06d}.pt"))
+            atomic_write(os.path.join(out_dir, f"ckpt_step{step:06d}.pt"),
+                         lambda tmp: shutil.copyfile(ckpt_path, tmp))
 
     def on_epoch_end(epoch, step, last):
         if last or epoch % tcfg.save_every == 0:
@@ -147,6 +156,20 @@ def train(args):
     return ckpt_path
 
 
+def check_out_dir(out_dir, resume_path, overwrite):
+    """Before any work: the folder can be written, and a fresh run does not replace another run's checkpoint."""
+    check_writable_dir(out_dir, "--out-dir")
+    existing = os.path.join(out_dir, "ckpt.pt")
+    if overwrite or not os.path.exists(existing) or resume_path is not None and same_file(resume_path, existing):
+        return
+    if resume_path is None:
+        raise CLIError(f"{existing!r} already exists: continue that run with python train.py --resume "
+                       f"{shlex.quote(existing)} --out-dir {shlex.quote(out_dir)}, start afresh in another "
+                       "--out-dir, or pass --overwrite to replace it")
+    raise CLIError(f"--out-dir {out_dir!r} already holds another run's checkpoint ({existing!r}); continue "
+                   f"{resume_path!r} in another --out-dir, or pass --overwrite to replace it")
+
+
 def resolve_configs(args):
     """The run's configs: from the preset and flags, or on --resume from the checkpoint (flags still win).
 
@@ -157,6 +180,10 @@ def resolve_configs(args):
     out_dir = args.out_dir or preset_config(TrainConfig, args.preset).out_dir
     resume_path = args.resume or os.path.join(out_dir, "ckpt.pt")
     ckpt = load_checkpoint(resume_path)
+    if not (isinstance(ckpt["config"].get("train"), dict) and isinstance(ckpt.get("optimizer"), dict)
+            and isinstance(ckpt.get("rng"), dict) and isinstance(ckpt["rng"].get("noise"), torch.Tensor)):
+        raise CLIError(f"{resume_path!r} lacks the training state --resume needs (optimizer, RNG, settings); "
+                       "it can be sampled from, not continued")
     check_resume_flags(args, ckpt, resume_path)
     saved = ckpt["config"]
     # the run's own settings, not the preset's; training flags given now (say --max-steps) still win
