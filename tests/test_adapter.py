@@ -425,3 +425,22 @@ def test_grid_of_two_adapters(tiny_ckpt, tiny_adapter, tmp_path):
               "--device", "cpu", "--precision", "fp32", "--out", out)
     with Image.open(out) as im:
         assert im.size[0] > 100
+
+
+def test_full_fine_tune_writes_a_base_checkpoint_that_extract_reads(tiny_ckpt, tmp_path, capsys):
+    import lora_finetune
+    from checkpoint import load_model
+
+    full = tmp_path / "full.pt"
+    common = ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--ckpt", tiny_ckpt]
+    lora_finetune.main(common + ["--full", "--out", str(full)])
+    tuned, ckpt = load_model(str(full))
+    base, base_ckpt = load_model(tiny_ckpt)
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert any(k.endswith("Wo.weight") for k in changed) and any(".ff." in k for k in changed)  # every weight trains
+    assert ckpt["fine_tune"]["base_fingerprint"] == state_fingerprint(base_ckpt["ema"])
+    run_tools("extract", "--tuned", full, "--base", tiny_ckpt, "--rank", "2", "--out", tmp_path / "x")
+    assert load_adapter(tmp_path / "x")["base_fingerprint"] == state_fingerprint(base_ckpt["ema"])
+    with pytest.raises(SystemExit) as e:
+        lora_finetune.main(common + ["--full", "--resume", "--out", str(tmp_path / "again.pt")])
+    assert e.value.code == 2 and "--full cannot --resume" in capsys.readouterr().err
