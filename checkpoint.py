@@ -35,6 +35,7 @@ import torch
 
 from config import DiffusionConfig, ModelConfig, UserError
 from diffusion import Diffusion
+from lora import BaseMismatch, LoraError
 from unet import UNet
 
 CHECKPOINT_VERSION = 1
@@ -383,6 +384,15 @@ def load_for_sampling(path, device, weights="ema", apply_adapters=None):
     model, ckpt = load_model(path, device, weights)
     fingerprint = state_fingerprint(ckpt[weights])
     if apply_adapters is not None:
-        apply_adapters(model, fingerprint)
+        try:
+            apply_adapters(model, fingerprint)
+        except BaseMismatch as e:
+            other = "model" if weights == "ema" else "ema"
+            if e.trained_on != state_fingerprint(ckpt[other]):
+                raise
+            names = {"ema": "EMA weights", "model": "raw (non-EMA) weights"}
+            raise LoraError(f"adapter {e.path!r} was trained on this checkpoint's {names[other]}, and --weights "
+                            f"{weights} picks its {names[weights]}, on which the adapter was never trained; "
+                            f"pass --weights {other}") from None
     diffusion = Diffusion.from_config(_config(DiffusionConfig, ckpt["config"]["diffusion"], path)).to(device)
     return Pipeline(model, diffusion, ckpt, fingerprint, ckpt.get("data_size", 28), weights)

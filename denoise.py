@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from adapter import DEFAULT_ADAPTER, attach_adapters, load_adapters
-from checkpoint import atomic_write, load_for_sampling
-from config import CLIError, SampleConfig, add_config_args, config_from_args, run_main
+from checkpoint import atomic_write, check_writable_dir, load_for_sampling
+from config import CLIError, SampleConfig, add_config_args, config_from_args, finite_float, run_main
 from dataset import save_grid
 from diffusion import generate
 from lora import merge_lora, set_lora_scale
@@ -68,7 +68,7 @@ def parse_args(argv):
     p.add_argument("--lora", nargs="?", const=DEFAULT_LORA, default=None, action="append", metavar="PATH[:WEIGHT]",
                    help=f"apply a LoRA adapter (default {DEFAULT_LORA}) at WEIGHT (default 1); repeat for several")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the weights (needs --lora)")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the adapter: 0 off, 1 as trained")
+    p.add_argument("--lora-scale", type=finite_float, default=1.0, help="strength of the adapter: 0 off, 1 as trained")
     p.add_argument("--force", action="store_true", help="load an adapter trained on another base checkpoint")
     add_config_args(p, SampleConfig)
     return p.parse_args(argv)
@@ -126,6 +126,7 @@ def run(args):
         raise CLIError("--merge needs --lora (there is no adapter to merge)")
     if args.lora_scale < 0:
         raise CLIError(f"--lora-scale must be >= 0, got {args.lora_scale}")
+    check_writable_dir(args.out_dir, "--out-dir")
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     # the flags are checked above; the labels and step count need the model, so they are checked

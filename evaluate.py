@@ -32,9 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapter import DEFAULT_ADAPTER, attach_adapters, load_adapters
-from checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_write, load_checkpoint, load_for_sampling,
+from checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_write, check_writable_dir, check_writable_file,
+                        load_checkpoint, load_for_sampling, load_state_strict, same_file,
                         save_checkpoint, write_json)
-from config import CLIError, SampleConfig, add_config_args, config_from_args, run_main
+from config import CLIError, SampleConfig, add_config_args, config_from_args, finite_float, run_main
 from dataset import apply_style, ink, load_dataset, slant, to_model_range
 from diffusion import generate
 from lora import set_lora_scale
@@ -124,21 +125,36 @@ def train_classifier(train, test, epochs=None, seed=0, log=print):
     return model, acc
 
 
+def read_classifier_cache(path):
+    """The classifier cache at ``path``, None when there is none yet; any other file there is refused, never replaced.
+
+    A cache is written only where a cache is (or nothing is): a base checkpoint, an adapter or a
+    damaged file given as --classifier is left as it is, with one error, before any training."""
+    check_writable_file(path, "--classifier")
+    if not os.path.exists(path):
+        return None
+    try:
+        cached = load_checkpoint(path, kind="classifier")
+    except CheckpointError as e:
+        raise CheckpointError(f"--classifier: {e}; it is not a classifier cache, so it is left as it is: pass "
+                              "another --classifier path (or delete the file to retrain)") from None
+    if not (isinstance(cached.get("data_fingerprint"), str) and isinstance(cached.get("model"), dict)
+            and isinstance(cached.get("test_accuracy"), float)):
+        raise CheckpointError(f"--classifier {path!r} lacks the fields of a classifier cache; it is left as it is: "
+                              "pass another --classifier path (or delete the file to retrain)")
+    return cached
+
+
 def get_classifier(train, test, path, log=print):
     """The cached reference classifier for ``train`` (Digits), trained afresh when the cache is for other data."""
     fp = data_fingerprint(train.images, train.labels)
-    if os.path.exists(path):
-        try:
-            cached = load_checkpoint(path, kind="classifier")
-        except CheckpointError as e:
-            log(f"classifier: ignoring unreadable cache ({e}); retraining")
-            cached = None
-        if cached is not None and cached["data_fingerprint"] == fp:
-            model = Classifier(len(train.classes))
-            model.load_state_dict(cached["model"])
-            return model.eval(), cached["test_accuracy"]
-        if cached is not None:
-            log(f"classifier: cache {path} was trained on other data ({cached['dataset']}); retraining")
+    cached = read_classifier_cache(path)
+    if cached is not None and cached["data_fingerprint"] == fp:
+        model = Classifier(len(train.classes))
+        load_state_strict(model, cached["model"], f"classifier cache {path!r}")
+        return model.eval(), cached["test_accuracy"]
+    if cached is not None:
+        log(f"classifier: cache {path} was trained on other data ({cached.get('dataset')}); retraining")
     model, acc = train_classifier(train, test, log=log)
     save_checkpoint({"version": CHECKPOINT_VERSION, "kind": "classifier", "model": model.state_dict(),
                      "dataset": train.name, "data_fingerprint": fp, "train_size": len(train),
@@ -234,13 +250,22 @@ def load_npz(path, num_classes, size):
         raise CLIError(f"{path!r} is not a readable .npz ({e})") from None
     if images.ndim != 3 or images.shape[1:] != (size, size):
         raise CLIError(f"{path!r}: images have shape {images.shape}, expected (N, {size}, {size})")
+    if len(images) == 0:
+        raise CLIError(f"{path!r} holds no samples; there is nothing to score")
     if labels.shape != (len(images),):
         raise CLIError(f"{path!r}: labels have shape {labels.shape}, expected ({len(images)},)")
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+    # only real numbers, and nothing a cast would change: NaN, fractions, imaginary parts, strings
+    if labels.dtype.kind not in "iu":
+        raise CLIError(f"{path!r}: labels must be integers, found dtype {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= num_classes:
         raise CLIError(f"{path!r}: labels must be in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
     if images.dtype != np.uint8:
-        if images.min() < 0 or images.max() > 255:
-            raise CLIError(f"{path!r}: images must be uint8 in 0..255 (found {images.dtype} "
+        if images.dtype.kind not in "iuf":
+            raise CLIError(f"{path!r}: images must be uint8 in 0..255, found dtype {images.dtype}")
+        if images.dtype.kind == "f" and not np.isfinite(images).all():
+            raise CLIError(f"{path!r}: images hold NaN or infinite values; they must be uint8 in 0..255")
+        if images.min() < 0 or images.max() > 255 or (images.dtype.kind == "f" and (images % 1 != 0).any()):
+            raise CLIError(f"{path!r}: images must be whole numbers in 0..255 as uint8 (found {images.dtype} "
                            f"{images.min()}..{images.max()})")
         images = images.astype(np.uint8)
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
@@ -340,7 +365,7 @@ def parse_args(argv):
     p.add_argument("--lora", nargs="?", const=DEFAULT_ADAPTER, default=None, action="append", metavar="PATH[:WEIGHT]",
                    help=f"LoRA adapter to apply to the checkpoint (default {DEFAULT_ADAPTER}) at WEIGHT (default 1); "
                    "repeat for several")
-    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--lora-scale", type=finite_float, default=1.0)
     p.add_argument("--force", action="store_true", help="apply an adapter trained on another base")
     p.add_argument("--style", default=None, choices=["none", "italic", "bold"],
                    help="also report the real data in this style (default: the adapter's style)")
@@ -354,12 +379,28 @@ def main(argv=None):
     return run_main(run, parse_args(argv))
 
 
+def check_outputs(args):
+    """Before any work: the output folder can be written, and no file written is one given to read."""
+    check_writable_dir(args.out_dir, "--out-dir")
+    stems = [args.name] if not args.ckpt or len(args.ckpt) == 1 else [
+        f"{args.name}-{os.path.splitext(os.path.basename(p))[0]}" for p in args.ckpt] + [f"{args.name}-curve"]
+    outputs = [os.path.join(args.out_dir, f"{args.name}.json")] + [os.path.join(args.out_dir, f"{s}.png")
+                                                                   for s in stems]
+    inputs = [p for p in [*(args.ckpt or []), args.samples, args.classifier] if p]
+    for out in outputs:
+        for given in inputs:
+            if same_file(out, given):
+                raise CLIError(f"evaluate would write {out!r}, which is {given!r}, a file given to read; "
+                               "pass another --out-dir or --name")
+
+
 def run(args):
     scfg = config_from_args(args, SampleConfig)
     if args.n_per_label <= 0 or args.batch <= 0:
         raise CLIError("--n-per-label and --batch must be > 0")
     if args.lora and not args.ckpt:
         raise CLIError("--lora needs the base it adapts: pass --ckpt (an adapter alone cannot be sampled)")
+    check_outputs(args)
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     style = args.style

@@ -32,6 +32,14 @@ class LoraError(UserError):
     """An adapter that does not fit the model, or targets that match nothing: the message says what differs."""
 
 
+class BaseMismatch(LoraError):
+    """An adapter trained on other base weights than the ones given; ``trained_on`` is its base's fingerprint."""
+
+    def __init__(self, message, trained_on, path):
+        super().__init__(message)
+        self.trained_on, self.path = trained_on, path
+
+
 class LoraLayer(nn.Module):
     def __init__(self, target_linear_layer, feature_in, feature_out, r, alpha, dropout=0.0):
         super().__init__()
@@ -113,6 +121,19 @@ def _inside_lora(name):
     return name.endswith(".net") or ".net." in name
 
 
+def _lora_shapes(model, targets, r):
+    """{M.lora_a: (in, r), M.lora_b: (r, out)} for every linear layer M that ``targets`` names in ``model``."""
+    shapes = {}
+    for n, m in model.named_modules():
+        if _inside_lora(n) or not any(n == t or n.split(".")[-1] == t for t in targets):
+            continue
+        while isinstance(m, LoraLayer):
+            m = m.net
+        if isinstance(m, nn.Linear):
+            shapes[f"{n}.lora_a"], shapes[f"{n}.lora_b"] = (m.in_features, r), (r, m.out_features)
+    return shapes
+
+
 def lora_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
@@ -140,20 +161,29 @@ def lora_state_dict(model):
 
 # ------------------------------------------------------------ applying adapters
 
-def apply_adapter(model, adapter, base_fingerprint, force=False, name="default", weight=1.0):
+def apply_adapter(model, adapter, base_fingerprint, force=False, name="default", weight=1.0, force_flag="--force"):
     """Inject LoRA as the adapter describes and load its tensors, checking base, keys and shapes.
 
     ``force`` overrides only the base-fingerprint check (an adapter trained on another base
     usually still loads, but its effect is unpredictable); keys and shapes are always checked.
-    On a model that already has adapters this one stacks on top, named ``name`` at ``weight``."""
+    On a model that already has adapters this one stacks on top, named ``name`` at ``weight``.
+    ``force_flag`` is the caller's flag that sets ``force``, named in the messages (None: it has none)."""
     path = adapter.get("path") or "adapter"
-    if adapter["base_fingerprint"] is None and not force:
-        raise LoraError(f"adapter {path!r} does not say which base it was trained on (written by another tool?); "
-                        "pass --force if you know it fits this base")
-    if adapter["base_fingerprint"] != base_fingerprint and not force:
-        raise LoraError(f"adapter {path!r} was trained on base {adapter['base_fingerprint']}, but this base "
-                        f"checkpoint is {base_fingerprint}; pass the base it was trained on, or --force")
     targets = adapter["targets"] or adapter["modules"]
+    # sizes first: an adapter for a base of another size is that, whatever its fingerprint says
+    wrong_size = [f"{k}: {tuple(adapter['lora'][k].shape)} vs {shape}"
+                  for k, shape in _lora_shapes(model, targets, adapter["r"]).items()
+                  if k in adapter["lora"] and tuple(adapter["lora"][k].shape) != shape]
+    if wrong_size:
+        raise LoraError(f"adapter {path!r} was trained on a base of another size: its shapes differ from this "
+                        f"model's: {wrong_size[:3]}; pass the base it was trained on")
+    if adapter["base_fingerprint"] is None and not force:
+        raise LoraError(f"adapter {path!r} does not say which base it was trained on (written by another tool?)"
+                        + (f"; pass {force_flag} if you know it fits this base" if force_flag else ""))
+    if adapter["base_fingerprint"] != base_fingerprint and not force:
+        raise BaseMismatch(f"adapter {path!r} was trained on base {adapter['base_fingerprint']}, but this base "
+                           f"checkpoint is {base_fingerprint}; pass the base it was trained on"
+                           + (f", or {force_flag}" if force_flag else ""), adapter["base_fingerprint"], path)
     linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoraLayer)) and not _inside_lora(n)]
     lacking = [t for t in targets if not any(n == t or n.split(".")[-1] == t for n in linear)]
     if lacking:

@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import time
 
 import torch
 
 from adapter import DEFAULT_ADAPTER, adapter_size, check_output_folder, load_adapter, load_training_state, save_adapter
-from checkpoint import CHECKPOINT_VERSION, load_for_sampling, save_checkpoint
+from checkpoint import (CHECKPOINT_VERSION, CheckpointError, check_writable_dir, check_writable_file, load_checkpoint,
+                        load_for_sampling, same_file, save_checkpoint)
 from config import CLIError, LoraConfig, TrainConfig, add_config_args, add_preset_arg, config_from_args, run_main
 from dataset import apply_style, ink, slant, to_model_range
 from lora import add_lora, apply_adapter, mark_only_lora_as_trainable
@@ -63,6 +65,33 @@ def check_resume_flags(args, adapter):
                            "drop the flag to resume, or write a new adapter with --out")
 
 
+def check_out(args):
+    """Before any work: --out can be written, and is neither the base it reads nor a file of another kind."""
+    if args.full:
+        check_writable_file(args.out, "--out")
+        if same_file(args.out, args.ckpt):
+            raise CLIError(f"--out {args.out!r} is the base checkpoint --ckpt reads; a fine-tune never writes over "
+                           "its input: pass another --out")
+        if os.path.exists(args.out):
+            try:
+                load_checkpoint(args.out)
+            except CheckpointError as e:
+                raise CLIError(f"--out {args.out!r} holds something other than a base checkpoint, so it is left as "
+                               f"it is ({e}); pass another --out") from None
+    else:
+        check_output_folder(args.out)
+        check_writable_dir(args.out, "--out")
+
+
+def resume_hint(args):
+    """The command that continues this fine-tune from what it saved (same base, same weights, same folder)."""
+    if args.full:
+        return "the same command again (a full fine-tune does not resume)"
+    weights = f" --weights {args.weights}" if args.weights != "ema" else ""
+    return (f"python lora_finetune.py --ckpt {shlex.quote(args.ckpt)}{weights} --resume {shlex.quote(args.out)} "
+            f"--out {shlex.quote(args.out)}")
+
+
 def main(argv=None):
     return run_main(finetune, parse_args(argv), cleanup_distributed)
 
@@ -72,8 +101,7 @@ def finetune(args):
     if args.full and args.resume is not None:
         raise CLIError("--full cannot --resume: a full fine-tune is short; run it again")
     args.out = args.out or (FULL_DEFAULT if args.full else DEFAULT_ADAPTER)
-    if not args.full:
-        check_output_folder(args.out)
+    check_out(args)
     if args.resume is not None:
         adapter = load_adapter(args.resume or args.out)
         state = load_training_state(args.resume or args.out)
@@ -95,7 +123,7 @@ def finetune(args):
         if args.full:
             return
         if adapter is not None:
-            apply_adapter(model, adapter, fingerprint)
+            apply_adapter(model, adapter, fingerprint, force_flag=None)  # no --force here: resume on its own base
         else:
             # seeded: A's random init is the same on every run, so torchrun and one process agree
             torch.manual_seed(tcfg.seed)
@@ -160,7 +188,7 @@ def finetune(args):
     start = time.time()
     loop = Loop(max_steps=lcfg.lora_steps, lr_fn=lambda s: lora_lr_at(s, lcfg), grad_clip=LORA_GRAD_CLIP,
                 device=device, precision=precision, desc="lora",
-                resume_hint=f"python lora_finetune.py --ckpt {args.ckpt} --resume {args.out} --out {args.out}",
+                resume_hint=resume_hint(args),
                 lr_flag="--lora-lr")
     hooks = Hooks(on_epoch_end=lambda e, s, last: save(e, s), on_interrupt=save)
     step, running = fit(fwd_model, opt, diffusion, train_data, loop, step, hooks)

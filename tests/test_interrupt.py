@@ -18,6 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 import lora_finetune
 import train
 import trainer
+from adapter import load_adapter
 from dataset import Digits
 from diffusion import Diffusion
 
@@ -227,3 +228,76 @@ def test_train_interrupted_anywhere_resumes_exactly(small_data, tmp_path_factory
     resumed = torch.load(ckpt_path, weights_only=True)
     assert resumed["step"] == STEPS
     assert assert_same_state(straight, resumed, ("model", "ema", "optimizer", "rng")) > 100
+
+
+# ------------------------------------------------------------------ lora_finetune.py
+
+def write_adapter_file(monkeypatch, hit):
+    import safetensors.torch
+    wrap(monkeypatch, safetensors.torch, "save_file", hit)
+
+
+LORA_POINTS = {
+    "drawing the batch": TRAIN_POINTS["drawing the batch"],
+    "inside the forward": inside_forward,
+    "inside the backward": inside_backward,
+    "inside the optimizer step": TRAIN_POINTS["inside the optimizer step"],
+    "after the optimizer step": TRAIN_POINTS["after the optimizer step, before the EMA"],
+    "writing the training state": TRAIN_POINTS["inside the checkpoint write"],
+    "writing the adapter tensors": write_adapter_file,
+}
+LORA_CASES = [(p, 2 if "writing" in p else 3, 1) for p in LORA_POINTS] + [
+    ("inside the backward", 3, 2), ("inside the optimizer step", 5, 2), ("writing the training state", 2, 2),
+    ("writing the adapter tensors", 2, 2)]
+LORA_QUICK = {("inside the backward", 3, 1), ("writing the adapter tensors", 2, 2)}
+LORA_PARAMS = [pytest.param(*case, id=f"{case[0]} #{case[1]} x{case[2]}",
+                            marks=() if case in LORA_QUICK else pytest.mark.slow) for case in LORA_CASES]
+
+
+def lora_argv(base, out, *extra):
+    return ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--lora-steps", str(STEPS), "--ckpt",
+            str(base), "--out", str(out), *extra]
+
+
+def lora_state(out):
+    return torch.load(os.path.join(out, "training_state.pt"), weights_only=True)
+
+
+def reference_lora(tmp_path_factory, base):
+    if "lora" not in _reference:
+        out = tmp_path_factory.mktemp("straight_lora") / "lora"
+        lora_finetune.main(lora_argv(base, out))
+        _reference["lora"] = (lora_state(out), load_adapter(str(out)))
+    return _reference["lora"]
+
+
+@pytest.mark.parametrize("point,at,times", LORA_PARAMS)
+def test_finetune_interrupted_anywhere_resumes_exactly(small_data, tmp_path_factory, tmp_path, tiny_ckpt, monkeypatch,
+                                                       capsys, point, at, times):
+    straight, straight_adapter = reference_lora(tmp_path_factory, tiny_ckpt)
+    out = tmp_path / "lora"
+    hit = Ctrl_C(at, times)
+    with monkeypatch.context() as mp:
+        handle = LORA_POINTS[point](mp, hit)
+        try:
+            with pytest.raises(SystemExit) as e:
+                lora_finetune.main(lora_argv(tiny_ckpt, out))
+        finally:
+            if handle is not None:
+                handle.remove()
+    err = capsys.readouterr().err
+    assert hit.sent and e.value.code == 130, err
+    assert "Traceback" not in err
+    if times == 1:
+        assert f"saved; continue with: python lora_finetune.py --ckpt {tiny_ckpt} --resume {out} --out {out}" in err
+        assert 0 < lora_state(out)["step"] < STEPS
+    if os.path.exists(os.path.join(out, "training_state.pt")):
+        lora_finetune.main(lora_argv(tiny_ckpt, out, "--resume", str(out)))
+    else:
+        lora_finetune.main(lora_argv(tiny_ckpt, out))
+    resumed = lora_state(out)
+    assert resumed["step"] == STEPS
+    assert assert_same_state(straight, resumed, ("lora", "optimizer", "rng")) > 10
+    shared = load_adapter(str(out))
+    assert shared["lora"].keys() == straight_adapter["lora"].keys()
+    assert all(torch.equal(shared["lora"][k], straight_adapter["lora"][k]) for k in shared["lora"])

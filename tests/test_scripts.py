@@ -131,6 +131,7 @@ def expect_diverged(main, argv, capsys, flag):
     assert e.value.code == 1, err
     assert "the loss became nan" in err and "diverged" in err and f"Lower {flag}" in err
     assert "Traceback" not in err
+    return err
 
 
 def test_diverged_training_stops_before_overwriting_the_checkpoint(tiny_ckpt, tmp_path, capsys):
@@ -138,9 +139,11 @@ def test_diverged_training_stops_before_overwriting_the_checkpoint(tiny_ckpt, tm
     shutil.copyfile(tiny_ckpt, ckpt)
     shutil.copyfile(os.path.join(os.path.dirname(tiny_ckpt), "config.json"), tmp_path / "config.json")
     before, config_before = ckpt.read_bytes(), (tmp_path / "config.json").read_bytes()
-    expect_diverged(train.main, ["--resume", "--lr", "1e10", "--max-steps", "12", "--out-dir", str(tmp_path),
-                                 "--device", "cpu", "--precision", "fp32", "--sample-every", "0"], capsys, "--lr")
+    err = expect_diverged(train.main, ["--resume", "--lr", "1e10", "--max-steps", "12", "--out-dir", str(tmp_path),
+                                       "--device", "cpu", "--precision", "fp32", "--sample-every", "0"], capsys, "--lr")
     assert ckpt.read_bytes() == before  # the good weights were not replaced by NaNs
+    # the hint names this run's checkpoint and folder, not the default out/
+    assert f"continue from that checkpoint with: python train.py --resume {ckpt} --out-dir {tmp_path}" in err
     # and what describes the good run still does: config.json is written with a checkpoint, not at start-up
     assert (tmp_path / "config.json").read_bytes() == config_before
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "config.json"]
