@@ -12,9 +12,13 @@ calls, every ratio from this run's own medians (the variants being compared are 
 round after round, so the drift of a shared machine hits all of them alike). A round repeats a
 call until it lasts --min-time, so short calls (a forward pass on a GPU) are timed reliably.
 
-    peak       square matmuls (--matmul-size): fp32, and bf16 where the hardware has it (tf32 on
-               CUDA, fp16 when that is the precision used); GFLOP/s = 2 n^3 / time. Timed in the
-               same rounds as the training steps, so their fraction of peak holds on a busy machine
+    peak       square matmuls (--matmul-size: 8192 on CUDA, 2048 elsewhere): fp32, and bf16 where
+               the hardware has it (tf32 on CUDA, fp16 when that is the precision used); GFLOP/s =
+               2 n^3 / time. Timed in the same rounds as the training steps, so their fraction of
+               peak holds on a busy machine. On CUDA every call is timed with CUDA events after at
+               least two warm-up calls: a 2048^3 bf16 product lasts tens of microseconds on an H100,
+               so the first call's one-time costs and the host's launch latency swamped it (bf16
+               then measured slower than tf32); 8192^3 lasts milliseconds
     train      one optimizer step as train.py runs it (trainer.fit's loop body plus the EMA update),
                in the precision train.py picks (resolve_precision('auto')) and in fp32; FLOPs of
                one forward+backward counted by torch.utils.flop_counter.FlopCounterMode; data wait
@@ -52,7 +56,7 @@ from dataset import DATASETS, load_dataset, to_model_range
 from diffusion import Diffusion, generate
 from lora import add_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
 from runtime import Dist, add_runtime_args, autocast, cpu_has_fast_bf16, enable_tf32, pick_device, resolve_precision
-from trainer import TrainData, ema_update, epoch_batches, make_optimizer, optimizer_step
+from trainer import TrainData, ema_update, epoch_batches, make_optimizer, optimizer_step, precision_probe
 from unet import UNet, count_parameters
 
 BENCH_VERSION = 1
@@ -105,7 +109,8 @@ def parse_args(argv):
     p.add_argument("--min-time", type=_non_negative_float, default=0.2,
                    help="seconds a timed round lasts at least (short calls are repeated within it)")
     p.add_argument("--out", default=os.path.join("out", "bench.json"), help="where the JSON goes")
-    p.add_argument("--matmul-size", type=_int_at_least(16), default=2048, help="n of the n x n matmuls for the peak")
+    p.add_argument("--matmul-size", type=_int_at_least(16), default=None,
+                   help="n of the n x n matmuls for the peak (default: 8192 on CUDA, 2048 elsewhere)")
     p.add_argument("--infer-batch", type=_int_at_least(1), default=None,
                    help="batch of the inference forward (default 2 x --sample-batch: one guided sampling step)")
     p.add_argument("--sample-batch", type=_int_at_least(1), default=10, help="images per sampling run")
@@ -220,7 +225,19 @@ class Timing:
 
 
 def _time_calls(fn, number, device):
+    """Seconds that ``number`` calls of ``fn`` take, the device's queued work included.
+
+    On CUDA the time between two events recorded on the stream around the calls: the GPU's own
+    clock, without the host's synchronisation latency at the two ends."""
     sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(number):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
     start = time.perf_counter()
     for _ in range(number):
         fn()
@@ -257,6 +274,11 @@ def ms(seconds):
 # ----------------------------------------------------------------------- peak
 
 PEAK_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_matmul_size(device):
+    """n of the peak's n x n products: large enough on a GPU for the product to outlast its launch by far."""
+    return 8192 if device.type == "cuda" else 2048
 
 
 def peak_key(precision, device):
@@ -373,7 +395,9 @@ def bench_train(model, diffusion, data_fn, tcfg, device, precision, args):
     for name, (fwd, prec) in variants.items():
         steps[name], data_lists[name] = make_step(fwd, opt, diffusion, data_fn, device, prec, tcfg.grad_clip, after)
     flops = count_train_flops(model, diffusion, data_fn())
-    warmup = max(args.warmup, 2) if args.compile else args.warmup  # a compiled step may recompile once
+    # a compiled step may recompile once; on CUDA the first call also loads cuBLAS kernels, and the
+    # calls per round are sized from the last warm-up call
+    warmup = max(args.warmup, 2) if args.compile or device.type == "cuda" else args.warmup
     mm = matmul_fns(device, args.matmul_size, matmul_kinds(device, precision))
     timings = measure({**mm, **steps}, device, args.repeats, warmup, args.min_time)
     del mm
@@ -694,7 +718,8 @@ def log(msg):
 def bench(args, argv):
     start = time.perf_counter()
     device = pick_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    resolve_precision(args.precision, device)  # an impossible choice (fp16 on a CPU) fails before any work
+    args.matmul_size = args.matmul_size or default_matmul_size(device)
     mcfg = preset_config(ModelConfig, args.preset)
     dcfg = preset_config(DiffusionConfig, args.preset)
     tcfg = preset_config(TrainConfig, args.preset)
@@ -711,6 +736,12 @@ def bench(args, argv):
     y_all = data.labels.to(device)
     model = UNet(mcfg).to(device)
     diffusion = Diffusion.from_config(dcfg).to(device)
+    # auto as train.py resolves it: on CUDA the faster of bf16 and fp32 for this model, timed
+    probe = (precision_probe(model, diffusion, TrainData(x_all, y_all, tcfg.batch_size, args.seed, 0.0,
+                                                         mcfg.num_classes, Dist(), None),
+                             dcfg.timesteps, tcfg.batch_size, device) if device.type == "cuda" else None)
+    precision_auto = resolve_precision("auto", device, probe, log)
+    precision = precision_auto if args.precision == "auto" else args.precision
     machine = machine_info(device)
     log(f"{machine['cpu']}, {machine['torch_threads']} thread(s), device {device}"
         f"{' (' + machine['gpu'] + ')' if machine['gpu'] else ''}, precision {precision}, preset {args.preset}, "
@@ -718,7 +749,7 @@ def bench(args, argv):
     res = {"version": BENCH_VERSION, "argv": argv,
            "machine": machine,
            "config": {"preset": args.preset, "device": str(device), "precision": precision,
-                      "precision_auto": resolve_precision("auto", device), "repeats": args.repeats,
+                      "precision_auto": precision_auto, "repeats": args.repeats,
                       "warmup": args.warmup, "min_time_s": args.min_time, "seed": args.seed, "dataset": data.name,
                       "parameters": count_parameters(model), "model": dataclasses.asdict(mcfg),
                       "diffusion": dataclasses.asdict(dcfg), "lora": dataclasses.asdict(lcfg)},

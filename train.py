@@ -29,9 +29,10 @@ from config import (CLIError, DiffusionConfig, ModelConfig, SampleConfig, TrainC
                     config_dict, config_from_args, preset_config, run_main)
 from dataset import save_grid, to_model_range
 from diffusion import Diffusion, generate
-from runtime import (cleanup_distributed, enable_tf32, per_rank_batch, rank0_logger, resolve_precision,
-                     setup_distributed, wrap_ddp)
-from trainer import Hooks, Loop, TrainData, ema_update, fit, load_dataset_distributed, lr_at, make_optimizer
+from runtime import (broadcast_object, cleanup_distributed, enable_tf32, per_rank_batch, rank0_logger,
+                     resolve_precision, setup_distributed, wrap_ddp)
+from trainer import (Hooks, Loop, TrainData, ema_update, fit, load_dataset_distributed, lr_at, make_optimizer,
+                     precision_probe)
 from unet import UNet, count_parameters
 
 
@@ -104,6 +105,9 @@ def train(args):
             torch.set_rng_state(ckpt["rng"]["torch"])
         step = ckpt["step"]
         prior_seconds = ckpt.get("train_seconds", 0.0)
+    if tcfg.precision == "auto" and device.type == "cuda":  # the faster on this model and GPU; rank 0 decides
+        probe = precision_probe(model, diffusion, train_data, dcfg.timesteps, local_batch, device)
+        precision = broadcast_object(resolve_precision("auto", device, probe, log), dist_info)
     fwd_model = wrap_ddp(model, dist_info, device)
     if tcfg.compile:
         fwd_model = torch.compile(fwd_model)

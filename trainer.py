@@ -155,6 +155,23 @@ def optimizer_step(fwd_model, opt, scaler, diffusion, batch, device, precision, 
     return loss
 
 
+def precision_probe(model, diffusion, data, timesteps, batch_size, device):
+    """``probe(precision)`` for runtime.resolve_precision: one forward and backward of the loss on
+    ``data``'s first ``batch_size`` images, the gradients dropped. Its t and noise come from its own
+    generator, so the run's data, noise and weights are the same whichever precision it picks."""
+    g = torch.Generator().manual_seed(0)
+    x0, labels = data.images[:batch_size], data.labels[:batch_size]
+    t = torch.randint(0, timesteps, (len(labels),), generator=g).to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+
+    def probe(precision):
+        with autocast(device, precision):
+            loss = diffusion.loss(model, x0, labels, t, noise)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return probe
+
+
 # ------------------------------------------------------------------------ loop
 
 @dataclasses.dataclass

@@ -212,3 +212,57 @@ def test_train_flops_are_forward_plus_backward_and_include_attention():
     # the attention's q k^T and attn @ v batched matmuls are counted
     assert fwd.get_flop_counts()["Global"].get(torch.ops.aten.bmm, 0) > 0
     assert all(p.grad is None for p in model.parameters())  # counting leaves no gradients behind
+
+
+# ------------------------------------------------------------ the peak, per device
+
+def test_matmul_size_is_large_on_cuda():
+    assert bench.parse_args([]).matmul_size is None  # resolved per device at the start of the run
+    assert bench.default_matmul_size(torch.device("cuda")) == 8192  # milliseconds per product on an H100
+    assert bench.default_matmul_size(torch.device("cpu")) == 2048
+
+
+@pytest.mark.parametrize("device,precision,key", [
+    ("cpu", "fp32", "fp32"), ("cpu", "bf16", "bf16"),
+    ("cuda", "fp32", "tf32"),  # train.py runs fp32 with TF32 on (runtime.enable_tf32)
+    ("cuda", "bf16", "bf16"), ("cuda", "fp16", "fp16"),
+])
+def test_each_precision_is_held_against_its_own_peak(device, precision, key):
+    assert bench.peak_key(precision, torch.device(device)) == key
+
+
+def test_cuda_measures_every_peak_the_training_precisions_need(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda = torch.device("cuda")
+    assert bench.matmul_kinds(cuda, "bf16") == ["fp32", "tf32", "bf16"]
+    assert bench.matmul_kinds(cuda, "fp16") == ["fp32", "tf32", "bf16", "fp16"]
+    for precision in ("fp32", "bf16", "fp16"):
+        assert bench.peak_key(precision, cuda) in bench.matmul_kinds(cuda, precision)
+
+
+def test_cuda_timing_uses_events_around_the_calls(monkeypatch):
+    """On CUDA a round is timed by two events recorded around the calls, read after the end event syncs."""
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.name = "start" if not any(e.startswith("new") for e in log) else "end"
+            log.append(f"new {self.name}")
+
+        def record(self):
+            log.append(f"record {self.name}")
+
+        def synchronize(self):
+            log.append(f"synchronize {self.name}")
+
+        def elapsed_time(self, other):
+            log.append(f"elapsed {self.name}->{other.name}")
+            return 12.5  # milliseconds
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(bench, "sync", lambda device: log.append("sync"))
+    seconds = bench._time_calls(lambda: log.append("call"), 3, torch.device("cuda"))
+    assert seconds == 0.0125
+    assert log == ["sync", "new start", "new end", "record start", "call", "call", "call", "record end",
+                   "synchronize end", "elapsed start->end"]
