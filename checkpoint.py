@@ -25,7 +25,6 @@ import dataclasses
 import errno
 import hashlib
 import json
-import math
 import os
 import pickle
 import struct
@@ -137,7 +136,14 @@ def same_file(a, b):
 
 
 def write_json(path, obj):
-    """``obj`` as indented JSON, written atomically."""
+    """``obj`` as indented JSON, written atomically; never over a file that is not JSON (a checkpoint, a picture)."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+        if head and head[:1] not in (b"{", b"["):
+            raise WriteError(f"{path!r} exists and is not a JSON file, so it is left as it is; write the JSON "
+                             "elsewhere")
+
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)

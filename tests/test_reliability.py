@@ -22,8 +22,8 @@ import evaluate
 import lora_finetune
 import train
 import trainer
-from checkpoint import CHECKPOINT_VERSION, WriteError, atomic_write, save_checkpoint
-from config import ModelConfig, TrainConfig, config_dict, preset_config
+from checkpoint import WriteError, atomic_write, save_checkpoint, write_json
+from config import ModelConfig, config_dict, preset_config
 from unet import UNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,6 +163,17 @@ def test_evaluate_never_writes_its_classifier_over_another_file(files, tmp_path,
                                                "--name", "s", "--classifier", tmp_path / "s.json"], capsys)
     assert "a file given to read" in line and (tmp_path / "s.json").read_text() == "{}"
     assert not (tmp_path / "eval").exists()
+
+
+def test_json_is_never_written_over_a_file_of_another_kind(files):
+    """config.json, eval.json, bench.json: a --out that names a checkpoint leaves the checkpoint alone."""
+    before = (files / "ckpt.pt").read_bytes()
+    with pytest.raises(WriteError, match="is not a JSON file, so it is left as it is"):
+        write_json(str(files / "ckpt.pt"), {"bench": 1})
+    assert (files / "ckpt.pt").read_bytes() == before
+    write_json(str(files / "r.json"), {"a": 1})
+    write_json(str(files / "r.json"), {"a": 2})  # over JSON: the usual update
+    assert json.loads((files / "r.json").read_text()) == {"a": 2}
 
 
 @pytest.mark.parametrize("images, labels, message", [
