@@ -132,8 +132,8 @@ def write_adapter(folder, adapter, training_state=None):
     is then one os.rename: all or nothing. An existing one (every epoch of a fine-tune rewrites
     it) is updated file by file with os.replace, the training state first and the config last:
     each file is always whole, and a crash between two replaces can only pair files from two
-    consecutive saves of the same run (same r, alpha and targets). The header repeats r, alpha and
-    targets, so load_adapter names any other mix instead of using it, and the training state
+    consecutive saves of the same run (same r, alpha and targets). The header repeats r and alpha,
+    so load_adapter names any other mix instead of using it, and the training state
     carries its own copy of the tensors, so --resume never depends on the shared file."""
     check_output_folder(folder)
     lora = adapter["lora"]
