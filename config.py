@@ -180,7 +180,7 @@ PRESETS: dict[str, dict[type, dict]] = {
         # DDPM's own optimiser (Adam 2e-4, warm-up, clipping 1.0, EMA 0.9999), not the tutorial's
         # Adam 1e-3, which collapses this model: the README's "Measured on a GPU" says how it was seen
         TrainConfig: dict(batch_size=400, lr=2e-4, max_steps=30000, warmup_steps=1000, min_lr_ratio=1.0,
-                          ema_decay=0.9999, sample_every=10, save_every=10),  # a checkpoint is 2.8 GB here
+                          ema_decay=0.9999, sample_every=10, save_every=10),  # a checkpoint is 0.54 GB here
         # the tutorial's rank 8 on its nine cross-attentions' Wq, Wk, Wv; alpha = r keeps this project's
         # alpha / r = 1 (the tutorial's alpha 1 scales the update by 1/8: --alpha 1)
         LoraConfig: dict(r=8, alpha=8.0, lora_batch_size=400, lora_steps=3000),
