@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from adapter import DEFAULT_ADAPTER, adapter_size, check_output_folder, load_adapter, load_training_state, save_adapter
+from adapter import DEFAULT_ADAPTER, STATE_NAME, adapter_size, check_output_folder, load_adapter, load_training_state, save_adapter
 from checkpoint import (CHECKPOINT_VERSION, CheckpointError, check_writable_dir, check_writable_file, load_checkpoint,
                         load_for_sampling, same_file, save_checkpoint)
 from config import CLIError, LoraConfig, TrainConfig, add_config_args, add_preset_arg, config_from_args, run_main
@@ -189,7 +189,7 @@ def finetune(args):
     loop = Loop(max_steps=lcfg.lora_steps, lr_fn=lambda s: lora_lr_at(s, lcfg), grad_clip=LORA_GRAD_CLIP,
                 device=device, precision=precision, desc="lora",
                 resume_hint=resume_hint(args),
-                lr_flag="--lora-lr")
+                lr_flag="--lora-lr", checkpoint="" if args.full else os.path.join(args.out, STATE_NAME))
     hooks = Hooks(on_epoch_end=lambda e, s, last: save(e, s), on_interrupt=save)
     step, running = fit(fwd_model, opt, diffusion, train_data, loop, step, hooks)
     size = adapter_size(args.out) if dist_info.main else 0

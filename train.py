@@ -151,7 +151,7 @@ def train(args):
                         rows=4 if last else 1, steps=min(20, dcfg.timesteps))
 
     loop = Loop(max_steps=tcfg.max_steps, lr_fn=lambda s: lr_at(s, tcfg), grad_clip=tcfg.grad_clip, device=device,
-                precision=precision, desc="train", resume_hint=resume_hint, lr_flag="--lr")
+                precision=precision, desc="train", resume_hint=resume_hint, lr_flag="--lr", checkpoint=ckpt_path)
     hooks = Hooks(on_epoch_end=on_epoch_end, on_interrupt=save,
                   after_step=lambda s: ema_update(ema, model, tcfg.ema_decay, s))
     step, running = fit(fwd_model, opt, diffusion, train_data, loop, step, hooks)

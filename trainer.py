@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import sys
 import threading
@@ -185,6 +186,7 @@ class Loop:
     desc: str = "train"  # progress bar and message prefix
     resume_hint: str = ""  # the exact command that continues this run
     lr_flag: str = "--lr"  # the flag to lower when the loss diverges
+    checkpoint: str = ""  # the file on_interrupt writes: the resume hint is given only once it exists
 
 
 @dataclasses.dataclass
@@ -291,8 +293,12 @@ def fit(fwd_model, opt, diffusion, data, loop, step, hooks):
         if bar is not None:
             bar.close()
         if dist_info.main:
-            print(f"\ninterrupted inside step {step + 1}: nothing saved since the last checkpoint; continue from it "
-                  f"with: {loop.resume_hint}", file=sys.stderr)
+            if loop.checkpoint and os.path.exists(loop.checkpoint):
+                print(f"\ninterrupted inside step {step + 1}: nothing saved since the last checkpoint; continue from "
+                      f"it with: {loop.resume_hint}", file=sys.stderr)
+            else:
+                print(f"\ninterrupted inside step {step + 1}, before anything was saved: start the run again",
+                      file=sys.stderr)
         sys.exit(130)
     finally:
         if bar is not None:
