@@ -161,7 +161,9 @@ def write_adapter(folder, adapter, training_state=None):
             names.insert(0, STATE_NAME)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; give the usual permissions
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private, and safetensors its file:
+        for name in names:  # give the usual permissions, so the folder can be shared as it is
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         if not os.path.exists(folder):
             os.rename(tmp, folder)
             return folder

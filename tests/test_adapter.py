@@ -130,6 +130,10 @@ def test_training_state_lives_beside_the_shared_file(tmp_path):
     ad = load_adapter(path)
     write_adapter(path, ad, training_state={"step": 3, "optimizer": {}})
     assert sorted(os.listdir(path)) == [CONFIG_NAME, WEIGHTS_NAME, STATE_NAME]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(path):  # the usual permissions, not a temporary file's private ones
+        assert os.stat(os.path.join(path, name)).st_mode & 0o777 == 0o666 & ~umask, name
     write_adapter(path, ad)  # a new adapter in the same place: the old state is not left to pair with it
     assert sorted(os.listdir(path)) == [CONFIG_NAME, WEIGHTS_NAME]
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temporary folder left
