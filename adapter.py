@@ -28,7 +28,8 @@ import tempfile
 
 import torch
 
-from checkpoint import CHECKPOINT_VERSION, CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from files import atomic_write
 from config import CLIError
 from lora import LoraError, LoraLayer, apply_adapter, lora_state_dict
 

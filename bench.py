@@ -49,7 +49,7 @@ import time
 
 import torch
 
-from checkpoint import write_json
+from files import write_json
 from config import (CLIError, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig, add_preset_arg,
                     preset_config, run_main)
 from dataset import DATASETS, load_dataset, to_model_range

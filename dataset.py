@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from config import UserError
+from files import atomic_write
 
 DATASETS = ("auto", "mnist", "mnist-5k", "fashion-mnist")
 FASHION_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -186,7 +187,6 @@ def save_grid(images_u8, path, nrow=10, pad=2):
     """Tile uint8 images (N, H, W) into one PNG, row-major, ``nrow`` per row, written atomically."""
     from PIL import Image  # Pillow comes with matplotlib
 
-    from checkpoint import atomic_write  # here, not at the top: checkpoint.py imports the models, which import this
 
     n, h, w = images_u8.shape
     rows = (n + nrow - 1) // nrow

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from adapter import DEFAULT_ADAPTER, attach_adapters, load_adapters
-from checkpoint import atomic_write, check_writable_dir, load_for_sampling
+from checkpoint import load_for_sampling
+from files import atomic_write, check_writable_dir
 from config import CLIError, SampleConfig, add_config_args, config_from_args, finite_float, run_main
 from dataset import save_grid
 from diffusion import generate

@@ -32,9 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapter import DEFAULT_ADAPTER, attach_adapters, load_adapters
-from checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_write, check_writable_dir, check_writable_file,
-                        load_checkpoint, load_for_sampling, load_state_strict, same_file,
-                        save_checkpoint, write_json)
+from checkpoint import (CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_for_sampling, load_state_strict,
+                        save_checkpoint)
+from files import atomic_write, check_writable_dir, check_writable_file, same_file, write_json
 from config import CLIError, SampleConfig, add_config_args, config_from_args, finite_float, run_main
 from dataset import apply_style, ink, load_dataset, slant, to_model_range
 from diffusion import generate

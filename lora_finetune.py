@@ -24,8 +24,8 @@ import time
 import torch
 
 from adapter import DEFAULT_ADAPTER, STATE_NAME, adapter_size, check_output_folder, load_adapter, load_training_state, save_adapter
-from checkpoint import (CHECKPOINT_VERSION, CheckpointError, check_writable_dir, check_writable_file, load_checkpoint,
-                        load_for_sampling, same_file, save_checkpoint)
+from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_for_sampling, save_checkpoint
+from files import check_writable_dir, check_writable_file, same_file
 from config import CLIError, LoraConfig, TrainConfig, add_config_args, add_preset_arg, config_from_args, run_main
 from dataset import apply_style, ink, slant, to_model_range
 from lora import add_lora, apply_adapter, mark_only_lora_as_trainable

@@ -266,7 +266,7 @@ def grid_figure(cells, weights, names, path, label):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from checkpoint import atomic_write
+    from files import atomic_write
 
     n = len(weights)
     fig, axes = plt.subplots(n, n, figsize=(n * 1.0 + 0.8, n * 1.0 + 0.8), squeeze=False)

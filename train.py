@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from checkpoint import (CHECKPOINT_VERSION, atomic_write, check_writable_dir, load_checkpoint, load_state_strict,
-                        same_file, save_checkpoint, write_json)
+from checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_state_strict, save_checkpoint
+from files import atomic_write, check_writable_dir, same_file, write_json
 from config import (CLIError, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig, add_config_args, add_preset_arg,
                     config_dict, config_from_args, preset_config, run_main)
 from dataset import save_grid, to_model_range

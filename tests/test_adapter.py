@@ -18,7 +18,7 @@ from adapter import (CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, attach_adapters, del
                      write_kohya)
 from checkpoint import CHECKPOINT_VERSION, save_checkpoint, state_fingerprint
 from config import CLIError, ModelConfig, preset_config
-from lora import LoraError, LoraLayer, add_lora, apply_adapter, lora_layers, merge_lora, set_lora_scale, unmerge_lora
+from lora import LoraError, add_lora, apply_adapter, lora_layers, merge_lora, set_lora_scale, unmerge_lora
 from unet import UNet
 
 TARGETS = ("Wq", "Wk", "Wv")

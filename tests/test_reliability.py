@@ -22,7 +22,8 @@ import evaluate
 import lora_finetune
 import train
 import trainer
-from checkpoint import WriteError, atomic_write, save_checkpoint, write_json
+from checkpoint import save_checkpoint
+from files import WriteError, atomic_write, write_json
 from config import ModelConfig, config_dict, preset_config
 from unet import UNet
 
