@@ -209,11 +209,12 @@ def score(images_u8, labels, classifier, train, test, style="none", seed=0):
 
 # -------------------------------------------------------------------- sampling
 
-def sample_checkpoint(ckpt_path, args, scfg, device, precision, log=print):
-    """Draw n_per_label samples of every label from a checkpoint (+ adapter); returns images, labels, info."""
+def sample_checkpoint(ckpt_path, args, scfg, device, precision, adapters=None, log=print):
+    """Draw n_per_label samples of every label from a checkpoint (+ adapters, read once by the caller);
+    returns images, labels, info."""
     def attach(model, fingerprint):
-        if args.lora:
-            attach_adapters(model, load_adapters(args.lora, device), fingerprint, force=args.force)
+        if adapters:
+            attach_adapters(model, adapters, fingerprint, force=args.force)
             set_lora_scale(model, args.lora_scale)
 
     pipe = load_for_sampling(ckpt_path, device, args.weights, attach)
@@ -403,9 +404,10 @@ def run(args):
     check_outputs(args)
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
+    adapters = load_adapters(args.lora, device) if args.lora else None  # read and checked once, for every --ckpt
     style = args.style
     if style is None:
-        style = (load_adapters(args.lora, log=lambda _: None)[0]["style"] or "none") if args.lora else "none"
+        style = (adapters[0]["style"] or "none") if adapters else "none"
     dataset = args.dataset
     if dataset is None and args.ckpt:
         dataset = load_checkpoint(args.ckpt[0]).get("dataset", "auto")
@@ -422,7 +424,7 @@ def run(args):
             images, labels = npz
             info = {"samples": args.samples}
         else:
-            images, labels, info = sample_checkpoint(path, args, scfg, device, precision)
+            images, labels, info = sample_checkpoint(path, args, scfg, device, precision, adapters)
         result = {**info, **score(images, labels, classifier, train, test, style, args.seed),
                   "classifier_test_accuracy": clf_acc, "reference_dataset": test.name}
         results.append(result)
