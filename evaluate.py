@@ -230,8 +230,9 @@ def sample_checkpoint(ckpt_path, args, scfg, device, precision, adapters=None, l
     info = {"ckpt": ckpt_path, "step": ckpt["step"], "train_seconds": ckpt.get("train_seconds"),
             "dataset": ckpt.get("dataset"), "sampler": scfg.sampler,
             "steps": scfg.steps if scfg.sampler == "ddim" else ckpt["config"]["diffusion"]["timesteps"],
-            "guidance": scfg.guidance, "eta": scfg.eta, "lora": args.lora, "lora_scale": args.lora_scale if args.lora
-            else None, "sampling_seconds": seconds, "seconds_per_sample": seconds / len(labels)}
+            "guidance": scfg.guidance, "guidance_interval": list(scfg.guidance_interval), "eta": scfg.eta,
+            "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
+            "sampling_seconds": seconds, "seconds_per_sample": seconds / len(labels)}
     log(f"sampled {len(labels)} images from {ckpt_path} in {seconds:.1f} s")
     return torch.cat(images), labels, info
 

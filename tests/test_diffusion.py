@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import DiffusionConfig, ModelConfig, preset_config
+from config import DiffusionConfig, ModelConfig, SampleConfig, preset_config
 from diffusion import Diffusion
 from unet import UNet
 
@@ -56,6 +56,29 @@ def test_schedule_invariants():
     # posterior variance of Ho et al. eq. 7 is 0 at t=0 and below beta_t elsewhere
     assert d.posterior_variance[0].item() == 0.0
     assert torch.all(d.posterior_variance[1:] > 0) and torch.all(d.posterior_variance <= betas)
+
+
+def test_cosine_schedule_matches_nichol_dhariwal_closed_form():
+    """abar(t) = f(t) / f(0) with f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008 (their eq. 17), written
+    out here independently; the betas are clipped at 0.999, which only the last step reaches."""
+    T, s = 1000, 0.008
+    d = Diffusion(timesteps=T, schedule="cosine")
+    f = np.cos((np.arange(T + 1) / T + s) / (1 + s) * np.pi / 2) ** 2
+    ab = f[1:] / f[0]
+    np.testing.assert_allclose(d.alphas_cumprod[:-1].double().numpy(), ab[:-1], rtol=1e-5)
+    assert d.betas.max().item() == pytest.approx(0.999) and (d.betas[:-1] < 0.999).all()
+    # it keeps more signal than the linear schedule in the middle: abar(T/2) 0.49 against 0.078
+    assert d.alphas_cumprod[500].item() == pytest.approx(0.4923, abs=1e-3)
+    assert Diffusion().alphas_cumprod[500].item() == pytest.approx(0.0778, abs=1e-3)
+    assert Diffusion.from_config(DiffusionConfig(schedule="cosine")).alphas_cumprod.equal(d.alphas_cumprod)
+
+
+def test_a_config_without_a_schedule_is_linear():
+    """Checkpoints written before the schedule was a setting hold no such key; they were trained linear."""
+    saved = {k: v for k, v in vars(DiffusionConfig()).items() if k != "schedule"}
+    assert DiffusionConfig(**saved).schedule == "linear"
+    with pytest.raises(ValueError, match="schedule must be one of linear, cosine"):
+        DiffusionConfig(schedule="quadratic")
 
 
 def test_schedule_buffers_are_float32_and_move_with_to():
@@ -187,6 +210,34 @@ def test_sampler_calls_model_once_per_step(tiny_model, tiny_diffusion, sampler, 
     for (b, t, _), t_expected in zip(counting.calls, expected_ts):
         assert b == batch
         assert torch.equal(t, torch.full((batch,), t_expected))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_guidance_interval_guides_only_the_steps_inside_it(tiny_model, tiny_diffusion, sampler):
+    """Inside lo <= t/T <= hi one batched forward of 2B (guided); outside it B (conditional only)."""
+    counting = CountingModel(tiny_model)
+    lo, hi = 0.3, 0.8
+    tiny_diffusion.sample(counting, torch.tensor([3, 5]), (2, 1, 28, 28), sampler=sampler, steps=10, guidance=2.0,
+                          guidance_interval=(lo, hi), generator=torch.Generator().manual_seed(0))
+    ts = [t[0].item() for _, t, _ in counting.calls]
+    sizes = [b for b, _, _ in counting.calls]
+    inside = [lo * T_TINY <= t <= hi * T_TINY for t in ts]
+    assert any(inside) and not all(inside)
+    assert sizes == [4 if i else 2 for i in inside]
+
+
+def test_full_guidance_interval_is_plain_guidance(tiny_model, tiny_diffusion):
+    def run(**kw):
+        return tiny_diffusion.sample(tiny_model, torch.tensor([1, 7]), (2, 1, 28, 28), steps=5, guidance=2.0,
+                                     generator=torch.Generator().manual_seed(4), **kw)[0]
+    assert torch.equal(run(), run(guidance_interval=(0.0, 1.0)))
+    assert not torch.equal(run(), run(guidance_interval=(0.5, 1.0)))
+
+
+@pytest.mark.parametrize("bad", [(0.5, 0.2), (-0.1, 1.0), (0.0, 1.5), (0.2,)])
+def test_bad_guidance_interval_rejected(bad):
+    with pytest.raises(ValueError, match="guidance_interval must be two numbers lo,hi"):
+        SampleConfig(guidance_interval=bad)
 
 
 def test_ddim_timesteps():
