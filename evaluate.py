@@ -18,6 +18,8 @@ Scores, written to OUT_DIR/NAME.json (one object) and a one-page OUT_DIR/NAME.pn
   frechet_floor        the same between real training and real held-out images, same count: the
                        best a perfect generator could expect
   slant, ink           mean image-moment slant (mu11/mu02) and mean ink, beside the real data's
+  frechet_distance_style  with a style (an adapter's, or --style): the distance to the held-out
+                       real digits in that style
 """
 from __future__ import annotations
 
@@ -190,6 +192,8 @@ def score(images_u8, labels, classifier, train, test, style="none", seed=0):
     te = torch.randperm(len(test), generator=g)[:n]
     _, real_train_feats = classify(classifier, train.images[tr])
     real_ref = apply_style(test.images, style)
+    # with a style, also the distance to the held-out digits in that style: what an adapter aims at
+    frechet_style = frechet_distance(feats, classify(classifier, real_ref)[1]) if style != "none" else None
     return {
         "num_samples": len(images_u8),
         "accuracy": correct.mean().item(),
@@ -204,6 +208,7 @@ def score(images_u8, labels, classifier, train, test, style="none", seed=0):
         "real_style": style,
         "real_style_slant": slant(real_ref).mean().item(),
         "real_style_ink": ink(real_ref).mean().item(),
+        "frechet_distance_style": frechet_style,
     }
 
 
@@ -308,7 +313,9 @@ def report_png(result, images, labels, path, title):
             f"conditional accuracy   {100 * result['accuracy']:.1f}%   (reference classifier "
             f"{100 * result['classifier_test_accuracy']:.2f}% on real held-out digits)",
             f"Frechet distance        {result['frechet_distance']:.2f}   (real-vs-real floor "
-            f"{result['frechet_floor']:.2f})",
+            f"{result['frechet_floor']:.2f})"
+            + (f"; to real {result['real_style']} {result['frechet_distance_style']:.2f}"
+               if result.get("frechet_distance_style") is not None else ""),
             f"slant mu11/mu02         {result['slant']:+.3f}   (real {result['real_slant']:+.3f}"
             + (f", real {result['real_style']} {result['real_style_slant']:+.3f}" if result["real_style"] != "none"
                else "") + ")",
@@ -435,7 +442,10 @@ def run(args):
         report_png(result, images, labels, os.path.join(args.out_dir, f"{stem}.png"), title)
         print(f"{title}: accuracy {100 * result['accuracy']:.1f}%, Frechet {result['frechet_distance']:.2f} "
               f"(floor {result['frechet_floor']:.2f}), slant {result['slant']:+.3f} (real "
-              f"{result['real_slant']:+.3f}), ink {result['ink']:.3f} (real {result['real_ink']:.3f})")
+              f"{result['real_slant']:+.3f}), ink {result['ink']:.3f} (real {result['real_ink']:.3f})"
+              + (f"; to real {result['real_style']} digits: Frechet {result['frechet_distance_style']:.2f}, "
+                 f"slant {result['real_style_slant']:+.3f}, ink {result['real_style_ink']:.3f}"
+                 if result["frechet_distance_style"] is not None else ""))
     out = results[0] if len(results) == 1 else {"results": results}
     if len(results) > 1:
         curve = curve_png(results, os.path.join(args.out_dir, f"{args.name}-curve.png"))
