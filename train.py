@@ -57,7 +57,7 @@ def check_resume_flags(args, ckpt, path):
     for cls, key in ((ModelConfig, "model"), (DiffusionConfig, "diffusion")):
         for f in dataclasses.fields(cls):
             given = getattr(args, f.name, None)
-            saved = ckpt["config"][key][f.name]
+            saved = ckpt["config"][key].get(f.name, f.default)  # a field added later: what older runs used
             if given is not None and type(saved)(given) != saved:
                 raise CLIError(f"--{f.name.replace('_', '-')} {given} contradicts {path!r}, which was trained "
                                f"with {saved}; drop the flag to resume, or start afresh in another --out-dir")

@@ -196,6 +196,24 @@ def test_resume_with_a_contradicting_model_flag_exits_2(tmp_path, tiny_ckpt, cap
     assert e.value.code == 2 and "--timesteps 60 contradicts" in capsys.readouterr().err
 
 
+def test_a_checkpoint_from_before_the_schedule_setting_resumes_as_linear(tmp_path, tiny_ckpt, capsys):
+    """A run saved before DiffusionConfig had ``schedule`` holds no such key: it was trained linear, resumes
+    linear, and ``--schedule cosine`` on it is refused like any other contradicting flag."""
+    out = tmp_path / "old"
+    out.mkdir()
+    ckpt = load_checkpoint(tiny_ckpt)
+    del ckpt["config"]["diffusion"]["schedule"]
+    save_checkpoint(ckpt, str(out / "ckpt.pt"))
+    before = (out / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run_train(out, "--resume", "--schedule", "cosine", "--max-steps", "5")
+    assert e.value.code == 2
+    assert "--schedule cosine contradicts" in capsys.readouterr().err and (out / "ckpt.pt").read_bytes() == before
+    run_train(out, "--resume", "--max-steps", "5")
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 5 and resumed["config"]["diffusion"]["schedule"] == "linear"
+
+
 def test_resume_without_a_checkpoint_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_train(tmp_path / "empty", "--resume")
