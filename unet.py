@@ -87,7 +87,7 @@ class Attention(nn.Module):
         if x.device.type == "cpu" and q.dtype != torch.float32:
             # The plain formula: PyTorch's fused CPU kernel is slower in bf16, its backward about 9x
             # slower at 49 tokens (bench.py --profile showed it taking a third of a step). In fp32 the
-            # fused kernel is the faster one: 2.4x at 49 tokens, 4x at 196 (fwd + bwd, AVX2).
+            # fused kernel is the faster one: 1.6x at 49 tokens, 3.8x at 196 (fwd + bwd, AVX2 kernels).
             w = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, H, L, S)
             out = w.softmax(dim=-1) @ v
         else:
