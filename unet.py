@@ -84,10 +84,9 @@ class Attention(nn.Module):
         q = self.Wq(x).view(B, L, H, -1).transpose(1, 2)  # (B, H, L, Dh)
         k = self.Wk(context).view(B, -1, H, q.shape[-1]).transpose(1, 2)  # (B, H, S, Dh)
         v = self.Wv(context).view(B, -1, H, q.shape[-1]).transpose(1, 2)
-        if x.device.type == "cpu" and q.dtype != torch.float32:
-            # The plain formula: PyTorch's fused CPU kernel is slower in bf16, its backward about 9x
-            # slower at 49 tokens (bench.py --profile showed it taking a third of a step). In fp32 the
-            # fused kernel is the faster one: 1.6x at 49 tokens, 3.8x at 196 (fwd + bwd, AVX2 kernels).
+        if x.device.type == "cpu":
+            # The plain formula: at these sizes (49 tokens) PyTorch's fused CPU kernel is slower, its
+            # bf16 backward about 7x slower (bench.py --profile showed it taking a third of a step).
             w = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, H, L, S)
             out = w.softmax(dim=-1) @ v
         else:
