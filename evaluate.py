@@ -315,7 +315,7 @@ def report_png(result, images, labels, path, title):
             f"Frechet distance        {result['frechet_distance']:.2f}   (real-vs-real floor "
             f"{result['frechet_floor']:.2f})"
             + (f"; to real {result['real_style']} {result['frechet_distance_style']:.2f}"
-               if result.get("frechet_distance_style") is not None else ""),
+               if result["frechet_distance_style"] is not None else ""),
             f"slant mu11/mu02         {result['slant']:+.3f}   (real {result['real_slant']:+.3f}"
             + (f", real {result['real_style']} {result['real_style_slant']:+.3f}" if result["real_style"] != "none"
                else "") + ")",
