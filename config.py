@@ -89,6 +89,9 @@ class TrainConfig:
     data_dir: str = "data"  # where torchvision keeps downloads
     out_dir: str = "out"  # checkpoints and sample grids go here
     max_steps: int = 1000  # optimizer steps in all; an epoch is one pass over the data
+    # minutes: instead of --max-steps, as many steps as fit, from a step timed here before the run (the
+    # steps chosen are printed and saved, so --max-steps N repeats the run exactly); 0: off
+    time_budget: float = 0.0
     batch_size: int = 128  # global batch (see batch_scope)
     batch_scope: str = "global"  # under torchrun: hold the "global" batch fixed, or the "per-rank" batch
     lr: float = 2e-3  # peak learning rate
@@ -117,6 +120,8 @@ class TrainConfig:
             raise ValueError(f"label_drop must be in [0, 1), got {self.label_drop}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.time_budget < float("inf"):
+            raise ValueError(f"time_budget must be a number of minutes >= 0, got {self.time_budget}")
         if min(self.warmup_steps, self.sample_every, self.snapshot_every) < 0:
             raise ValueError("warmup_steps, sample_every and snapshot_every must be >= 0")
 

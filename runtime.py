@@ -96,7 +96,7 @@ def resolve_precision(precision, device, probe=None, log=None):
     return "fp32"
 
 
-def _wall_time(fn, device):
+def wall_time(fn, device):
     """Seconds one call of ``fn`` takes, the device's queued work included."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -112,7 +112,7 @@ def fastest_precision(probe, candidates, device, warmup=2, repeats=3, timer=None
     cuBLAS pick their kernels then), then ``repeats`` rounds that take turns; the lowest median wins, the
     first candidate on a tie. The global RNG is restored afterwards, so a run's random stream does not
     depend on the probe. ``timer(fn, device)`` returns the seconds of one call (replaced in tests)."""
-    timer = timer or _wall_time
+    timer = timer or wall_time
     times = {c: [] for c in candidates}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for c in candidates:

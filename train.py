@@ -3,6 +3,7 @@
     python train.py                                  # the fast default: a laptop CPU
     python train.py --preset tutorial --device cuda  # the tutorial's sizes, for a GPU
     python train.py --resume                         # carry on from out/ckpt.pt, exactly where it stopped
+    python train.py --time-budget 8                  # as many steps as fit in 8 minutes here (timed first)
     python train.py --out-dir out --overwrite        # start afresh where a checkpoint already is, replacing it
     torchrun --nproc_per_node=2 train.py             # DistributedDataParallel (gloo on CPU, nccl on CUDA)
 
@@ -32,7 +33,7 @@ from diffusion import Diffusion, generate
 from runtime import (broadcast_object, cleanup_distributed, enable_tf32, per_rank_batch, rank0_logger,
                      resolve_precision, setup_distributed, wrap_ddp)
 from trainer import (Hooks, Loop, TrainData, ema_update, fit, load_dataset_distributed, lr_at, make_optimizer,
-                     precision_probe)
+                     precision_probe, steps_for_budget)
 from unet import UNet, count_parameters
 
 
@@ -108,6 +109,9 @@ def train(args):
     if tcfg.precision == "auto" and device.type == "cuda":  # the faster on this model and GPU; rank 0 decides
         probe = precision_probe(model, diffusion, train_data, dcfg.timesteps, local_batch, device)
         precision = broadcast_object(resolve_precision("auto", device, probe, log), dist_info)
+    if tcfg.time_budget and ckpt is None:
+        tcfg = size_to_budget(tcfg, model, diffusion, train_data, dcfg.timesteps, local_batch, device, precision,
+                              dist_info, log)
     fwd_model = wrap_ddp(model, dist_info, device)
     if tcfg.compile:
         fwd_model = torch.compile(fwd_model)
@@ -160,6 +164,22 @@ def train(args):
     return ckpt_path
 
 
+def size_to_budget(tcfg, model, diffusion, data, timesteps, local_batch, device, precision, dist_info, log):
+    """``tcfg`` with ``max_steps`` = the steps that fit in ``--time-budget`` minutes at a step timed now.
+
+    Rank 0's count is the one every rank uses. The count goes into the checkpoint's config like any
+    --max-steps, so ``--resume`` carries on with it and ``--max-steps N`` repeats the run exactly."""
+    steps, seconds = steps_for_budget(tcfg.time_budget, model, diffusion, data, timesteps, local_batch, device,
+                                      precision)
+    steps = broadcast_object(steps, dist_info)
+    if steps < 1:
+        raise CLIError(f"--time-budget {tcfg.time_budget:g} minutes fits no training step: one takes {seconds:.2f} s "
+                       "here; give more minutes, or --max-steps")
+    log(f"train: --time-budget {tcfg.time_budget:g} min at {seconds:.3f} s per step (median of 3, timed just now) "
+        f"-> {steps} steps; --max-steps {steps} repeats this run exactly")
+    return dataclasses.replace(tcfg, max_steps=steps)
+
+
 def check_out_dir(out_dir, resume_path, overwrite):
     """Before any work: the folder can be written, and a fresh run does not replace another run's checkpoint."""
     check_writable_dir(out_dir, "--out-dir")
@@ -178,6 +198,12 @@ def resolve_configs(args):
     """The run's configs: from the preset and flags, or on --resume from the checkpoint (flags still win).
 
     Returns (train, model, diffusion configs, the checkpoint or None, its path or None)."""
+    if getattr(args, "time_budget", None):
+        if args.resume is not None:
+            raise CLIError("--time-budget sizes a new run; a resumed run keeps the steps it was given "
+                           "(pass --max-steps to change them)")
+        if args.max_steps is not None:
+            raise CLIError("--time-budget and --max-steps both set the number of steps: give one of them")
     if args.resume is None:
         return (config_from_args(args, TrainConfig, args.preset), config_from_args(args, ModelConfig, args.preset),
                 config_from_args(args, DiffusionConfig, args.preset), None, None)

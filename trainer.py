@@ -13,10 +13,12 @@ resume from.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
 import signal
+import statistics
 import sys
 import threading
 from typing import Callable, Optional
@@ -25,7 +27,7 @@ import torch
 
 from config import UserError
 from dataset import load_dataset
-from runtime import Dist, all_reduce_mean, autocast, broadcast_object
+from runtime import Dist, all_reduce_mean, autocast, broadcast_object, wall_time
 
 # the LoRA warm-up: a tenth of the fine-tune, at most this many steps (enough for AdamW's moments to settle)
 LORA_WARMUP_MAX_STEPS = 50
@@ -171,6 +173,37 @@ def precision_probe(model, diffusion, data, timesteps, batch_size, device):
         loss.backward()
         model.zero_grad(set_to_none=True)
     return probe
+
+
+def steps_for_budget(minutes, model, diffusion, data, timesteps, batch_size, device, precision, warmup=1,
+                     repeats=3, timer=None):
+    """How many optimizer steps fit in ``minutes``: (steps, seconds per step).
+
+    A step is timed on a copy of ``model`` with its own AdamW (forward, backward and the update, the
+    work of a real step on this device and precision): ``warmup`` untimed, the median of ``repeats``.
+    The run itself is untouched: not its weights, not its optimizer, not its random streams. What the
+    loop does besides the steps (the per-epoch checkpoint and sample grid) is not counted.
+    ``timer(fn, device)`` returns the seconds of one call (replaced in tests)."""
+    timer = timer or wall_time
+    twin = copy.deepcopy(model).train()
+    opt = make_optimizer(twin.parameters(), 1e-12, 0.0, device)  # a real update of the copy, of no size
+    g = torch.Generator().manual_seed(0)
+    x0, labels = data.images[:batch_size], data.labels[:batch_size]
+    t = torch.randint(0, timesteps, (len(labels),), generator=g).to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = diffusion.loss(twin, x0, labels, t, noise)
+        loss.backward()
+        opt.step()
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for _ in range(warmup):
+            step()
+        seconds = statistics.median(timer(step, device) for _ in range(repeats))
+    return int(minutes * 60 // seconds), seconds
 
 
 # ------------------------------------------------------------------------ loop

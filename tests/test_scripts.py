@@ -213,6 +213,51 @@ def test_invalid_train_settings_exit_2(tmp_path, capsys, args, message):
 
 
 @pytest.mark.parametrize("args,message", [
+    (["--time-budget", "1", "--max-steps", "3"], "--time-budget and --max-steps both set the number of steps"),
+    (["--time-budget", "-1"], "time_budget must be a number of minutes >= 0, got -1.0"),
+    (["--time-budget", "nan"], "expected a finite number"),
+    (["--time-budget", "1e-9"], "fits no training step"),
+])
+def test_bad_time_budget_exits_2(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    err = expect_exit_2(train.main, ["--preset", "tiny", "--device", "cpu", "--out-dir", str(out), *args], capsys)
+    assert message in err
+    assert not (out / "ckpt.pt").exists()
+
+
+def test_time_budget_on_resume_exits_2(tiny_ckpt, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    shutil.copyfile(tiny_ckpt, ckpt)
+    before = ckpt.read_bytes()
+    err = expect_exit_2(train.main, ["--resume", str(ckpt), "--out-dir", str(tmp_path), "--time-budget", "1"], capsys)
+    assert "a resumed run keeps the steps it was given" in err and "--max-steps" in err
+    assert ckpt.read_bytes() == before
+
+
+def test_time_budget_sizes_the_run_from_a_timed_step(tmp_path, monkeypatch, capsys):
+    """The budget divided by the timed step gives --max-steps; the run is then the run of that --max-steps."""
+    import trainer
+    timed = []
+
+    def fake_timer(fn, device):  # run the step (so it is exercised) but report 0.5 s for it
+        fn()
+        timed.append(1)
+        return 0.5
+    real = trainer.steps_for_budget
+    monkeypatch.setattr(train, "steps_for_budget", lambda *a, **k: real(*a, **k, timer=fake_timer))
+    base = ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--sample-every", "0"]
+    train.main([*base, "--out-dir", str(tmp_path / "budget"), "--time-budget", "0.05"])  # 3 s / 0.5 s = 6 steps
+    assert len(timed) == 3
+    assert "--time-budget 0.05 min at 0.500 s per step" in capsys.readouterr().out
+    budget = torch.load(tmp_path / "budget" / "ckpt.pt", weights_only=True)
+    assert budget["step"] == budget["config"]["train"]["max_steps"] == 6
+    train.main([*base, "--out-dir", str(tmp_path / "steps"), "--max-steps", "6"])
+    steps = torch.load(tmp_path / "steps" / "ckpt.pt", weights_only=True)
+    for k, v in steps["ema"].items():  # timing the step on a copy left the run's weights and noise alone
+        assert torch.equal(v, budget["ema"][k]), k
+
+
+@pytest.mark.parametrize("args,message", [
     (["--labels", "11"], "every label must be in 0..9"),
     (["--labels", "a,b"], "expected integers"),
     (["--steps", "0"], "steps must be > 0, got 0"),
