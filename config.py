@@ -157,6 +157,9 @@ class LoraConfig:
     lora_steps: int = 600  # optimizer steps of the fine-tune
     lora_lr: float = 1e-3  # LoRA learning rate (AdamW, constant after warm-up)
     lora_batch_size: int = 128  # global batch for the fine-tune
+    # the fine-tune draws t from [lo*T, hi*T) instead of all T steps: a style such as a slant is decided
+    # at middle noise, not in the last few steps (diffusers' --timestep_bias_strategy range does the same)
+    lora_t_range: tuple = (0.0, 1.0)
 
     def __post_init__(self):
         self.targets = tuple(str(t) for t in self.targets)
@@ -168,6 +171,9 @@ class LoraConfig:
             raise ValueError("targets is empty; name at least one layer, e.g. --targets Wq,Wk,Wv")
         _choice(self, "style", ("none", "italic", "bold"))
         _positive(self, "lora_steps", "lora_batch_size")
+        self.lora_t_range = tuple(float(v) for v in self.lora_t_range)
+        if len(self.lora_t_range) != 2 or not 0 <= self.lora_t_range[0] < self.lora_t_range[1] <= 1:
+            raise ValueError(f"lora_t_range must be two numbers lo,hi with 0 <= lo < hi <= 1, got {self.lora_t_range}")
         if self.lora_lr <= 0 or not 0 <= self.lora_dropout < 1:
             raise ValueError("lora_lr must be > 0 and lora_dropout in [0, 1)")
 

@@ -56,6 +56,15 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def lora_steps_range(fractions, timesteps):
+    """--lora-t-range lo,hi (fractions of T) -> the steps (lo, hi) the fine-tune draws t from, lo <= t < hi."""
+    lo, hi = (round(f * timesteps) for f in fractions)
+    if hi <= lo:
+        raise CLIError(f"--lora-t-range {fractions[0]:g},{fractions[1]:g} holds no step of this model's T={timesteps}; "
+                       "widen it")
+    return lo, hi
+
+
 def check_resume_flags(args, adapter):
     for name in ("r", "alpha", "targets", "style"):
         given = getattr(args, name)
@@ -148,7 +157,8 @@ def finetune(args):
     train_data = TrainData(images=to_model_range(styled, model.cfg.img_size).to(device),
                            labels=data.labels.to(device), global_batch=global_batch, seed=tcfg.seed,
                            label_drop=tcfg.label_drop, null_label=model.num_classes, dist=dist_info,
-                           gen=torch.Generator().manual_seed(tcfg.seed + 2))
+                           gen=torch.Generator().manual_seed(tcfg.seed + 2),
+                           t_range=lora_steps_range(lcfg.lora_t_range, diffusion.timesteps))
     step = 0
     if adapter is not None:
         opt.load_state_dict(adapter["optimizer"])
@@ -165,7 +175,8 @@ def finetune(args):
         f"{data.name} slant {slant(data.images).mean():+.3f} -> styled {slant(styled).mean():+.3f}, "
         f"ink {ink(data.images).mean():.3f} -> {ink(styled).mean():.3f}")
     log(f"lora: {dist_info.world} process(es) x batch {local_batch} = global batch {global_batch}, "
-        f"lr {lcfg.lora_lr}, steps {step}->{lcfg.lora_steps}, device {device}, {precision}")
+        f"lr {lcfg.lora_lr}, steps {step}->{lcfg.lora_steps}, t drawn from {train_data.t_range[0]}.."
+        f"{train_data.t_range[1] - 1}, device {device}, {precision}")
 
     def save(epoch, step):
         if not dist_info.main:

@@ -68,12 +68,14 @@ def epoch_batches(n, global_batch, epoch, seed, dist_info):
     return [perm[k * global_batch:(k + 1) * global_batch][dist_info.rank::dist_info.world] for k in range(steps)]
 
 
-def draw_batch_noise(gen, global_batch, timesteps, label_drop, shape, dist_info):
+def draw_batch_noise(gen, global_batch, timesteps, label_drop, shape, dist_info, t_range=None):
     """t, noise and the label-drop mask for the whole global batch, then this rank's share.
 
+    t is uniform over the steps ``t_range`` = (lo, hi), lo <= t < hi (default all of 0..timesteps-1).
     Drawn for the global batch on every rank from the same generator, so a run on N processes
     sees the same noise per example as a single process on the same global batch."""
-    t = torch.randint(0, timesteps, (global_batch,), generator=gen)
+    lo, hi = t_range or (0, timesteps)
+    t = torch.randint(lo, hi, (global_batch,), generator=gen)
     noise = torch.randn((global_batch, *shape), generator=gen)
     drop = torch.rand(global_batch, generator=gen) < label_drop
     sl = slice(dist_info.rank, None, dist_info.world)
@@ -91,6 +93,7 @@ class TrainData:
     null_label: int  # the label index meaning "no label"
     dist: Dist  # this rank and the world size
     gen: torch.Generator  # timesteps, noise and label drop; its state is saved for --resume
+    t_range: Optional[tuple] = None  # (lo, hi): draw t from lo..hi-1; None: every step of the schedule
 
     @property
     def steps_per_epoch(self):
@@ -101,7 +104,7 @@ class TrainData:
         idx = idx.to(device)
         x0, labels = self.images[idx], self.labels[idx]
         t, noise, drop = draw_batch_noise(self.gen, self.global_batch, timesteps, self.label_drop, x0.shape[1:],
-                                          self.dist)
+                                          self.dist, self.t_range)
         t, noise, drop = t.to(device), noise.to(device), drop.to(device)
         labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
         return x0, labels, t, noise

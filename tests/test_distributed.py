@@ -79,6 +79,17 @@ def test_draw_batch_noise_slices_the_global_draw():
         assert torch.equal(rebuilt, whole)
 
 
+def test_draw_batch_noise_keeps_t_in_its_range():
+    """A fine-tune's --lora-t-range: every t in lo..hi-1, both ends reached; no range is every step."""
+    g = torch.Generator().manual_seed(0)
+    t, _, _ = draw_batch_noise(g, 4000, 50, 0.0, (1, 2, 2), Dist(), t_range=(10, 40))
+    assert t.min().item() == 10 and t.max().item() == 39
+    t_all, _, _ = draw_batch_noise(torch.Generator().manual_seed(0), 4000, 50, 0.0, (1, 2, 2), Dist())
+    assert t_all.min().item() == 0 and t_all.max().item() == 49
+    same, _, _ = draw_batch_noise(torch.Generator().manual_seed(0), 4000, 50, 0.0, (1, 2, 2), Dist(), t_range=(0, 50))
+    assert torch.equal(same, t_all)  # the full range is the draw of a run without one
+
+
 def test_per_rank_batch_scopes():
     assert per_rank_batch(16, "global", 2) == (8, 16)
     assert per_rank_batch(16, "per-rank", 2) == (16, 32)
