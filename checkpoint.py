@@ -29,7 +29,7 @@ import struct
 
 import torch
 
-from config import DiffusionConfig, ModelConfig, UserError
+from config import DiffusionConfig, ModelConfig, UserError, from_saved
 from files import atomic_write
 from diffusion import Diffusion
 from lora import BaseMismatch, LoraError
@@ -236,7 +236,7 @@ def model_config_from_checkpoint(ckpt, path="checkpoint"):
 def _config(cls, saved, path):
     """A dataclass from a checkpoint's saved settings; settings it does not accept are a CheckpointError."""
     try:
-        return cls(**saved)
+        return from_saved(cls, saved)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path!r} holds {cls.__name__} settings this code cannot build ({e})") from None
 

@@ -36,6 +36,10 @@ class ModelConfig:
     arch: str = "sd"  # sd: Stable Diffusion's UNet | tutorial: the tutorial's (a small cross-attention per block)
     attn_dim: int = 0  # arch tutorial: width of Wq, Wk, Wv (the tutorial's 16); 0: the block's channels
     ff_dim: int = 0  # arch tutorial: hidden width of the feed-forward after the cross-attention (the tutorial's 32); 0: none
+    # arch sd: add a fixed 2-D sine position code to every transformer block's tokens (unet.position_code), so that
+    # attention, and a LoRA on Wq/Wk/Wv, knows where each token sits (Stable Diffusion has none; checkpoints saved
+    # before this setting existed have none: SAVED_BEFORE). README, "Levers measured", says what it changed
+    pos_emb: bool = True
 
     def __post_init__(self):
         _choice(self, "arch", ("sd", "tutorial"))
@@ -63,6 +67,9 @@ class ModelConfig:
             what = "attn_dim" if self.attn_dim else "channels at attention levels"
             raise ValueError(f"{what} must be divisible by num_heads={self.num_heads}")
         _positive(self, "num_classes", "num_res_blocks", "num_heads", "context_dim", "time_dim", "in_channels")
+        if self.arch == "tutorial" and self.pos_emb:
+            raise ValueError("pos_emb adds a position code to the sd arch's transformer blocks; the tutorial arch "
+                             "has none: pass --no-pos-emb (or --preset tutorial)")
 
 
 @dataclass
@@ -196,7 +203,8 @@ PRESETS: dict[str, dict[type, dict]] = {
         # the tutorial's UNet: one block per level at 48, 24, 12, 6, 3 pixels, each followed by a cross-attention
         # to the label (q, k, v 16 wide, one head, a feed-forward 32 wide), nine in all; 4 label tokens of 32
         ModelConfig: dict(img_size=48, patch_size=1, channels=(64, 128, 256, 512, 1024), attn_levels=(0, 1, 2, 3, 4),
-                          num_heads=1, context_dim=32, time_dim=256, arch="tutorial", attn_dim=16, ff_dim=32),
+                          num_heads=1, context_dim=32, time_dim=256, arch="tutorial", attn_dim=16, ff_dim=32,
+                          pos_emb=False),
         DiffusionConfig: dict(min_snr_gamma=0.0),
         # DDPM's own optimiser (Adam 2e-4, warm-up, clipping 1.0, EMA 0.9999), not the tutorial's
         # Adam 1e-3, which collapses this model: the README's "Measured on a GPU" says how it was seen
@@ -215,6 +223,25 @@ PRESETS: dict[str, dict[type, dict]] = {
         LoraConfig: dict(lora_steps=4, lora_batch_size=16, r=2, alpha=2.0),
     },
 }
+
+
+# Settings added after checkpoints were first written, with the value every checkpoint saved before them was built
+# with: a saved config that lacks the key means this value, not today's default.
+SAVED_BEFORE: dict[type, dict] = {ModelConfig: {"pos_emb": False}}
+
+
+def saved_value(cls, saved, name):
+    """The value of field ``name`` in a checkpoint's saved ``cls`` settings (a dict), for fields it may lack."""
+    if name in saved:
+        return saved[name]
+    if name in SAVED_BEFORE.get(cls, {}):
+        return SAVED_BEFORE[cls][name]
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
+def from_saved(cls, saved):
+    """``cls`` rebuilt from a checkpoint's saved settings, older checkpoints' missing keys read as SAVED_BEFORE."""
+    return cls(**{**SAVED_BEFORE.get(cls, {}), **saved})
 
 
 def preset_config(cls, preset="fast", **overrides):
@@ -314,7 +341,7 @@ def config_from_args(args, cls, preset="fast", saved=None):
              if getattr(args, f.name, None) is not None}
     try:
         if saved is not None:
-            return cls(**{**saved, **given})
+            return from_saved(cls, {**saved, **given})
         return preset_config(cls, preset, **given)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None

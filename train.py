@@ -27,7 +27,7 @@ import torch
 from checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_state_strict, save_checkpoint
 from files import atomic_write, check_writable_dir, same_file, write_json
 from config import (CLIError, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig, add_config_args, add_preset_arg,
-                    config_dict, config_from_args, preset_config, run_main)
+                    config_dict, config_from_args, from_saved, preset_config, run_main, saved_value)
 from dataset import save_grid, to_model_range
 from diffusion import Diffusion, generate
 from runtime import (broadcast_object, cleanup_distributed, enable_tf32, per_rank_batch, rank0_logger,
@@ -58,7 +58,7 @@ def check_resume_flags(args, ckpt, path):
     for cls, key in ((ModelConfig, "model"), (DiffusionConfig, "diffusion")):
         for f in dataclasses.fields(cls):
             given = getattr(args, f.name, None)
-            saved = ckpt["config"][key].get(f.name, f.default)  # a field added later: what older runs used
+            saved = saved_value(cls, ckpt["config"][key], f.name)  # a field added later: what older runs used
             if given is not None and type(saved)(given) != saved:
                 raise CLIError(f"--{f.name.replace('_', '-')} {given} contradicts {path!r}, which was trained "
                                f"with {saved}; drop the flag to resume, or start afresh in another --out-dir")
@@ -217,8 +217,8 @@ def resolve_configs(args):
     check_resume_flags(args, ckpt, resume_path)
     saved = ckpt["config"]
     # the run's own settings, not the preset's; training flags given now (say --max-steps) still win
-    return (config_from_args(args, TrainConfig, saved=saved["train"]), ModelConfig(**saved["model"]),
-            DiffusionConfig(**saved["diffusion"]), ckpt, resume_path)
+    return (config_from_args(args, TrainConfig, saved=saved["train"]), from_saved(ModelConfig, saved["model"]),
+            from_saved(DiffusionConfig, saved["diffusion"]), ckpt, resume_path)
 
 
 def sample_grid(ema, diffusion, num_classes, device, precision, seed, data_size, path, rows, steps):

@@ -40,6 +40,23 @@ def timestep_embedding(t, dim, max_period=10000):
     return F.pad(emb, (0, dim % 2))
 
 
+def position_code(h, w, dim, device, dtype, max_period=100.0):
+    """A fixed 2-D sine/cosine position code (h*w, dim) for a feature map's tokens, row-major.
+
+    A quarter of the channels are sines and cosines of the row at ``dim // 4`` frequencies from 1 to
+    1/max_period, a quarter the same of the column, as in ViT and MAE's 2-D sine-cosine embedding;
+    channels left over (dim not a multiple of 4) are 0. It has no parameters, so a checkpoint does
+    not change shape; it is what lets attention, and a LoRA on Wq/Wk/Wv, tell the top of a digit
+    from its bottom (Stable Diffusion's transformer blocks have none and rely on convolution padding)."""
+    q = dim // 4
+    freqs = torch.exp(-math.log(max_period) * torch.arange(q, device=device, dtype=torch.float32) / max(q, 1))
+    rows = torch.arange(h, device=device, dtype=torch.float32)[:, None] * freqs  # (h, q)
+    cols = torch.arange(w, device=device, dtype=torch.float32)[:, None] * freqs  # (w, q)
+    code = torch.cat([torch.cat([rows.sin(), rows.cos()], 1)[:, None, :].expand(h, w, 2 * q),
+                      torch.cat([cols.sin(), cols.cos()], 1)[None, :, :].expand(h, w, 2 * q)], -1)
+    return F.pad(code.reshape(h * w, 4 * q), (0, dim - 4 * q)).to(dtype)
+
+
 def norm(channels):
     """GroupNorm with up to 8 groups (32 in Stable Diffusion, which has far wider layers)."""
     groups = math.gcd(channels, 8)
@@ -113,10 +130,12 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Feature map (B, C, H, W) -> tokens (B, HW, C) -> transformer block -> back, with a residual."""
+    """Feature map (B, C, H, W) -> tokens (B, HW, C) (+ the position code) -> transformer block -> back, with a
+    residual."""
 
-    def __init__(self, channels, num_heads, context_dim):
+    def __init__(self, channels, num_heads, context_dim, pos_emb=False):
         super().__init__()
+        self.pos_emb = pos_emb
         self.norm = norm(channels)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.block = TransformerBlock(channels, num_heads, context_dim)
@@ -126,6 +145,8 @@ class SpatialTransformer(nn.Module):
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x))
         h = h.flatten(2).transpose(1, 2)  # (B, HW, C)
+        if self.pos_emb:
+            h = h + position_code(H, W, C, h.device, h.dtype)
         h = self.block(h, context)
         h = h.transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
@@ -196,7 +217,8 @@ class UNet(nn.Module):
         ch, n, td = cfg.channels, cfg.num_res_blocks, cfg.time_dim
 
         def level(c_ins, c_out, i):
-            attn = (lambda c: SpatialTransformer(c, cfg.num_heads, cfg.context_dim)) if i in cfg.attn_levels else None
+            attn = ((lambda c: SpatialTransformer(c, cfg.num_heads, cfg.context_dim, cfg.pos_emb))
+                    if i in cfg.attn_levels else None)
             return UNetLevel(c_ins, c_out, td, cfg.dropout, attn)
 
         self.down = nn.ModuleList()
@@ -208,7 +230,7 @@ class UNet(nn.Module):
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
             c_prev = c
         self.mid1 = ResBlock(ch[-1], ch[-1], td, cfg.dropout)
-        self.mid_attn = SpatialTransformer(ch[-1], cfg.num_heads, cfg.context_dim)
+        self.mid_attn = SpatialTransformer(ch[-1], cfg.num_heads, cfg.context_dim, cfg.pos_emb)
         self.mid2 = ResBlock(ch[-1], ch[-1], td, cfg.dropout)
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()

@@ -214,6 +214,34 @@ def test_a_checkpoint_from_before_the_schedule_setting_resumes_as_linear(tmp_pat
     assert resumed["step"] == 5 and resumed["config"]["diffusion"]["schedule"] == "linear"
 
 
+def test_a_checkpoint_from_before_the_position_code_is_rebuilt_without_it(tmp_path, tiny_ckpt, capsys):
+    """A run saved before ModelConfig had ``pos_emb`` was trained without the position code: it samples and
+    resumes without it (its outputs are those of a pos_emb=False model), and --pos-emb on it is refused."""
+    out = tmp_path / "old"
+    out.mkdir()
+    ckpt = load_checkpoint(tiny_ckpt)
+    assert ckpt["config"]["model"]["pos_emb"] is True  # the tiny preset, like the default, has it
+    del ckpt["config"]["model"]["pos_emb"]
+    save_checkpoint(ckpt, str(out / "ckpt.pt"))
+    model, _ = load_model(str(out / "ckpt.pt"))
+    assert model.cfg.pos_emb is False
+    x, t, labels = probe_inputs()
+    without, with_code = (UNet(ModelConfig(**{**ckpt["config"]["model"], "pos_emb": p})).eval() for p in (False, True))
+    for m in (without, with_code):
+        m.load_state_dict(ckpt["ema"])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, labels), without(x, t, labels))
+        assert (model(x, t, labels) - with_code(x, t, labels)).abs().max() > 1e-4  # the code does change outputs
+    before = (out / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run_train(out, "--resume", "--pos-emb", "--max-steps", "5")
+    assert e.value.code == 2 and "--pos-emb True contradicts" in capsys.readouterr().err
+    assert (out / "ckpt.pt").read_bytes() == before
+    run_train(out, "--resume", "--max-steps", "5")
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 5 and resumed["config"]["model"]["pos_emb"] is False
+
+
 def test_resume_without_a_checkpoint_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_train(tmp_path / "empty", "--resume")

@@ -105,8 +105,9 @@ def test_lora_rank_8_lands_in_all_nine_cross_attentions(cfg):
     (dict(arch="tutorial2"), "arch must be one of"),
     (dict(attn_dim=16), "need arch tutorial"),
     (dict(ff_dim=32), "need arch tutorial"),
-    (dict(arch="tutorial", attn_dim=-1), ">= 0"),
-    (dict(arch="tutorial", attn_dim=10, num_heads=4), "attn_dim must be divisible by num_heads=4"),
+    (dict(arch="tutorial", attn_dim=-1, pos_emb=False), ">= 0"),
+    (dict(arch="tutorial", attn_dim=10, num_heads=4, pos_emb=False), "attn_dim must be divisible by num_heads=4"),
+    (dict(arch="tutorial"), "the tutorial arch has none: pass --no-pos-emb"),
 ])
 def test_model_config_rejects_bad_tutorial_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -116,7 +117,8 @@ def test_model_config_rejects_bad_tutorial_settings(kwargs, match):
 def test_tutorial_layout_on_a_small_config():
     """The same layout at test size: several blocks per level, batch elements independent, labels matter."""
     cfg = ModelConfig(arch="tutorial", patch_size=1, channels=(8, 16, 32), attn_levels=(0, 1, 2), num_heads=2,
-                      num_res_blocks=2, context_tokens=2, context_dim=8, time_dim=16, attn_dim=4, ff_dim=0)
+                      num_res_blocks=2, context_tokens=2, context_dim=8, time_dim=16, attn_dim=4, ff_dim=0,
+                      pos_emb=False)
     model = UNet(cfg).eval()
     assert len(cross_blocks(model)) == 2 * 3 + 2 * 2
     assert all(b.ff is None for b in cross_blocks(model).values())

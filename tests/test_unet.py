@@ -157,6 +157,34 @@ def test_one_context_token_with_fused_attention_kernels_is_zero_up_to_rounding()
             assert g.abs().max().item() < 1e-5 * wv.abs().max().item(), name
 
 
+def test_position_code_tells_every_token_apart_by_row_and_column():
+    from unet import position_code
+    h, w, dim = 7, 5, 18  # 18: four quarters of 4 channels, 2 left over as zeros
+    code = position_code(h, w, dim, "cpu", torch.float32).view(h, w, dim)
+    assert torch.equal(code[..., 16:], torch.zeros(h, w, 2))
+    assert len({tuple(v.tolist()) for v in code.view(h * w, dim)}) == h * w  # no two positions alike
+    assert torch.equal(code[:, :1, :8].expand(h, w, 8), code[..., :8])  # the first half: the row alone
+    assert torch.equal(code[:1, :, 8:16].expand(h, w, 8), code[..., 8:16])  # the second half: the column alone
+    # frequency 1 (the first of 4): sin and cos of the row at channels 0 and 4, of the column at 8 and 12
+    assert torch.allclose(code[2, 3, [0, 4, 8, 12]], torch.tensor([math.sin(2), math.cos(2), math.sin(3), math.cos(3)]))
+
+
+@pytest.mark.parametrize("pos_emb", [False, True])
+def test_only_the_position_code_lets_a_transformer_block_see_where_a_token_is(pos_emb):
+    """On a feature map equal at every position, a transformer block without the position code gives the same
+    output everywhere (nothing in it knows positions, so neither can a LoRA on its Wq/Wk/Wv); with it, not."""
+    from unet import SpatialTransformer
+    torch.manual_seed(0)
+    block = SpatialTransformer(16, 2, 8, pos_emb=pos_emb).eval()
+    for p in block.parameters():  # proj_out starts at zero in no layer here, but make sure the block acts
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(1, 16, 1, 1).expand(2, 16, 5, 5).contiguous()
+    with torch.no_grad():
+        out = block(x, torch.randn(2, 3, 8))
+    spread = (out - out[:, :, :1, :1]).abs().max().item()
+    assert (spread > 1e-2) if pos_emb else (spread < 1e-5)
+
+
 def test_model_config_rejects_a_single_context_token():
     with pytest.raises(ValueError, match="gradient"):
         ModelConfig(context_tokens=1)
