@@ -443,6 +443,7 @@ def test_full_fine_tune_writes_a_base_checkpoint_that_extract_reads(tiny_ckpt, t
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert any(k.endswith("Wo.weight") for k in changed) and any(".ff." in k for k in changed)  # every weight trains
     assert ckpt["fine_tune"]["base_fingerprint"] == state_fingerprint(base_ckpt["ema"])
+    assert ckpt["fine_tune"]["config"]["lora_lr"] == lora_finetune.FULL_LR == 3e-4  # not LoRA's 1e-2
     run_tools("extract", "--tuned", full, "--base", tiny_ckpt, "--rank", "2", "--out", tmp_path / "x")
     assert load_adapter(tmp_path / "x")["base_fingerprint"] == state_fingerprint(base_ckpt["ema"])
     with pytest.raises(SystemExit) as e:
