@@ -232,11 +232,8 @@ SAVED_BEFORE: dict[type, dict] = {ModelConfig: {"pos_emb": False}}
 
 def saved_value(cls, saved, name):
     """The value of field ``name`` in a checkpoint's saved ``cls`` settings (a dict), for fields it may lack."""
-    if name in saved:
-        return saved[name]
-    if name in SAVED_BEFORE.get(cls, {}):
-        return SAVED_BEFORE[cls][name]
-    return next(f.default for f in fields(cls) if f.name == name)
+    defaults = {f.name: f.default for f in fields(cls)}
+    return {**defaults, **SAVED_BEFORE.get(cls, {}), **saved}[name]
 
 
 def from_saved(cls, saved):

@@ -198,7 +198,7 @@ def resolve_configs(args):
     """The run's configs: from the preset and flags, or on --resume from the checkpoint (flags still win).
 
     Returns (train, model, diffusion configs, the checkpoint or None, its path or None)."""
-    if getattr(args, "time_budget", None):
+    if args.time_budget:
         if args.resume is not None:
             raise CLIError("--time-budget sizes a new run; a resumed run keeps the steps it was given "
                            "(pass --max-steps to change them)")

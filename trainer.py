@@ -161,14 +161,21 @@ def optimizer_step(fwd_model, opt, scaler, diffusion, batch, device, precision, 
     return loss
 
 
-def precision_probe(model, diffusion, data, timesteps, batch_size, device):
-    """``probe(precision)`` for runtime.resolve_precision: one forward and backward of the loss on
-    ``data``'s first ``batch_size`` images, the gradients dropped. Its t and noise come from its own
-    generator, so the run's data, noise and weights are the same whichever precision it picks."""
+def probe_batch(data, timesteps, batch_size, device):
+    """``data``'s first ``batch_size`` images and labels with t and noise from a generator of their own, so
+    that timing a step (precision_probe, steps_for_budget) leaves the run's random streams alone."""
     g = torch.Generator().manual_seed(0)
     x0, labels = data.images[:batch_size], data.labels[:batch_size]
     t = torch.randint(0, timesteps, (len(labels),), generator=g).to(device)
     noise = torch.randn(x0.shape, generator=g).to(device)
+    return x0, labels, t, noise
+
+
+def precision_probe(model, diffusion, data, timesteps, batch_size, device):
+    """``probe(precision)`` for runtime.resolve_precision: one forward and backward of the loss on
+    ``data``'s first ``batch_size`` images, the gradients dropped. Its t and noise come from its own
+    generator, so the run's data, noise and weights are the same whichever precision it picks."""
+    x0, labels, t, noise = probe_batch(data, timesteps, batch_size, device)
 
     def probe(precision):
         with autocast(device, precision):
@@ -190,10 +197,7 @@ def steps_for_budget(minutes, model, diffusion, data, timesteps, batch_size, dev
     timer = timer or wall_time
     twin = copy.deepcopy(model).train()
     opt = make_optimizer(twin.parameters(), 1e-12, 0.0, device)  # a real update of the copy, of no size
-    g = torch.Generator().manual_seed(0)
-    x0, labels = data.images[:batch_size], data.labels[:batch_size]
-    t = torch.randint(0, timesteps, (len(labels),), generator=g).to(device)
-    noise = torch.randn(x0.shape, generator=g).to(device)
+    x0, labels, t, noise = probe_batch(data, timesteps, batch_size, device)
 
     def step():
         opt.zero_grad(set_to_none=True)

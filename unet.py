@@ -50,10 +50,11 @@ def position_code(h, w, dim, device, dtype, max_period=100.0):
     from its bottom (Stable Diffusion's transformer blocks have none and rely on convolution padding)."""
     q = dim // 4
     freqs = torch.exp(-math.log(max_period) * torch.arange(q, device=device, dtype=torch.float32) / max(q, 1))
-    rows = torch.arange(h, device=device, dtype=torch.float32)[:, None] * freqs  # (h, q)
-    cols = torch.arange(w, device=device, dtype=torch.float32)[:, None] * freqs  # (w, q)
-    code = torch.cat([torch.cat([rows.sin(), rows.cos()], 1)[:, None, :].expand(h, w, 2 * q),
-                      torch.cat([cols.sin(), cols.cos()], 1)[None, :, :].expand(h, w, 2 * q)], -1)
+
+    def axis(n):  # (n, 2q): sines, then cosines, of positions 0..n-1
+        a = torch.arange(n, device=device, dtype=torch.float32)[:, None] * freqs
+        return torch.cat([a.sin(), a.cos()], 1)
+    code = torch.cat([axis(h)[:, None, :].expand(h, w, 2 * q), axis(w)[None, :, :].expand(h, w, 2 * q)], -1)
     return F.pad(code.reshape(h * w, 4 * q), (0, dim - 4 * q)).to(dtype)
 
 
