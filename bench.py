@@ -50,8 +50,8 @@ import time
 import torch
 
 from files import write_json
-from config import (CLIError, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig, add_preset_arg,
-                    preset_config, run_main)
+from config import (CLIError, DiffusionConfig, HelpFormatter, LoraConfig, ModelConfig, SampleConfig, TrainConfig,
+                    add_preset_arg, preset_config, run_main)
 from dataset import DATASETS, load_dataset, to_model_range
 from diffusion import Diffusion, generate
 from lora import add_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
@@ -100,7 +100,7 @@ def _non_negative_float(text):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_preset_arg(p)
     add_runtime_args(p, devices=("auto", "cpu", "cuda"))  # precision: of training (also timed in fp32), LoRA,
     # inference and sampling; auto is what train.py uses

@@ -282,6 +282,16 @@ def run_main(fn, args, cleanup=None):
             cleanup(ok)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each flag's default, except where it is None: a config flag's None means "the preset's
+    value", which its help text already gives, and an optional path's None means "not given"."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _flag(name):
     return "--" + name.replace("_", "-")
 

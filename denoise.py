@@ -24,7 +24,7 @@ import torch
 from adapter import DEFAULT_ADAPTER, attach_adapters, load_adapters
 from checkpoint import load_for_sampling
 from files import atomic_write, check_writable_dir
-from config import CLIError, SampleConfig, add_config_args, config_from_args, finite_float, run_main
+from config import CLIError, HelpFormatter, SampleConfig, add_config_args, config_from_args, finite_float, run_main
 from dataset import save_grid
 from diffusion import generate
 from lora import merge_lora, set_lora_scale
@@ -55,7 +55,7 @@ def parse_labels(text, num_classes):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default=os.path.join("out", "ckpt.pt"), help="base checkpoint from train.py")
     p.add_argument("--out-dir", default="out", help="where the pictures and the .npz go")
     p.add_argument("--name", default=None, help="file name stem (default samples, or lora_samples with --lora)")

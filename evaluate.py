@@ -37,7 +37,7 @@ from adapter import DEFAULT_ADAPTER, attach_adapters, load_adapters
 from checkpoint import (CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_for_sampling, load_state_strict,
                         save_checkpoint)
 from files import atomic_write, check_writable_dir, check_writable_file, same_file, write_json
-from config import CLIError, SampleConfig, add_config_args, config_from_args, finite_float, run_main
+from config import CLIError, HelpFormatter, SampleConfig, add_config_args, config_from_args, finite_float, run_main
 from dataset import apply_style, ink, load_dataset, slant, to_model_range
 from diffusion import generate
 from lora import set_lora_scale
@@ -359,7 +359,7 @@ def curve_png(results, path):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", nargs="+", help="checkpoint(s) from train.py to sample from and score")
     src.add_argument("--samples", help=".npz written by denoise.py (images, labels)")

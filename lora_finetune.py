@@ -26,7 +26,8 @@ import torch
 from adapter import DEFAULT_ADAPTER, STATE_NAME, adapter_size, check_output_folder, load_adapter, load_training_state, save_adapter
 from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_for_sampling, save_checkpoint
 from files import check_writable_dir, check_writable_file, same_file
-from config import CLIError, LoraConfig, TrainConfig, add_config_args, add_preset_arg, config_from_args, run_main
+from config import (CLIError, HelpFormatter, LoraConfig, TrainConfig, add_config_args, add_preset_arg, config_from_args,
+                    run_main)
 from dataset import apply_style, ink, slant, to_model_range
 from lora import add_lora, apply_adapter, mark_only_lora_as_trainable
 from runtime import (cleanup_distributed, enable_tf32, per_rank_batch, rank0_logger, resolve_precision,
@@ -44,7 +45,7 @@ LORA_GRAD_CLIP = 1.0  # max gradient norm of the LoRA tensors, as for the base m
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_preset_arg(p)
     p.add_argument("--ckpt", default=os.path.join("out", "ckpt.pt"), help="base checkpoint from train.py")
     p.add_argument("--out", default=None, help=f"the adapter folder (default {DEFAULT_ADAPTER}; with --full "

@@ -25,7 +25,7 @@ import torch
 from adapter import (DEFAULT_ADAPTER, adapter_size, check_same_base, delta_weights, load_adapter, load_adapters,
                      make_adapter, parse_lora_spec, resolve_kohya_names, write_adapter, write_kohya)
 from checkpoint import load_for_sampling, load_model, model_config_from_checkpoint, state_fingerprint
-from config import CLIError, SampleConfig, add_config_args, config_from_args, run_main
+from config import CLIError, HelpFormatter, SampleConfig, add_config_args, config_from_args, run_main
 from lora import LoraError, LoraLayer
 from runtime import add_runtime_args, pick_device, resolve_precision
 from unet import UNet
@@ -291,12 +291,12 @@ def grid_figure(cells, weights, names, path, label):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(name, fn, help_text):
         s = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         s.set_defaults(fn=fn)
         return s
 

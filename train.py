@@ -26,8 +26,8 @@ import torch
 
 from checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_state_strict, save_checkpoint
 from files import atomic_write, check_writable_dir, same_file, write_json
-from config import (CLIError, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig, add_config_args, add_preset_arg,
-                    config_dict, config_from_args, from_saved, preset_config, run_main, saved_value)
+from config import (CLIError, DiffusionConfig, HelpFormatter, ModelConfig, SampleConfig, TrainConfig, add_config_args,
+                    add_preset_arg, config_dict, config_from_args, from_saved, preset_config, run_main, saved_value)
 from dataset import save_grid, to_model_range
 from diffusion import Diffusion, generate
 from runtime import (broadcast_object, cleanup_distributed, enable_tf32, per_rank_batch, rank0_logger,
@@ -41,7 +41,7 @@ from unet import UNet, count_parameters
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_preset_arg(p)
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="continue from CKPT (default OUT_DIR/ckpt.pt) at its saved step")

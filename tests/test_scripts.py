@@ -160,6 +160,23 @@ def test_diverged_lora_stops_before_overwriting_the_adapter(tiny_ckpt, tiny_adap
     assert sorted(os.listdir(tmp_path)) == ["lora"]
 
 
+# ------------------------------------------------------------------ --help
+
+@pytest.mark.parametrize("script", ["train", "lora_finetune", "denoise", "evaluate", "bench", "lora_tools"])
+def test_help_gives_each_default_once_and_never_none(script, capsys):
+    """Config flags default to None (the preset fills them) and print their real default in the help; argparse's
+    own "(default: None)" once followed it on every one of them."""
+    module = __import__(script)
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "default: None" not in out
+    if script == "train":
+        assert "--max-steps MAX_STEPS (default 1000) --time-budget" in out
+        assert "--warmup-steps WARMUP_STEPS (default 100)" in out
+
+
 # ------------------------------------------------------------------ bad command lines
 
 def test_run_main_tells_cleanup_whether_the_body_succeeded(capsys):
