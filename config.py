@@ -164,10 +164,9 @@ class LoraConfig:
     lora_steps: int = 300  # optimizer steps of the fine-tune
     lora_lr: float = 1e-2  # LoRA learning rate (AdamW, constant after warm-up); README, "Levers measured"
     lora_batch_size: int = 128  # global batch for the fine-tune
-    # the fine-tune draws t from [lo*T, hi*T) instead of all T steps (diffusers' --timestep_bias_strategy range
-    # does the same): the noisiest fifth, where a 28x28 digit is almost pure noise, is left out; the least noisy
-    # steps stay in, or the adapter acts untrained there and leaves speckle (bold: README, "Levers measured")
-    lora_t_range: tuple = (0.0, 0.8)
+    # the fine-tune draws t from [lo*T, hi*T) instead of all T steps: a style such as a slant is decided
+    # at middle noise, not in the last few steps (diffusers' --timestep_bias_strategy range does the same)
+    lora_t_range: tuple = (0.2, 0.8)
 
     def __post_init__(self):
         self.targets = tuple(str(t) for t in self.targets)
