@@ -165,7 +165,9 @@ class LoraConfig:
     lora_lr: float = 1e-2  # LoRA learning rate (AdamW, constant after warm-up); README, "Levers measured"
     lora_batch_size: int = 128  # global batch for the fine-tune
     # the fine-tune draws t from [lo*T, hi*T) instead of all T steps: a style such as a slant is decided
-    # at middle noise, not in the last few steps (diffusers' --timestep_bias_strategy range does the same)
+    # at middle noise, not in the last few steps (diffusers' --timestep_bias_strategy range does the same).
+    # For --style bold pass 0,0.8: untrained at the least noisy steps, a bold adapter speckles its strokes
+    # (README, "Levers measured")
     lora_t_range: tuple = (0.2, 0.8)
 
     def __post_init__(self):
