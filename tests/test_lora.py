@@ -3,6 +3,7 @@
 Every equivalence is checked with lora_b set to non-zero values: with the initial B = 0 the
 update is zero and merged == unmerged == base would hold even for a broken implementation.
 """
+import argparse
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import lora_finetune
-from config import LoraConfig, ModelConfig, preset_config
+from config import LoraConfig, ModelConfig, add_config_args, config_from_args, preset_config
 from dataset import apply_style, ink, load_dataset, slant
 from adapter import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, adapter_size, load_adapter, load_training_state, save_adapter
 from checkpoint import state_fingerprint
@@ -327,6 +328,32 @@ def test_finetune_resume_continues_bit_identically(tmp_path, tiny_ckpt):
     assert load_training_state(tmp_path / "straight")["step"] == load_training_state(tmp_path / "split")["step"] == 4
     for k in a["lora"]:
         assert torch.equal(a["lora"][k], b["lora"][k]), k
+
+
+def test_the_fine_tunes_t_range_defaults_by_style_and_a_flag_wins():
+    """Bold draws t from 0..0.8 of T, italic and none from 0.2..0.8, unless --lora-t-range or the preset says."""
+    assert LoraConfig().lora_t_range == LoraConfig(style="none").lora_t_range == (0.2, 0.8)
+    assert LoraConfig(style="bold").lora_t_range == (0.0, 0.8)
+    assert LoraConfig(style="bold", lora_t_range=(0.2, 0.8)).lora_t_range == (0.2, 0.8)
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, LoraConfig)
+
+    def parsed(*argv, preset="fast"):
+        return config_from_args(parser.parse_args(list(argv)), LoraConfig, preset).lora_t_range
+    assert parsed("--style", "bold") == (0.0, 0.8) and parsed() == (0.2, 0.8)
+    assert parsed("--style", "bold", "--lora-t-range", "0.1,0.9") == (0.1, 0.9)
+    assert parsed("--style", "bold", preset="tutorial") == (0.0, 1.0)  # the preset's own range wins
+
+
+def test_a_bold_fine_tune_saves_its_t_range_and_resumes_with_it(tmp_path, tiny_ckpt):
+    """The range the style chose is saved with the adapter; a resume carries on with the saved range, so an
+    adapter trained before the default changed goes on as it began."""
+    run_finetune(tiny_ckpt, tmp_path / "bold", "--style", "bold", "--lora-steps", "2")
+    assert load_training_state(tmp_path / "bold")["config"]["lora_t_range"] == (0.0, 0.8)
+    run_finetune(tiny_ckpt, tmp_path / "old", "--style", "bold", "--lora-t-range", "0.2,0.8", "--lora-steps", "2")
+    run_finetune(tiny_ckpt, tmp_path / "old", "--resume", "--lora-steps", "3")
+    state = load_training_state(tmp_path / "old")
+    assert state["step"] == 3 and state["config"]["lora_t_range"] == (0.2, 0.8)
 
 
 @pytest.mark.parametrize("flag,value,saved", [("--r", "3", "2"), ("--targets", "Wq", "['Wq', 'Wk', 'Wv']"),
