@@ -236,7 +236,10 @@ PRESETS: dict[str, dict[type, dict]] = {
 
 # Settings added after checkpoints were first written, with the value every checkpoint saved before them was built
 # with: a saved config that lacks the key means this value, not today's default.
-SAVED_BEFORE: dict[type, dict] = {ModelConfig: {"pos_emb": False}}
+SAVED_BEFORE: dict[type, dict] = {
+    ModelConfig: {"pos_emb": False},
+    LoraConfig: {"lora_t_range": (0.0, 1.0)},  # a fine-tune saved before --lora-t-range drew t from every step
+}
 
 
 def saved_value(cls, saved, name):

@@ -16,7 +16,7 @@ import lora_finetune
 from config import LoraConfig, ModelConfig, add_config_args, config_from_args, preset_config
 from dataset import apply_style, ink, load_dataset, slant
 from adapter import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, adapter_size, load_adapter, load_training_state, save_adapter
-from checkpoint import state_fingerprint
+from checkpoint import load_checkpoint, save_checkpoint, state_fingerprint
 from lora import (LoraError, LoraLayer, add_lora, apply_adapter, lora_layers, lora_state_dict,
                   mark_only_lora_as_trainable, merge_lora, set_lora_scale, unmerge_lora)
 from unet import Attention, UNet
@@ -354,6 +354,20 @@ def test_a_bold_fine_tune_saves_its_t_range_and_resumes_with_it(tmp_path, tiny_c
     run_finetune(tiny_ckpt, tmp_path / "old", "--resume", "--lora-steps", "3")
     state = load_training_state(tmp_path / "old")
     assert state["step"] == 3 and state["config"]["lora_t_range"] == (0.2, 0.8)
+
+
+def test_a_fine_tune_saved_before_the_t_range_setting_resumes_on_every_step(tmp_path, tiny_ckpt, tiny_adapter):
+    """Fine-tunes saved before --lora-t-range existed drew t from all of 0..T-1: a resume goes on that way, not with
+    today's default for its style."""
+    out = tmp_path / "old"
+    shutil.copytree(tiny_adapter, out)
+    state = load_checkpoint(str(out / STATE_NAME), kind="lora_state")
+    del state["config"]["lora_t_range"]
+    save_checkpoint(state, str(out / STATE_NAME))
+    steps = state["step"] + 1
+    run_finetune(tiny_ckpt, out, "--resume", "--lora-steps", str(steps))
+    resumed = load_training_state(out)
+    assert resumed["step"] == steps and resumed["config"]["lora_t_range"] == (0.0, 1.0)
 
 
 @pytest.mark.parametrize("flag,value,saved", [("--r", "3", "2"), ("--targets", "Wq", "['Wq', 'Wk', 'Wv']"),
