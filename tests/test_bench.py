@@ -100,8 +100,9 @@ def test_inference(tiny_run):
     assert inf["batch_size"] == 20  # 2 x --sample-batch: one guided sampling step
     for k in ("base_ms", "unmerged_ms", "merged_ms"):
         assert inf[k] > 0
-    assert close(inf["merged_over_base"], inf["merged_ms"] / inf["base_ms"])
-    assert close(inf["unmerged_over_base"], inf["unmerged_ms"] / inf["base_ms"])
+    # the ratios are rounded to 4 places: a small one (a base forward slowed by a busy machine) is off by up to 5e-5
+    assert close(inf["merged_over_base"], inf["merged_ms"] / inf["base_ms"], abs_=5e-5)
+    assert close(inf["unmerged_over_base"], inf["unmerged_ms"] / inf["base_ms"], abs_=5e-5)
     assert inf["merged_max_abs_diff"] < 1e-4  # merging changes the cost, not the output
     for k in ("base", "unmerged", "merged"):
         assert inf[f"{k}_mem_peak_mb"] > 0
