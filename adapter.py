@@ -30,7 +30,7 @@ import torch
 
 from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from files import atomic_write
-from config import CLIError
+from errors import CLIError
 from lora import LoraError, LoraLayer, apply_adapter, lora_state_dict
 
 ADAPTER_FORMAT_VERSION = 2  # 1 was the single torch .pt file

@@ -50,8 +50,9 @@ import time
 import torch
 
 from files import write_json
-from config import (CLIError, DiffusionConfig, HelpFormatter, LoraConfig, ModelConfig, SampleConfig, TrainConfig,
-                    add_preset_arg, preset_config, run_main)
+from config import DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig, preset_config
+from cli import HelpFormatter, add_preset_arg
+from errors import CLIError, run_main
 from dataset import DATASETS, load_dataset, to_model_range
 from diffusion import Diffusion, generate
 from lora import add_lora, lora_layers, mark_only_lora_as_trainable, merge_lora

@@ -29,7 +29,8 @@ import struct
 
 import torch
 
-from config import DiffusionConfig, ModelConfig, UserError, from_saved
+from config import DiffusionConfig, ModelConfig, from_saved
+from errors import UserError
 from files import atomic_write
 from diffusion import Diffusion
 from lora import BaseMismatch, LoraError

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import UserError
+from errors import UserError
 from files import atomic_write
 
 DATASETS = ("auto", "mnist", "mnist-5k", "fashion-mnist")

@@ -24,7 +24,9 @@ import torch
 from adapter import DEFAULT_ADAPTER, attach_adapters, load_adapters
 from checkpoint import load_for_sampling
 from files import atomic_write, check_writable_dir
-from config import CLIError, HelpFormatter, SampleConfig, add_config_args, config_from_args, finite_float, run_main
+from config import SampleConfig
+from cli import HelpFormatter, add_config_args, config_from_args, finite_float
+from errors import CLIError, run_main
 from dataset import save_grid
 from diffusion import generate
 from lora import merge_lora, set_lora_scale

@@ -39,7 +39,9 @@ from adapter import DEFAULT_ADAPTER, attach_adapters, load_adapters
 from checkpoint import (CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_for_sampling, load_state_strict,
                         save_checkpoint)
 from files import atomic_write, check_writable_dir, check_writable_file, same_file, write_json
-from config import CLIError, HelpFormatter, SampleConfig, add_config_args, config_from_args, finite_float, run_main
+from config import SampleConfig
+from cli import HelpFormatter, add_config_args, config_from_args, finite_float
+from errors import CLIError, run_main
 from dataset import apply_style, ink, load_dataset, slant, to_model_range
 from diffusion import generate
 from lora import set_lora_scale

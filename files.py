@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 
-from config import UserError
+from errors import UserError
 
 
 class WriteError(UserError):

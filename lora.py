@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn as nn
 
-from config import UserError
+from errors import UserError
 
 
 class LoraError(UserError):

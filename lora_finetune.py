@@ -26,8 +26,9 @@ import torch
 from adapter import DEFAULT_ADAPTER, STATE_NAME, adapter_size, check_output_folder, load_adapter, load_training_state, save_adapter
 from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_for_sampling, save_checkpoint
 from files import check_writable_dir, check_writable_file, same_file
-from config import (CLIError, HelpFormatter, LoraConfig, TrainConfig, add_config_args, add_preset_arg, config_from_args,
-                    run_main)
+from config import LoraConfig, TrainConfig
+from cli import HelpFormatter, add_config_args, add_preset_arg, config_from_args
+from errors import CLIError, run_main
 from dataset import apply_style, ink, slant, to_model_range
 from lora import add_lora, apply_adapter, mark_only_lora_as_trainable
 from runtime import (cleanup_distributed, enable_tf32, per_rank_batch, rank0_logger, resolve_precision,

@@ -25,7 +25,9 @@ import torch
 from adapter import (DEFAULT_ADAPTER, adapter_size, check_same_base, delta_weights, load_adapter, load_adapters,
                      make_adapter, parse_lora_spec, resolve_kohya_names, write_adapter, write_kohya)
 from checkpoint import load_for_sampling, load_model, model_config_from_checkpoint, state_fingerprint
-from config import CLIError, HelpFormatter, SampleConfig, add_config_args, config_from_args, run_main
+from config import SampleConfig
+from cli import HelpFormatter, add_config_args, config_from_args
+from errors import CLIError, run_main
 from lora import LoraError, LoraLayer
 from runtime import add_runtime_args, pick_device, resolve_precision
 from unet import UNet

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from config import CLIError
+from errors import CLIError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

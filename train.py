@@ -26,8 +26,9 @@ import torch
 
 from checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_state_strict, save_checkpoint
 from files import atomic_write, check_writable_dir, same_file, write_json
-from config import (CLIError, DiffusionConfig, HelpFormatter, ModelConfig, SampleConfig, TrainConfig, add_config_args,
-                    add_preset_arg, config_dict, config_from_args, from_saved, preset_config, run_main, saved_value)
+from config import DiffusionConfig, ModelConfig, SampleConfig, TrainConfig, config_dict, from_saved, preset_config, saved_value
+from cli import HelpFormatter, add_config_args, add_preset_arg, config_from_args
+from errors import CLIError, run_main
 from dataset import save_grid, to_model_range
 from diffusion import Diffusion, generate
 from runtime import (broadcast_object, cleanup_distributed, enable_tf32, per_rank_batch, rank0_logger,

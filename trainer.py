@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from config import UserError
+from errors import UserError
 from dataset import load_dataset
 from runtime import Dist, all_reduce_mean, autocast, broadcast_object, wall_time
 

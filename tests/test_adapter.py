@@ -17,7 +17,8 @@ from adapter import (CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, attach_adapters, del
                      load_adapters, make_adapter, parse_lora_spec, resolve_kohya_names, save_adapter, write_adapter,
                      write_kohya)
 from checkpoint import CHECKPOINT_VERSION, save_checkpoint, state_fingerprint
-from config import CLIError, ModelConfig, preset_config
+from config import ModelConfig, preset_config
+from errors import CLIError
 from lora import LoraError, add_lora, apply_adapter, lora_layers, merge_lora, set_lora_scale, unmerge_lora
 from unet import UNet
 

@@ -18,7 +18,8 @@ import denoise
 import lora_finetune
 import runtime
 import train
-from config import CLIError, DiffusionConfig, ModelConfig, config_dict, preset_config
+from config import DiffusionConfig, ModelConfig, config_dict, preset_config
+from errors import CLIError
 from adapter import load_adapter, load_training_state, save_adapter
 from checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_model, save_checkpoint, state_fingerprint
 from lora import add_lora, apply_adapter, lora_layers

@@ -25,7 +25,8 @@ import torch
 import denoise
 import lora_finetune
 import train
-from config import CLIError, ModelConfig
+from config import ModelConfig
+from errors import CLIError
 from adapter import load_adapter, load_training_state
 from checkpoint import load_checkpoint
 from runtime import Dist, per_rank_batch

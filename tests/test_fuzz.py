@@ -20,7 +20,7 @@ import torch
 
 from adapter import load_adapter, load_training_state
 from checkpoint import load_checkpoint, load_model, save_checkpoint
-from config import UserError
+from errors import UserError
 
 MARKER = "code_ran.marker"
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 import lora_finetune
-from config import LoraConfig, ModelConfig, add_config_args, config_from_args, preset_config
+from config import LoraConfig, ModelConfig, preset_config
+from cli import add_config_args, config_from_args
 from dataset import apply_style, ink, load_dataset, slant
 from adapter import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, adapter_size, load_adapter, load_training_state, save_adapter
 from checkpoint import load_checkpoint, save_checkpoint, state_fingerprint

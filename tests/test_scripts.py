@@ -181,7 +181,7 @@ def test_help_gives_each_default_once_and_never_none(script, capsys):
 
 def test_run_main_tells_cleanup_whether_the_body_succeeded(capsys):
     """cleanup(ok): train.py's barrier before leaving the process group runs only on success."""
-    from config import UserError, run_main
+    from errors import UserError, run_main
     seen = []
     assert run_main(lambda a: a * 2, 21, seen.append) == 42
     with pytest.raises(SystemExit) as e:
