@@ -4,6 +4,11 @@ Every script builds its command line from these fields (``--batch-size``,
 ``--channels 32,64,128``, ``--ema-decay 0.999``), so a flag and its default can
 never drift apart. ``--preset NAME`` applies a preset first; explicit flags win.
 
+Each field is declared with ``setting(default, help, ge=.., le=.., choices=..)``: its one-line
+reason (the flag's --help), its bounds and its choices, once, beside it. ``check_settings``
+checks every field against them in ``__post_init__``, so a value out of range fails when the
+settings are built, at start-up, before any work; a new field is covered by declaring it.
+
     fast      the default: sized for a laptop CPU (the README gives measured times)
     tutorial  the original tutorial's network (48x48, channels 64..1024, a small
               cross-attention in each of its nine blocks, T=1000, batch 400), with
@@ -15,55 +20,156 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 
+# ------------------------------------------------------------------ settings and their bounds
+
+DEVICES = ("auto", "cpu", "cuda", "mps")  # auto tries cuda, then mps, then cpu
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DATASETS = ("auto", "mnist", "mnist-5k", "fashion-mnist")  # dataset.py reads each (a test holds the two lists equal)
+SEED_MAX = 2 ** 63 - 1  # torch's generators take 64-bit seeds; the scripts add small offsets to the seed
+WIDTH_MAX = 4096  # the widest layer: the tutorial's widest level is 1024, and a 4096-wide level's weights alone
+#                   pass a GB; a million, as a typo, was an allocation failure minutes into start-up
+STEPS_MAX = 10 ** 9  # more optimizer steps than any run here could take
+BATCH_MAX = 65536  # more images than MNIST's 60,000: a larger batch is always a typo
+TIME_BUDGET_MAX = 7 * 24 * 60  # minutes: a week
+# an adapter's weight (strength): 1 as trained, 0 off, negative pushes the other way; bounded so that a typo
+# (1e308) is refused at start-up instead of overflowing the merged weights into black pictures
+WEIGHT_RANGE = (-10.0, 10.0)
+
+
+def setting(default, help, *, group=None, ge=None, gt=None, le=None, lt=None, choices=None, item=None, path=False,
+            unit="", why="", hint="", label=""):
+    """A dataclass field with its one-line ``help`` and its bounds, declared once, beside the field.
+
+    ``check_settings`` validates every field from these (in ``__post_init__``), and cli.py builds the flag,
+    its help text, its choices and its group from them, so a new field is covered by declaring it here.
+    ge/gt/le/lt bound a number (each item of a tuple); ``choices`` lists a string's values; ``path``: a
+    path, never empty; ``unit`` names what the number counts ("a number of minutes"); ``why`` says why
+    the upper bound is where it is, ``hint`` what to pass instead (both go into the error); ``item``:
+    the type of a tuple's items when the default is empty; ``group``: the section of --help (default:
+    the class's); ``label``: what an error calls the field when its name alone says too little."""
+    meta = {"help": help, "group": group, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices,
+            "item": item, "path": path, "unit": unit, "why": why, "hint": hint, "label": label}
+    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None and v is not False
+                                            and not (isinstance(v, str) and not v)})
+
+
+def _fmt(v):
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def range_text(meta, integer=False):
+    """The bounds in ``meta`` as people write them: "1..4096", "[0, 1)", ">= 0"; "" when unbounded."""
+    lo = ("[", meta["ge"]) if "ge" in meta else ("(", meta["gt"]) if "gt" in meta else None
+    hi = ("]", meta["le"]) if "le" in meta else (")", meta["lt"]) if "lt" in meta else None
+    if integer:  # an integer above 0 is at least 1
+        lo = lo and ("[", lo[1] if lo[0] == "[" else lo[1] + 1)
+        hi = hi and ("]", hi[1] if hi[0] == "]" else hi[1] - 1)
+    if lo and hi:
+        if integer and lo[0] == "[" and hi[0] == "]":
+            return f"{_fmt(lo[1])}..{_fmt(hi[1])}"
+        return f"{lo[0]}{_fmt(lo[1])}, {_fmt(hi[1])}{hi[0]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {_fmt(lo[1])}"
+    if hi:
+        return f"{'<=' if hi[0] == ']' else '<'} {_fmt(hi[1])}"
+    return ""
+
+
+def _broken_bound(v, meta):
+    """The bound ``v`` breaks ("> 0", "<= 4096"), or None. Written as ``not (v >= lo)`` so that NaN breaks it."""
+    for key, text, ok in (("gt", ">", lambda b: v > b), ("ge", ">=", lambda b: v >= b),
+                          ("lt", "<", lambda b: v < b), ("le", "<=", lambda b: v <= b)):
+        if key in meta and not ok(meta[key]):
+            return f"{text} {_fmt(meta[key])}"
+    return None
+
+
+def check_settings(cfg):
+    """Every field of the dataclass ``cfg`` against its declared choices, path rule and bounds (``setting``).
+
+    Raises ValueError naming the field, the bound it breaks and the value; cli.py turns it into one line."""
+    for f in fields(cfg):
+        meta, value, name = f.metadata, getattr(cfg, f.name), f.name
+        hint = f"; {meta['hint']}" if "hint" in meta else ""
+        if "choices" in meta and value not in meta["choices"]:
+            raise ValueError(f"unknown {name} {value!r}: {name} must be one of {', '.join(meta['choices'])}")
+        if meta.get("path") and not (isinstance(value, str) and value.strip()):
+            raise ValueError(f"{name} is an empty path; give a file or folder name{hint}")
+        if not any(k in meta for k in ("ge", "gt", "le", "lt")):
+            continue
+        example = f.default[0] if isinstance(f.default, tuple) and f.default else f.default
+        integer = meta.get("item", type(example)) is int
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+                raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {v!r}")
+            broken = _broken_bound(v, meta)
+            if broken is None:
+                continue
+            why = f"; {meta['why']}" if "why" in meta and broken[0] == "<" else ""
+            what = f"each of {name}" if isinstance(value, tuple) else meta.get("label", name)
+            shown = ",".join(map(_fmt, value)) if isinstance(value, tuple) else value
+            unit = f"{meta['unit']} " if "unit" in meta else ""
+            raise ValueError(f"{what} must be {unit}{broken}, got {shown}{why}{hint}")
+
 
 @dataclass
 class ModelConfig:
-    img_size: int = 28  # side of the square image the UNet sees; data is resized to it
-    in_channels: int = 1  # MNIST is grey
-    patch_size: int = 2  # fold p x p pixels into channels before the UNet (28x28x1 -> 14x14x4 for p=2)
-    num_classes: int = 10  # labels 0..num_classes-1; index num_classes is the "null" label for guidance
-    channels: tuple = (64, 128)  # feature channels per UNet level; each level after the first halves the resolution
-    num_res_blocks: int = 1  # residual blocks per level (more = deeper, slower)
-    attn_levels: tuple = (1,)  # levels (0-based) that get a transformer block; full resolution attention is costly
-    num_heads: int = 4  # attention heads in every transformer block
-    context_tokens: int = 4  # tokens the label is embedded into; >=2 or the cross-attention softmax is constant and Wq/Wk never learn
-    context_dim: int = 64  # width of each label token (the "text encoder" output width in Stable Diffusion)
-    time_dim: int = 128  # width of the time embedding MLP
-    dropout: float = 0.0  # dropout inside residual blocks
-    arch: str = "sd"  # sd: Stable Diffusion's UNet | tutorial: the tutorial's (a small cross-attention per block)
-    attn_dim: int = 0  # arch tutorial: width of Wq, Wk, Wv (the tutorial's 16); 0: the block's channels
-    ff_dim: int = 0  # arch tutorial: hidden width of the feed-forward after the cross-attention (the tutorial's 32); 0: none
-    # arch sd: add a fixed 2-D sine position code to every transformer block's tokens (unet.position_code), so that
-    # attention, and a LoRA on Wq/Wk/Wv, knows where each token sits (Stable Diffusion has none; checkpoints saved
-    # before this setting existed have none: SAVED_BEFORE). README, "Levers measured", says what it changed
-    pos_emb: bool = True
+    img_size: int = setting(28, "side of the square image the UNet sees; data is resized to it", ge=4, le=512,
+                            why="the attention at full resolution grows with the fourth power of the side")
+    in_channels: int = setting(1, "image channels (MNIST is grey)", ge=1, le=4)
+    patch_size: int = setting(2, "fold p x p pixels into channels before the UNet (28x28x1 -> 14x14x4 for p=2)",
+                              ge=1, le=16)
+    num_classes: int = setting(10, "labels 0..num_classes-1; index num_classes is the \"null\" label for guidance",
+                               ge=1, le=10000)
+    channels: tuple = setting((64, 128), "feature channels per UNet level; each level after the first halves the "
+                              "resolution", gt=0, le=WIDTH_MAX,
+                              why="wider levels do not fit in memory (the tutorial's widest is 1024)")
+    num_res_blocks: int = setting(1, "residual blocks per level (more = deeper, slower)", ge=1, le=16)
+    attn_levels: tuple = setting((1,), "levels (0-based) that get a transformer block; full resolution attention "
+                                 "is costly", ge=0, le=15)
+    num_heads: int = setting(4, "attention heads in every transformer block; must divide the width they split",
+                             ge=1, le=WIDTH_MAX)
+    context_tokens: int = setting(4, "tokens the label is embedded into; >=2 or the cross-attention softmax is "
+                                  "constant and Wq/Wk never learn", ge=2, le=256,
+                                  hint="with one key the cross-attention softmax is always 1 and Wq/Wk get zero "
+                                  "gradient")
+    context_dim: int = setting(64, "width of each label token (the \"text encoder\" output width in Stable "
+                               "Diffusion)", ge=1, le=WIDTH_MAX, why="wider tokens do not fit in memory")
+    time_dim: int = setting(128, "width of the time embedding MLP", ge=1, le=WIDTH_MAX,
+                            why="wider embeddings do not fit in memory")
+    dropout: float = setting(0.0, "dropout inside residual blocks", ge=0.0, lt=1.0)
+    arch: str = setting("sd", "sd: Stable Diffusion's UNet | tutorial: the tutorial's (a small cross-attention "
+                        "per block)", choices=("sd", "tutorial"))
+    attn_dim: int = setting(0, "arch tutorial: width of Wq, Wk, Wv (the tutorial's 16); 0: the block's channels",
+                            ge=0, le=WIDTH_MAX, why="wider layers do not fit in memory")
+    ff_dim: int = setting(0, "arch tutorial: hidden width of the feed-forward after the cross-attention (the "
+                          "tutorial's 32); 0: none", ge=0, le=WIDTH_MAX, why="wider layers do not fit in memory")
+    # unet.position_code: without it attention, and a LoRA on Wq/Wk/Wv, cannot tell where a token sits (Stable
+    # Diffusion has none; checkpoints saved before this setting existed have none: SAVED_BEFORE)
+    pos_emb: bool = setting(True, "arch sd: add a fixed 2-D sine position code to every transformer block's "
+                            "tokens (README, \"Levers measured\", says what it changed)")
 
     def __post_init__(self):
-        _choice(self, "arch", ("sd", "tutorial"))
-        if self.arch == "sd" and (self.attn_dim or self.ff_dim):
-            raise ValueError("attn_dim and ff_dim size the tutorial's cross-attention blocks; they need arch tutorial")
-        if min(self.attn_dim, self.ff_dim) < 0:
-            raise ValueError(f"attn_dim and ff_dim must be >= 0, got {self.attn_dim}, {self.ff_dim}")
         self.channels = tuple(int(c) for c in self.channels)
         self.attn_levels = tuple(int(a) for a in self.attn_levels)
         if not self.channels or min(self.channels) <= 0:
             raise ValueError(f"channels must be positive integers, got {self.channels}")
+        check_settings(self)
+        if self.arch == "sd" and (self.attn_dim or self.ff_dim):
+            raise ValueError("attn_dim and ff_dim size the tutorial's cross-attention blocks; they need arch tutorial")
         downs = len(self.channels) - 1
-        if self.patch_size <= 0 or self.img_size <= 0 or self.img_size % (self.patch_size * 2 ** downs):
+        if self.img_size % (self.patch_size * 2 ** downs):
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size * 2**{downs} "
                              f"for {len(self.channels)} UNet levels; pick another --img-size, --patch-size "
                              "or fewer --channels")
         bad = [a for a in self.attn_levels if not 0 <= a < len(self.channels)]
         if bad:
             raise ValueError(f"attn_levels {bad} out of range 0..{len(self.channels) - 1}")
-        if self.context_tokens < 2:
-            raise ValueError(f"context_tokens must be >= 2 (got {self.context_tokens}): with one key the "
-                             "cross-attention softmax is always 1 and Wq/Wk get zero gradient")
         widths = [self.attn_dim or self.channels[a] for a in self.attn_levels]
         if any(w % self.num_heads for w in widths):
             what = "attn_dim" if self.attn_dim else "channels at attention levels"
-            raise ValueError(f"{what} must be divisible by num_heads={self.num_heads}")
-        _positive(self, "num_classes", "num_res_blocks", "num_heads", "context_dim", "time_dim", "in_channels")
+            raise ValueError(f"{what} must be divisible by num_heads={self.num_heads}: each head takes an equal "
+                             f"share of the width ({', '.join(map(str, widths))})")
         if self.arch == "tutorial" and self.pos_emb:
             raise ValueError("pos_emb adds a position code to the sd arch's transformer blocks; the tutorial arch "
                              "has none: pass --no-pos-emb (or --preset tutorial)")
@@ -71,135 +177,158 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = 1000  # T of Ho et al. 2020
-    # linear (Ho et al. 2020; what a checkpoint without this field used) | cosine (Nichol & Dhariwal 2021)
-    schedule: str = "linear"
-    beta_start: float = 1e-4  # linear schedule start, Ho et al. 2020
-    beta_end: float = 0.02  # linear schedule end, Ho et al. 2020
-    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023); 0 turns it off (plain MSE on the noise)
+    timesteps: int = setting(1000, "T of Ho et al. 2020: noise levels of the forward process", ge=1, le=100000,
+                             group="model")
+    schedule: str = setting("linear", "linear (Ho et al. 2020; what a checkpoint without this field used) | cosine "
+                            "(Nichol & Dhariwal 2021)", choices=("linear", "cosine"), group="model")
+    beta_start: float = setting(1e-4, "linear schedule start, Ho et al. 2020", gt=0.0, lt=1.0, group="model")
+    beta_end: float = setting(0.02, "linear schedule end, Ho et al. 2020", gt=0.0, lt=1.0, group="model")
+    min_snr_gamma: float = setting(5.0, "Min-SNR loss weighting (Hang et al. 2023); 0 turns it off (plain MSE on "
+                                   "the noise)", ge=0.0, le=1e4, group="training",
+                                   why="above the largest SNR of any schedule here it changes nothing")
 
     def __post_init__(self):
-        _positive(self, "timesteps")
-        _choice(self, "schedule", ("linear", "cosine"))
-        if not 0 < self.beta_start < self.beta_end < 1:
+        check_settings(self)
+        if not self.beta_start < self.beta_end:
             raise ValueError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
-        if self.min_snr_gamma < 0:
-            raise ValueError(f"min_snr_gamma must be >= 0, got {self.min_snr_gamma}")
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = "auto"  # auto | mnist | mnist-5k | fashion-mnist
-    data_dir: str = "data"  # where torchvision keeps downloads
-    out_dir: str = "out"  # checkpoints and sample grids go here
-    max_steps: int = 1000  # optimizer steps in all; an epoch is one pass over the data
-    # minutes: instead of --max-steps, as many steps as fit, from a step timed here before the run (the
-    # steps chosen are printed and saved, so --max-steps N repeats the run exactly); 0: off
-    time_budget: float = 0.0
-    batch_size: int = 128  # global batch (see batch_scope)
-    batch_scope: str = "global"  # under torchrun: hold the "global" batch fixed, or the "per-rank" batch
-    lr: float = 2e-3  # peak learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 100  # linear warm-up, then cosine decay (Loshchilov & Hutter 2017)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    ema_decay: float = 0.999  # EMA of the weights, used for sampling (warmed up as (1+n)/(10+n))
-    label_drop: float = 0.1  # share of labels replaced by the null label, for classifier-free guidance
-    seed: int = 0  # seeds weights, data order and noise
-    device: str = "auto"  # auto | cpu | cuda | mps (auto tries cuda, then mps, then cpu)
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware does it fast)
-    save_every: int = 1  # write the checkpoint every N epochs (always at the end and on Ctrl-C)
-    sample_every: int = 1  # write a sample grid every N epochs (0: only at the end)
-    snapshot_every: int = 0  # also keep out/ckpt_stepNNNNNN.pt every N epochs (for time-to-quality curves); 0 off
-    compile: bool = False  # torch.compile the model (opt-in; see bench.py)
+    dataset: str = setting("auto", "the training digits (auto: mnist when on disk or downloadable, else mnist-5k)",
+                           choices=DATASETS, group="data")
+    data_dir: str = setting("data", "where torchvision keeps downloads", path=True, group="data")
+    out_dir: str = setting("out", "checkpoints and sample grids go here", path=True, group="output")
+    max_steps: int = setting(1000, "optimizer steps in all; an epoch is one pass over the data", gt=0, le=STEPS_MAX)
+    # the steps chosen are printed and saved, so --max-steps N repeats the run exactly
+    time_budget: float = setting(0.0, "minutes: instead of --max-steps, as many steps as fit, from a step timed "
+                                 "here before the run; 0: off", ge=0.0, le=float(TIME_BUDGET_MAX),
+                                 unit="a number of minutes", why="at most a week; for a longer run give --max-steps")
+    batch_size: int = setting(128, "global batch (see --batch-scope)", gt=0, le=BATCH_MAX)
+    batch_scope: str = setting("global", "under torchrun: hold the \"global\" batch fixed, or the \"per-rank\" "
+                               "batch", choices=("global", "per-rank"))
+    lr: float = setting(2e-3, "peak learning rate", gt=0.0, le=1e10,
+                        why="far above 1 a run diverges at once (and stops, saying so); beyond, a typo")
+    weight_decay: float = setting(0.0, "AdamW weight decay (each step shrinks weights by lr * weight_decay)",
+                                  ge=0.0, le=1.0, why="above 1 the decay outweighs the gradient")
+    warmup_steps: int = setting(100, "linear warm-up, then cosine decay (Loshchilov & Hutter 2017)", ge=0,
+                                le=STEPS_MAX)
+    min_lr_ratio: float = setting(0.1, "cosine decays to lr * min_lr_ratio", ge=0.0, le=1.0,
+                                  why="above 1 the rate would rise as it decays")
+    grad_clip: float = setting(1.0, "max gradient norm; 0 turns clipping off", ge=0.0, le=1e6)
+    ema_decay: float = setting(0.999, "EMA of the weights, used for sampling (warmed up as (1+n)/(10+n))", ge=0.0,
+                               lt=1.0)
+    label_drop: float = setting(0.1, "share of labels replaced by the null label, for classifier-free guidance",
+                                ge=0.0, lt=1.0)
+    save_every: int = setting(1, "write the checkpoint every N epochs (always at the end and on Ctrl-C)", gt=0,
+                              le=STEPS_MAX, group="output")
+    sample_every: int = setting(1, "write a sample grid every N epochs (0: only at the end)", ge=0, le=STEPS_MAX,
+                                group="output")
+    snapshot_every: int = setting(0, "also keep OUT_DIR/ckpt_stepNNNNNN.pt every N epochs (for time-to-quality "
+                                  "curves); 0 off", ge=0, le=STEPS_MAX, group="output")
+    compile: bool = setting(False, "torch.compile the model (opt-in; see bench.py)", group="runtime")
 
     def __post_init__(self):
-        _positive(self, "max_steps", "batch_size", "save_every")
-        _choice(self, "batch_scope", ("global", "per-rank"))
-        _choice(self, "device", ("auto", "cpu", "cuda", "mps"))
-        _choice(self, "precision", ("auto", "fp32", "bf16", "fp16"))
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.label_drop < 1:
-            raise ValueError(f"label_drop must be in [0, 1), got {self.label_drop}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0 <= self.time_budget < float("inf"):
-            raise ValueError(f"time_budget must be a number of minutes >= 0, got {self.time_budget}")
-        if min(self.warmup_steps, self.sample_every, self.snapshot_every) < 0:
-            raise ValueError("warmup_steps, sample_every and snapshot_every must be >= 0")
+        check_settings(self)
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"  # ddim (fast, Song et al. 2021) | ddpm (ancestral, Algorithm 2 of Ho et al. 2020)
-    steps: int = 50  # denoising steps for ddim (ddpm always uses all T)
-    eta: float = 0.0  # DDIM noise: 0 deterministic, 1 ~ DDPM
-    guidance: float = 2.0  # classifier-free guidance w (Ho & Salimans 2022): eps_c + w*(eps_c - eps_u); 0 = off
-    # guide only the steps with lo <= t/T <= hi (Kynkaanniemi et al. 2024); the steps outside it run the
-    # conditional half alone. The README's "Levers measured" gives what it did here (it cost accuracy)
-    guidance_interval: tuple = (0.0, 1.0)
+    sampler: str = setting("ddim", "ddim (fast, Song et al. 2021) | ddpm (ancestral, Algorithm 2 of Ho et al. 2020)",
+                           choices=("ddim", "ddpm"))
+    steps: int = setting(50, "denoising steps for ddim (ddpm always uses all T)", gt=0, le=100000)
+    eta: float = setting(0.0, "DDIM noise: 0 deterministic, 1 ~ DDPM", ge=0.0, le=1.0,
+                         why="above 1 the noise added outgrows the schedule and the images go black")
+    guidance: float = setting(2.0, "classifier-free guidance w (Ho & Salimans 2022): eps_c + w*(eps_c - eps_u); "
+                              "0 = off", ge=0.0, le=100.0, why="far above 10 every pixel saturates to 0 or 255")
+    # Kynkaanniemi et al. 2024; the README's "Levers measured" gives what it did here (it cost accuracy)
+    guidance_interval: tuple = setting((0.0, 1.0), "guide only the steps with lo <= t/T <= hi; the steps outside "
+                                       "it run the conditional half alone", ge=0.0, le=1.0)
 
     def __post_init__(self):
-        _choice(self, "sampler", ("ddim", "ddpm"))
-        _positive(self, "steps")
-        if self.eta < 0 or self.guidance < 0:
-            raise ValueError("eta and guidance must be >= 0")
         self.guidance_interval = tuple(float(v) for v in self.guidance_interval)
-        if len(self.guidance_interval) != 2 or not 0 <= self.guidance_interval[0] <= self.guidance_interval[1] <= 1:
+        check_settings(self)
+        if len(self.guidance_interval) != 2 or not self.guidance_interval[0] <= self.guidance_interval[1]:
             raise ValueError(f"guidance_interval must be two numbers lo,hi with 0 <= lo <= hi <= 1, "
                              f"got {self.guidance_interval}")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how a script runs, and its seed: the same three flags in every script (cli.add_runtime_args)."""
+    device: str = setting("auto", "where to run: auto tries cuda, then mps, then cpu", choices=DEVICES)
+    precision: str = setting("auto", "mixed precision of the forward pass; auto: on a CPU bf16 where it is done in "
+                             "hardware (AMX/AVX512-BF16), else fp32; on CUDA bf16 (fp16 without bf16), or for "
+                             "training the faster of bf16 and fp32 on this model, timed first", choices=PRECISIONS)
+    seed: int = setting(0, "seeds weights, data order and noise: the same seed, the same run", ge=0, le=SEED_MAX,
+                        why="torch's generators take 64-bit seeds")
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 # The fine-tune's default t range for each style (fractions of T). A slant is decided at middle noise, and
 # t from 0..0.8 gave it no more slant but a larger distance to real italic digits; a bold adapter never
 # trained at the least noisy steps speckles its strokes there (88.6% accuracy against 94.2% with them).
 # README, "Levers measured"
-STYLE_T_RANGE = {"italic": (0.2, 0.8), "none": (0.2, 0.8), "bold": (0.0, 0.8)}
+STYLE_T_RANGE = {"italic": (0.2, 0.8), "none": (0.2, 0.8), "bold": (0.0, 0.8),
+                 # a user's own digits (--data, font:NAME) can change anything from the layout (decided at high
+                 # noise) to the stroke (low noise, as bold showed); not measured here, so every step, as DreamBooth
+                 "font:/data:": (0.0, 1.0)}
+STYLES = ("none", "italic", "bold")  # dataset.apply_style's transforms of MNIST; font:NAME and --data are the others
 
 
 @dataclass
 class LoraConfig:
-    r: int = 4  # rank of the update A.B
-    alpha: float = 4.0  # the update is scaled by alpha / r
-    targets: tuple = ("Wq", "Wk", "Wv")  # names of the nn.Linear layers to adapt
-    lora_dropout: float = 0.0  # dropout on the LoRA path only
-    style: str = "italic"  # none | italic | bold: the transform applied to the fine-tuning digits
-    lora_steps: int = 300  # optimizer steps of the fine-tune
-    lora_lr: float = 1e-2  # LoRA learning rate (AdamW, constant after warm-up); README, "Levers measured"
-    lora_batch_size: int = 128  # global batch for the fine-tune
-    # the fine-tune draws t from [lo*T, hi*T) instead of all T steps: a style such as a slant is decided
-    # at middle noise, not in the last few steps (diffusers' --timestep_bias_strategy range does the same).
-    # Empty (the default): the style's own range, STYLE_T_RANGE
-    lora_t_range: tuple = field(default=(), metadata={"item": float, "help": "(default by style: " + "; ".join(
-        f"{style} {lo:g},{hi:g}" for style, (lo, hi) in STYLE_T_RANGE.items()) + ")"})
+    r: int = setting(4, "rank of the update A.B", gt=0, le=WIDTH_MAX, hint="try --r 4", label="LoRA rank r")
+    alpha: float = setting(4.0, "the update is scaled by alpha / r", gt=0.0, le=1e4,
+                           why="alpha / r far above 1 swamps the base model (alpha = r is the usual choice)")
+    # a group resolves to module names when the layers are added (lora.resolve_targets), and the adapter file
+    # records those names (PEFT's target_modules)
+    targets: tuple = setting(("Wq", "Wk", "Wv"), "the layers to adapt: their names (Wq, or a whole dotted name) or a "
+                             "group: attn (Wq,Wk,Wv), attn-all (+ Wo and the feed-forward), all (every Linear and "
+                             "Conv2d of the blocks)")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA path only", ge=0.0, lt=1.0)
+    style: str = setting("italic", "the fine-tuning digits: none, italic or bold (transforms of MNIST), or "
+                         "font:NAME (a font's digits, e.g. font:DejaVu Serif Bold; an unknown NAME lists them)")
+    lora_steps: int = setting(300, "optimizer steps of the fine-tune", gt=0, le=STEPS_MAX)
+    lora_lr: float = setting(1e-2, "LoRA learning rate (AdamW, constant after warm-up); README, \"Levers measured\"",
+                             gt=0.0, le=1e10, why="far above 1 a run diverges at once (and stops, saying so); "
+                             "beyond, a typo")
+    lora_batch_size: int = setting(128, "global batch for the fine-tune", gt=0, le=BATCH_MAX)
+    # a style such as a slant is decided at middle noise, not in the last few steps (diffusers'
+    # --timestep_bias_strategy range does the same)
+    lora_t_range: tuple = setting((), "the fine-tune draws t from [lo*T, hi*T) instead of all T steps "
+                                  "(default by style: " + "; ".join(f"{style} {lo:g},{hi:g}" for style, (lo, hi)
+                                                                    in STYLE_T_RANGE.items()) + ")",
+                                  item=float, ge=0.0, le=1.0)
+    # own style data (styles.py): a folder or an .npz of the user's digits, made MNIST-like, instead of --style
+    data: str = setting("", "a folder of 0..9 subfolders of images (any format, size, mode) or an .npz (images "
+                        "uint8 N x 28 x 28, labels): the fine-tune's digits instead of --style's (default: none, "
+                        "--style's)", group="data")
+    augment: str = setting("auto", "small shifts, rotations and scalings of --data's or a font's digits (never "
+                           "flips); auto: on for fewer than 1000 images", choices=("auto", "on", "off"), group="data")
+    prior_weight: float = setting(1.0, "loss weight of real digits of the labels --data lacks, so that they stay "
+                                  "as they were (DreamBooth's prior preservation); 0 turns it off", ge=0.0, le=4.0,
+                                  why="a prior four times the style's own data drowns the style", group="data")
 
     def __post_init__(self):
         self.targets = tuple(str(t) for t in self.targets)
-        if self.r <= 0:
-            raise ValueError(f"LoRA rank r must be > 0, got {self.r}; try --r 4")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
         if not self.targets:
             raise ValueError("targets is empty; name at least one layer, e.g. --targets Wq,Wk,Wv")
-        _choice(self, "style", ("none", "italic", "bold"))
-        _positive(self, "lora_steps", "lora_batch_size")
-        self.lora_t_range = tuple(float(v) for v in self.lora_t_range or STYLE_T_RANGE[self.style])
+        check_settings(self)
+        # font:NAME, and data:NAME, the name --data's digits are recorded under (styles.StyleData.name)
+        own = bool(self.data) or self.style.startswith(("font:", "data:"))
+        if not own and self.style not in STYLES:
+            raise ValueError(f"unknown style {self.style!r}: style must be one of {', '.join(STYLES)} or font:NAME")
+        if self.style.startswith("data:") and not self.data:
+            raise ValueError(f"style {self.style!r} is what --data records; pass --data FOLDER (or FILE.npz)")
+        if self.data and self.style.startswith("font:"):
+            raise ValueError(f"--data and --style {self.style} both give the fine-tune's digits; pass one")
+        self.lora_t_range = tuple(float(v) for v in self.lora_t_range or STYLE_T_RANGE["font:/data:" if own
+                                                                                        else self.style])
         if len(self.lora_t_range) != 2 or not 0 <= self.lora_t_range[0] < self.lora_t_range[1] <= 1:
             raise ValueError(f"lora_t_range must be two numbers lo,hi with 0 <= lo < hi <= 1, got {self.lora_t_range}")
-        if self.lora_lr <= 0 or not 0 <= self.lora_dropout < 1:
-            raise ValueError("lora_lr must be > 0 and lora_dropout in [0, 1)")
-
-
-def _positive(cfg, *names):
-    for n in names:
-        if getattr(cfg, n) <= 0:
-            raise ValueError(f"{n} must be > 0, got {getattr(cfg, n)}")
-
-
-def _choice(cfg, name, allowed):
-    if getattr(cfg, name) not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
 
 
 # Presets are differences from the dataclass defaults, keyed by dataclass.
@@ -239,6 +368,10 @@ SAVED_BEFORE: dict[type, dict] = {
 }
 
 
+# Settings that moved out of a class into RuntimeConfig: a TrainConfig saved before the move holds them.
+MOVED_TO_RUNTIME: dict[type, tuple] = {TrainConfig: ("device", "precision", "seed")}
+
+
 def saved_value(cls, saved, name):
     """The value of field ``name`` in a checkpoint's saved ``cls`` settings (a dict), for fields it may lack."""
     defaults = {f.name: f.default for f in fields(cls)}
@@ -246,8 +379,18 @@ def saved_value(cls, saved, name):
 
 
 def from_saved(cls, saved):
-    """``cls`` rebuilt from a checkpoint's saved settings, older checkpoints' missing keys read as SAVED_BEFORE."""
-    return cls(**{**SAVED_BEFORE.get(cls, {}), **saved})
+    """``cls`` rebuilt from a checkpoint's saved settings, older checkpoints' missing keys read as SAVED_BEFORE
+    and keys since moved to RuntimeConfig left out."""
+    moved = MOVED_TO_RUNTIME.get(cls, ())
+    return cls(**{**SAVED_BEFORE.get(cls, {}), **{k: v for k, v in saved.items() if k not in moved}})
+
+
+def saved_runtime(runtime=None, train=None):
+    """The saved RuntimeConfig settings (a dict): ``runtime`` where it was saved, else the keys a TrainConfig
+    saved before RuntimeConfig existed holds (``train``); RuntimeConfig's defaults for any missing."""
+    if runtime is not None:
+        return dict(runtime)
+    return {k: train[k] for k in MOVED_TO_RUNTIME[TrainConfig] if k in (train or {})}
 
 
 def preset_config(cls, preset="fast", **overrides):
@@ -257,8 +400,19 @@ def preset_config(cls, preset="fast", **overrides):
     return cls(**{**PRESETS[preset].get(cls, {}), **overrides})
 
 
+# each class's section in a checkpoint's config, in config.json and in a --config file
+SECTIONS: dict[type, str] = {ModelConfig: "model", DiffusionConfig: "diffusion", TrainConfig: "train",
+                             SampleConfig: "sample", LoraConfig: "lora", RuntimeConfig: "runtime"}
+
+
 def config_dict(*cfgs):
     """The plain dict stored in checkpoints: {"model": {...}, "diffusion": {...}, ...}."""
-    key = {ModelConfig: "model", DiffusionConfig: "diffusion", TrainConfig: "train",
-           SampleConfig: "sample", LoraConfig: "lora"}
-    return {key[type(c)]: dataclasses.asdict(c) for c in cfgs}
+    return {SECTIONS[type(c)]: dataclasses.asdict(c) for c in cfgs}
+
+
+# default paths: each spelled once, here; train.py writes DEFAULT_CKPT, the later stages read it
+DEFAULT_OUT_DIR = TrainConfig.out_dir  # train.py --out-dir, and the folder every other output goes under
+DEFAULT_DATA_DIR = TrainConfig.data_dir  # where torchvision keeps MNIST (and evaluate.py its classifier)
+CKPT_NAME = "ckpt.pt"  # the checkpoint train.py writes in its --out-dir
+DEFAULT_CKPT = f"{DEFAULT_OUT_DIR}/{CKPT_NAME}"  # the base every later stage reads by default
+DEFAULT_ADAPTER = f"{DEFAULT_OUT_DIR}/lora"  # the adapter folder lora_finetune.py writes, denoise.py --lora reads

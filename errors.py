@@ -21,6 +21,14 @@ class CLIError(UserError):
     """Bad command-line input."""
 
 
+def exit_with(error):
+    """The one way a script stops on bad input, argparse's own errors included: ``error: ...`` as one line on
+    stderr, then the error's exit code (2 for misuse)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    print(f"error: {' '.join(lines)}", file=sys.stderr)
+    sys.exit(getattr(error, "exit_code", 2))
+
+
 def run_main(fn, args, cleanup=None):
     """Run a script's body: a UserError becomes one ``error: ...`` line on stderr and its exit code (2).
 
@@ -31,8 +39,7 @@ def run_main(fn, args, cleanup=None):
         ok = True
         return result
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        exit_with(e)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first): every file is whole or absent
         print("\ninterrupted: stopped without finishing; files already written are complete", file=sys.stderr)
         sys.exit(130)

@@ -1,10 +1,12 @@
 """Where and how the code runs: device, precision, TF32, the process group under torchrun, the rank-0 log.
 
-Every script picks these once, through the same two flags and functions:
+Every script picks these once, through the same three flags (config.RuntimeConfig) and functions:
 
-    add_runtime_args(parser)                         # --device auto|cpu|cuda|mps, --precision auto|fp32|bf16|fp16
-    device = pick_device(args.device)                # auto: cuda, then mps, then cpu
-    precision = resolve_precision(args.precision, device)  # probe=step: on CUDA, auto times step(p), picks
+    cli.add_runtime_args(parser)                     # --device, --precision, --seed: one declaration
+    rcfg = cli.runtime_from_args(args)               # checked against config.DEVICES, PRECISIONS, SEED_MAX
+    device = pick_device(rcfg.device)                # auto: cuda, then mps, then cpu
+    check_precision(rcfg.precision, device)          # at start-up: fp16 on a CPU fails before any work
+    precision = resolve_precision(rcfg.precision, device, probe)  # once: on CUDA, auto times probe(p), picks
     with autocast(device, precision): ...            # mixed precision for the forward pass only
 
     dist_info, device = setup_distributed("auto")    # under torchrun: join the group (nccl or gloo)
@@ -23,18 +25,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from config import PRECISIONS  # the allowed values, declared once beside config.RuntimeConfig
 from errors import CLIError
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def add_runtime_args(parser, devices=DEVICES):
-    """``--device`` and ``--precision``, declared once for every script."""
-    parser.add_argument("--device", default="auto", choices=list(devices),
-                        help="auto tries " + ", then ".join(d for d in ("cuda", "mps", "cpu") if d in devices))
-    parser.add_argument("--precision", default="auto", choices=list(PRECISIONS),
-                        help="auto: bf16 where the hardware does it fast (CUDA, AMX/AVX512-BF16 CPUs), else fp32")
 
 
 # ------------------------------------------------------------ device, precision
@@ -74,23 +66,34 @@ def cpu_has_fast_bf16():
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_precision(precision, device, probe=None, log=None):
-    """auto: bf16 on CPUs with bf16 hardware, fp32 on other CPUs; on CUDA the faster of bf16 and fp32.
+def check_precision(precision, device):
+    """At start-up, before any work: a precision this device cannot run is an error."""
+    if precision not in PRECISIONS:
+        raise CLIError(f"unknown precision {precision!r}: precision must be one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type == "cpu":
+        raise CLIError("--precision fp16 is for GPUs; on a CPU use bf16 or fp32")
 
-    On CUDA, autocast is not always the faster choice: a small model's step is bound by kernel
-    launches, and autocast adds a cast kernel per weight per step (a fast-preset step ran at 45 ms
-    in bf16 and 37 ms in fp32 with TF32 on an H100). So given ``probe`` (a callable running one
-    training step, forward and backward, in the precision it is passed), auto times it in both and
-    picks the faster (``fastest_precision``); without one it is bf16 (fp16 where the GPU lacks bf16)."""
+
+def resolve_precision(precision, device, probe=None, log=None, dist_info=None):
+    """The precision a script runs in, decided here and only here, once per script.
+
+    An explicit choice is checked (check_precision) and kept. auto: bf16 on CPUs with bf16 hardware,
+    fp32 on other CPUs; on CUDA the faster of bf16 and fp32 for a training step. Autocast is not always
+    the faster choice there: a small model's step is bound by kernel launches, and autocast adds a cast
+    kernel per weight per step (a fast-preset step ran at 45 ms in bf16 and 37 ms in fp32 with TF32 on an
+    H100). So the training scripts (train, lora_finetune, bench) pass ``probe`` (a callable running one
+    training step, forward and backward, in the precision it is passed), and auto times it in both and
+    picks the faster (``fastest_precision``); without one (sampling) it is bf16 (fp16 where the GPU lacks
+    bf16), so the same seed gives the same pictures. Under torchrun every rank times, rank 0 decides."""
+    check_precision(precision, device)
     if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            raise CLIError("--precision fp16 is for GPUs; on a CPU use bf16 or fp32")
         return precision
     if device.type == "cuda":
         low = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         if probe is None:
             return low
-        return fastest_precision(probe, (low, "fp32"), device, log=log)
+        best = fastest_precision(probe, (low, "fp32"), device, log=log)
+        return best if dist_info is None else broadcast_object(best, dist_info)
     if device.type == "cpu" and cpu_has_fast_bf16():
         return "bf16"
     return "fp32"

@@ -20,9 +20,9 @@ import runtime
 import train
 from config import DiffusionConfig, ModelConfig, config_dict, preset_config
 from errors import CLIError
-from adapter import load_adapter, load_training_state, save_adapter
+from adapter import (Adapter, adapter_from_model, add_adapter_layers, apply_adapter, load_adapter, load_training_state,
+                     write_adapter)
 from checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_model, save_checkpoint, state_fingerprint
-from lora import add_lora, apply_adapter, lora_layers
 from unet import UNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,11 +149,13 @@ def test_lora_adapter_crosses_devices(tmp_path, exact_fp32):
     for src, dst in (("cuda", "cpu"), ("cpu", "cuda")):
         model, ckpt = load_model(base_path, src, "ema")
         fingerprint = state_fingerprint(ckpt["ema"])
-        add_lora(model, ("Wq", "Wk", "Wv"), r=2, alpha=2.0)
+        spec = Adapter({}, 2, 2.0, targets=["Wq", "Wk", "Wv"], base_fingerprint=fingerprint)
+        add_adapter_layers(model, spec)
         with torch.no_grad():
-            for layer in lora_layers(model).values():
-                layer.lora_b.normal_(0, 0.1)  # a non-zero B, so the adapter changes the output
-        save_adapter(ad_path, model, 2, 2.0, ("Wq", "Wk", "Wv"), fingerprint)
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)  # a non-zero B, so the adapter changes the output
+        write_adapter(ad_path, adapter_from_model(model, spec))
         other, other_ckpt = load_model(base_path, dst, "ema")
         assert state_fingerprint(other_ckpt["ema"]) == fingerprint  # the fingerprint does not see the device
         apply_adapter(other, load_adapter(ad_path, dst), fingerprint)
@@ -195,7 +197,7 @@ def test_train_on_cuda_resume_on_cpu_and_lora_resume_on_cuda(tmp_path, restore_t
     quiet(lora_finetune.main, lora + ["--lora-steps", "1"])
     _, text = quiet(lora_finetune.main, lora + ["--lora-steps", "2", "--resume"])
     assert "steps 1->2" in text, text
-    assert load_training_state(ad_path)["step"] == 2
+    assert load_training_state(ad_path).step == 2
     # and both sample on the CPU
     written, _ = quiet(denoise.main, ["--ckpt", ckpt_path, "--lora", ad_path, "--merge", "--device", "cpu",
                                       "--steps", "3", "--frames", "0", "--out-dir", str(tmp_path / "samples")])

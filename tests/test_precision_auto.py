@@ -104,3 +104,28 @@ def test_precision_probe_changes_no_weight_and_leaves_no_gradient():
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert torch.equal(data.gen.get_state(), gen_state)  # the run's noise generator is not drawn from
+
+
+def test_an_impossible_precision_fails_at_start_up():
+    from errors import CLIError
+    with pytest.raises(CLIError, match="fp16 is for GPUs"):
+        runtime.check_precision("fp16", CPU)
+    with pytest.raises(CLIError, match="unknown precision 'fp64'"):
+        resolve_precision("fp64", CPU)
+    runtime.check_precision("fp16", CUDA)  # a GPU may
+
+
+def test_under_torchrun_rank_0_decides_for_every_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(runtime, "fastest_precision", lambda probe, candidates, device, log=None: "fp32")
+    sent = []
+
+    def broadcast(obj, dist_info):
+        sent.append(obj)
+        return "bf16"  # what rank 0 found, whatever this rank timed
+    monkeypatch.setattr(runtime, "broadcast_object", broadcast)
+    dist_info = runtime.Dist(rank=1, world=2)
+    assert resolve_precision("auto", CUDA, probe=lambda p: None, dist_info=dist_info) == "bf16"
+    assert sent == ["fp32"]
+    assert resolve_precision("fp32", CUDA, probe=lambda p: None, dist_info=dist_info) == "fp32"  # nothing to agree on
+    assert len(sent) == 1
