@@ -1,50 +1,125 @@
 """Adapter files: the folder people share (PEFT's layout), kohya's single file, the old .pt, and training state.
 
-    out/lora/adapter_model.safetensors   per adapted module M: base_model.model.M.lora_A.weight (r, in) and
-                                         ...lora_B.weight (out, r), PEFT's names and shapes; the header's
-                                         __metadata__ holds what only we know: the base fingerprint, the
-                                         style, this format's version and a hash of the tensor data
-    out/lora/adapter_config.json         PEFT's LoraConfig: peft_type LORA, r, lora_alpha, target_modules, ...
+    out/lora/adapter_model.safetensors   per adapted module M: base_model.model.M.lora_A.weight and
+                                         ...lora_B.weight in PEFT's names and shapes (Linear: (r, in) and
+                                         (out, r); Conv2d: (r, in, k, k) and (out, r, 1, 1)); the header's
+                                         __metadata__ holds what only we know: the base fingerprint, path and
+                                         name, the style, this format's version and a hash of the tensor data
+    out/lora/adapter_config.json         PEFT's LoraConfig: peft_type LORA, r, lora_alpha, target_modules (the
+                                         adapted modules' names), base_model_name_or_path (the base's path), ...
     out/lora/training_state.pt           for lora_finetune.py --resume only: optimizer, RNG, step, configs;
                                          never needed to use or share the adapter
 
-    save_adapter("out/lora", model, r, alpha, targets, fingerprint, style="italic", training_state={...})
+    ad = Adapter.new(lcfg, fingerprint, base_path="out/ckpt.pt")   # settings from a LoraConfig, no tensors yet
+    add_adapter_layers(model, ad)                                # its layers, to train
+    write_adapter("out/lora", adapter_from_model(model, ad), TrainingState(...))
     ad = load_adapter("out/lora")        # a folder, a kohya .safetensors or an old .pt; else one LoraError
     attach_adapters(model, load_adapters(["out/lora:0.8", "bold:0.5"]), fingerprint)
 
-In memory an adapter is a plain dict in our own layout: ``lora`` maps ``M.lora_a`` (in, r) and
-``M.lora_b`` (r, out) to fp32 tensors (the transposes of PEFT's lora_A and lora_B), beside ``r``,
-``alpha`` (the update is scaled by alpha / r), ``targets``, ``modules``, ``base_fingerprint``
-(None when the file does not say), ``style``, ``format`` and ``notes`` (what was assumed on loading).
+In memory an adapter is an ``Adapter``: ``tensors`` maps ``M.lora_A`` and ``M.lora_B`` to fp32 tensors in
+PEFT's shapes, beside ``r``, ``alpha`` (the update is scaled by alpha / r), ``targets`` and the rest below.
+The training state a fine-tune resumes from is its own object, ``TrainingState``.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
-import tempfile
+from dataclasses import KW_ONLY, dataclass, field
 
 import torch
+import torch.nn as nn
 
 from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
-from files import atomic_write
+from config import DEFAULT_ADAPTER, DEFAULT_OUT_DIR, WEIGHT_RANGE
+from files import atomic_write, temp_folder
 from errors import CLIError
-from lora import LoraError, LoraLayer, apply_adapter, lora_state_dict
+from lora import BaseMismatch, LoraError, LoraLayer, add_lora, lora_state_dict, resolve_targets, set_lora_weight
 
 ADAPTER_FORMAT_VERSION = 2  # 1 was the single torch .pt file
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 STATE_NAME = "training_state.pt"
-DEFAULT_ADAPTER = os.path.join("out", "lora")
-LEGACY_DEFAULT_ADAPTER = os.path.join("out", "lora.pt")
+LEGACY_DEFAULT_ADAPTER = os.path.join(DEFAULT_OUT_DIR, "lora.pt")  # where DEFAULT_ADAPTER was before format 2
 META = "mnist_sd."  # prefix of our own header fields, apart from PEFT's and kohya's
 PEFT_PREFIX = "base_model.model."
 KOHYA_PREFIX = "lora_unet_"
+# the layout of the tensors a training state carries: 2 is PEFT's (M.lora_A (r, in)); states without the key
+# were written with (in, r) tensors named M.lora_a, and their optimizer moments in that layout too
+STATE_LAYOUT = 2
+R_MAX = 4096  # no layer here is wider (config.WIDTH_MAX); a larger rank in a file is damage
+# alpha / r above this multiplies the update a thousandfold: no trained adapter does that, a damaged field (1e308) does
+SCALE_MAX = 1000.0
+STYLE_RE = re.compile(r"^(none|italic|bold|(font|data):.+)$")
 
 
-# ----------------------------------------------------------------- the tensors
+# ----------------------------------------------------------------- the objects
+
+@dataclass
+class Adapter:
+    """One LoRA adapter: its tensors and everything needed to apply it, as read from or written to a file."""
+    tensors: dict  # {"M.lora_A": A, "M.lora_B": B}, fp32 in PEFT's shapes, for every adapted module M
+    r: int
+    alpha: float  # the update is B A * alpha / r
+    _: KW_ONLY
+    targets: list | None = None  # target_modules: the adapted modules' names (older files: layer names, "Wq")
+    style: str | None = None  # none | italic | bold | font:NAME | data:NAME, what it was trained on
+    base_fingerprint: str | None = None  # state_fingerprint of the base weights it was trained on
+    base_path: str | None = None  # the base checkpoint's path as the fine-tune was given it
+    base_name: str | None = None  # the base checkpoint's file name, for a message when the path is elsewhere
+    dropout: float = 0.0
+    path: str | None = None  # the file or folder it was read from
+    format: str = "peft"  # peft | kohya | legacy-pt: the layout it was read from
+    notes: list = field(default_factory=list)  # what was assumed on loading
+    weight: float = 1.0  # its strength when applied (PATH:WEIGHT)
+    name: str | None = None  # its name in a model, once attached
+
+    @classmethod
+    def new(cls, lcfg, base_fingerprint=None, base_path=None):
+        """The settings of an adapter to train, from a LoraConfig; tensors come with adapter_from_model."""
+        return cls({}, lcfg.r, lcfg.alpha, targets=list(lcfg.targets), style=lcfg.style,
+                   base_fingerprint=base_fingerprint, base_path=base_path,
+                   base_name=os.path.basename(base_path) if base_path else None, dropout=lcfg.lora_dropout)
+
+    @property
+    def modules(self):
+        """The module paths the tensors belong to, sorted."""
+        return sorted({k.rsplit(".", 1)[0] for k in self.tensors})
+
+    def pair(self, module):
+        return self.tensors[f"{module}.lora_A"], self.tensors[f"{module}.lora_B"]
+
+    def delta_weights(self):
+        """{module: fp32 update at weight 1, in the base weight's layout}: B A alpha / r (B 1x1 by A k x k: a conv)."""
+        out = {}
+        for m in self.modules:
+            a, b = self.pair(m)
+            d = b.float().flatten(1) @ a.float().flatten(1) * (self.alpha / self.r)
+            out[m] = d.view(b.shape[0], *a.shape[1:])
+        return out
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class TrainingState:
+    """What lora_finetune.py --resume needs beside the adapter; never part of the shared files."""
+    tensors: dict  # the adapter's tensors this optimizer state belongs to (Adapter.tensors' layout)
+    optimizer: dict
+    rng: dict
+    step: int
+    _: KW_ONLY
+    epoch: int = 0
+    config: dict = field(default_factory=dict)  # LoraConfig, as saved
+    train_config: dict = field(default_factory=dict)  # TrainConfig, as saved
+    base_config: dict | None = None
+    data_size: int | None = None
+
 
 def content_hash(tensors):
     """sha256 of names, dtypes, shapes and bytes, in name order: changes if any stored bit does."""
@@ -56,29 +131,18 @@ def content_hash(tensors):
     return h.hexdigest()
 
 
-def modules_of(lora):
-    """The module paths an adapter's tensors belong to, sorted."""
-    return sorted({k.rsplit(".", 1)[0] for k in lora})
+def adapter_from_model(model, adapter, name="default"):
+    """``adapter`` with the tensors of adapter ``name`` in ``model`` (what lora_finetune.py trained)."""
+    return adapter.replace(tensors=lora_state_dict(model, name))
 
 
-def adapter_from_model(model, r, alpha, targets, base_fingerprint, style=None, dropout=0.0):
-    """The in-memory adapter of a model with one LoRA adapter attached (what lora_finetune.py trained)."""
-    lora = {k: v.float() for k, v in lora_state_dict(model).items()}
-    return make_adapter(lora, r, alpha, targets, base_fingerprint, style, dropout=dropout)
+def add_adapter_layers(model, adapter, name="default"):
+    """New layers for ``adapter``'s settings (A random, B zero), on the modules its targets pick; records them.
 
-
-def make_adapter(lora, r, alpha, targets=None, base_fingerprint=None, style=None, fmt="peft", dropout=0.0,
-                 notes=(), path=None):
-    targets = list(targets) if targets else sorted({m.rsplit(".", 1)[-1] for m in modules_of(lora)})
-    return {"format": fmt, "lora": lora, "r": int(r), "alpha": float(alpha), "targets": targets,
-            "modules": modules_of(lora), "base_fingerprint": base_fingerprint, "style": style,
-            "dropout": float(dropout), "notes": list(notes), "path": path}
-
-
-def delta_weights(adapter):
-    """{module: (out, in) fp32 update} as the adapter applies it at weight 1: (A B)^T alpha / r."""
-    lora, s = adapter["lora"], adapter["alpha"] / adapter["r"]
-    return {m: (lora[f"{m}.lora_a"] @ lora[f"{m}.lora_b"]).T * s for m in adapter["modules"]}
+    Its ``targets`` become the resolved module names, which is what the file records (target_modules)."""
+    layers = add_lora(model, adapter.targets, adapter.r, adapter.alpha, adapter.dropout, adapter_name=name)
+    adapter.targets = list(layers)
+    return layers
 
 
 def adapter_size(path):
@@ -93,37 +157,53 @@ def adapter_size(path):
 
 def peft_config(adapter):
     """adapter_config.json as PEFT's LoraConfig writes it (the fields it needs to rebuild the layers)."""
-    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "r": adapter["r"],
-            "lora_alpha": adapter["alpha"], "target_modules": list(adapter["targets"]),
-            "lora_dropout": adapter["dropout"], "bias": "none", "use_rslora": False, "use_dora": False,
+    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": adapter.base_path, "r": adapter.r,
+            "lora_alpha": adapter.alpha, "target_modules": list(adapter.targets or adapter.modules),
+            "lora_dropout": adapter.dropout, "bias": "none", "use_rslora": False, "use_dora": False,
             "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {},
             "alpha_pattern": {}, "inference_mode": True}
 
 
 def _metadata(adapter, tensors, **extra):
     meta = {"format": "pt", f"{META}format_version": str(ADAPTER_FORMAT_VERSION),
-            f"{META}content_sha256": content_hash(tensors), f"{META}r": str(adapter["r"]),
-            f"{META}lora_alpha": repr(adapter["alpha"]), f"{META}target_modules": json.dumps(adapter["targets"])}
-    if adapter.get("base_fingerprint"):
-        meta[f"{META}base_fingerprint"] = adapter["base_fingerprint"]
-    if adapter.get("style"):
-        meta[f"{META}style"] = adapter["style"]
+            f"{META}content_sha256": content_hash(tensors), f"{META}r": str(adapter.r),
+            f"{META}lora_alpha": repr(adapter.alpha),
+            f"{META}target_modules": json.dumps(list(adapter.targets or adapter.modules))}
+    for key, value in (("base_fingerprint", adapter.base_fingerprint), ("base_path", adapter.base_path),
+                       ("base_name", adapter.base_name), ("style", adapter.style)):
+        if value:
+            meta[f"{META}{key}"] = value
     meta.update(extra)
     return meta
 
 
-def save_adapter(path, model, r, alpha, targets, base_fingerprint, style=None, dropout=0.0, training_state=None):
-    """Write the adapter folder (PEFT's layout) for a model with one adapter attached; see write_adapter."""
-    write_adapter(path, adapter_from_model(model, r, alpha, targets, base_fingerprint, style, dropout),
-                  training_state)
+def save_safetensors(tensors, path, metadata):
+    """safetensors' file with the header's metadata in name order: the same adapter gives the same bytes.
+
+    safetensors keeps the metadata in a hash map, so its order (and the file's hash) changed from run to
+    run; the header is re-serialised with sorted keys, padded to its original length."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()  # as safetensors writes it
+    if len(text) <= n:
+        data = data[:8] + text + b" " * (n - len(text)) + data[8 + n:]
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write)
 
 
 def check_output_folder(path):
     """An adapter is a folder now: refuse a path that is a file (an old lora.pt) before any work is done."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise CLIError(f"{path!r} is a file, but an adapter is written as a folder (PEFT's layout); choose "
-                       "another path, e.g. out/lora (an old .pt converts with: python lora_tools.py convert "
-                       f"{path} out/lora)")
+                       f"another path, e.g. {DEFAULT_ADAPTER} (an old .pt converts with: python lora_tools.py "
+                       f"convert {path} --out {DEFAULT_ADAPTER})")
 
 
 def write_adapter(folder, adapter, training_state=None):
@@ -137,28 +217,20 @@ def write_adapter(folder, adapter, training_state=None):
     so load_adapter names any other mix instead of using it, and the training state
     carries its own copy of the tensors, so --resume never depends on the shared file."""
     check_output_folder(folder)
-    lora = adapter["lora"]
-    tensors = {}
-    for m in adapter["modules"]:
-        tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = lora[f"{m}.lora_a"].detach().float().cpu().T.contiguous()
-        tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = lora[f"{m}.lora_b"].detach().float().cpu().T.contiguous()
-    from safetensors.torch import save_file
-
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(os.path.abspath(folder)) + ".")
+    tensors = {f"{PEFT_PREFIX}{k}.weight": v.detach().float().cpu().contiguous() for k, v in adapter.tensors.items()}
+    tmp = temp_folder(folder)  # named so that a later run removes it, should this one be killed
     try:
         meta = _metadata(adapter, tensors)
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata=meta)
+        save_safetensors(tensors, os.path.join(tmp, WEIGHTS_NAME), meta)
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(peft_config(adapter), f, indent=2)
             f.write("\n")
         names = [WEIGHTS_NAME, CONFIG_NAME]
         if training_state is not None:
-            save_checkpoint({"version": CHECKPOINT_VERSION, "kind": "lora_state",
-                             "adapter_sha256": meta[f"{META}content_sha256"],
-                             "lora": {k: v.detach().cpu().clone() for k, v in lora.items()}, **training_state},
-                            os.path.join(tmp, STATE_NAME))
+            state = dataclasses.asdict(training_state)
+            state["lora"] = {k: v.detach().cpu().clone() for k, v in state.pop("tensors").items()}
+            save_checkpoint({"version": CHECKPOINT_VERSION, "kind": "lora_state", "layout": STATE_LAYOUT,
+                             "adapter_sha256": meta[f"{META}content_sha256"], **state}, os.path.join(tmp, STATE_NAME))
             names.insert(0, STATE_NAME)
         umask = os.umask(0)
         os.umask(umask)
@@ -182,19 +254,19 @@ def kohya_name(module):
 
 
 def write_kohya(path, adapter):
-    """One .safetensors file in kohya sd-scripts' layout: lora_down (r, in), lora_up (out, r), a 0-dim alpha."""
+    """One .safetensors file in kohya sd-scripts' layout: lora_down = A (r, in[, k, k]), lora_up = B (out, r[, 1, 1]),
+    and a 0-dim alpha per module."""
     tensors = {}
-    for m in adapter["modules"]:
+    for m in adapter.modules:
         k = kohya_name(m)
-        tensors[f"{k}.lora_down.weight"] = adapter["lora"][f"{m}.lora_a"].float().cpu().T.contiguous()
-        tensors[f"{k}.lora_up.weight"] = adapter["lora"][f"{m}.lora_b"].float().cpu().T.contiguous()
-        tensors[f"{k}.alpha"] = torch.tensor(float(adapter["alpha"]))
-    meta = _metadata(adapter, tensors, ss_network_module="networks.lora", ss_network_dim=str(adapter["r"]),
-                     ss_network_alpha=repr(adapter["alpha"]), ss_base_model_version="mnist_sd_unet",
-                     ss_training_comment=f"style {adapter.get('style') or 'unknown'}")
-    from safetensors.torch import save_file
-
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        a, b = adapter.pair(m)
+        tensors[f"{k}.lora_down.weight"] = a.float().cpu().contiguous()
+        tensors[f"{k}.lora_up.weight"] = b.float().cpu().contiguous()
+        tensors[f"{k}.alpha"] = torch.tensor(float(adapter.alpha))
+    meta = _metadata(adapter, tensors, ss_network_module="networks.lora", ss_network_dim=str(adapter.r),
+                     ss_network_alpha=repr(adapter.alpha), ss_base_model_version="mnist_sd_unet",
+                     ss_training_comment=f"style {adapter.style or 'unknown'}")
+    save_safetensors(tensors, path, meta)
     return path
 
 
@@ -203,8 +275,8 @@ def write_kohya(path, adapter):
 def load_adapter(path, map_location="cpu"):
     """Read any adapter we know: a PEFT folder (or its .safetensors), a kohya .safetensors, an old .pt.
 
-    Every problem (missing, truncated, corrupt, another tool's layout we cannot use) is one
-    LoraError naming the file; nothing is assumed silently (see the adapter's ``notes``)."""
+    Every problem (missing, truncated, corrupt, a header field out of range, another tool's layout we
+    cannot use) is one LoraError naming the file; nothing is assumed silently (see the adapter's ``notes``)."""
     path = str(path)
     if not os.path.exists(path):
         raise LoraError(f"LoRA adapter {path!r} not found; fine-tune one first: python lora_finetune.py")
@@ -217,9 +289,9 @@ def load_adapter(path, map_location="cpu"):
     elif path.endswith(".safetensors"):
         ad = _load_safetensors(path, path)
     else:
-        ad = _load_legacy(path)
-    ad["path"] = path
-    ad["lora"] = {k: v.to(map_location) for k, v in ad["lora"].items()}
+        ad = _load_legacy(path)[0]
+    ad.path = path
+    ad.tensors = {k: v.to(map_location) for k, v in ad.tensors.items()}
     return ad
 
 
@@ -267,30 +339,57 @@ def _load_safetensors(file, where):
                     f"nor kohya's (lora_unet_<module>.lora_down.weight), e.g. {sorted(tensors)[:3]}")
 
 
-def _number(meta, key, where, cast=float):
-    try:
-        v = cast(meta[key])
-    except (TypeError, ValueError):
-        raise LoraError(f"{where!r}: header field {key} = {meta[key]!r} is not a number") from None
-    if not math.isfinite(v) or v <= 0:
-        raise LoraError(f"{where!r}: header field {key} = {meta[key]!r} must be a positive number")
-    return v
+# ------------------------------------------------- header fields, each checked before use
+
+def _bad(where, source, key, value, rule):
+    return LoraError(f"{where!r}: {source} field {key} = {value!r} {rule}; correct the field or re-create the "
+                     "adapter")
 
 
-def _pairs(tensors, down, up, where):
-    """{module: (A (r, in), B (out, r))} from keys ``module + down`` / ``module + up``; checks pairs and ranks."""
-    mods = {}
-    for k in tensors:
-        for suffix, i in ((down, 0), (up, 1)):
-            if k.endswith(suffix):
-                mods.setdefault(k[:-len(suffix)], [None, None])[i] = tensors[k]
-    for m, (a, b) in mods.items():
-        if a is None or b is None:
-            raise LoraError(f"{where!r}: module {m} has {'no ' + down if a is None else 'no ' + up} tensor")
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise LoraError(f"{where!r}: module {m} has shapes {tuple(a.shape)} and {tuple(b.shape)}, "
-                            "not (r, in) and (out, r)")
-    return mods
+def check_rank(value, where, source, key="r"):
+    """A whole number 1..R_MAX (a JSON 2.7 or true is not one, nor is a header's "2.7")."""
+    if isinstance(value, str):
+        value = int(value) if re.fullmatch(r"\d{1,6}", value.strip()) else value
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= R_MAX:
+        raise _bad(where, source, key, value, f"must be a whole number from 1 to {R_MAX}")
+    return value
+
+
+def check_alpha(value, where, source, r, key="lora_alpha"):
+    """A positive number with alpha / r at most SCALE_MAX."""
+    raw = value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0
+            or value / r > SCALE_MAX):
+        raise _bad(where, source, key, raw, f"must be a positive number with {key} / r at most {SCALE_MAX:g}")
+    return float(value)
+
+
+def check_dropout(value, where, source, key="lora_dropout"):
+    if value is None:
+        return 0.0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+        raise _bad(where, source, key, value, "must be a number in [0, 1)")
+    return float(value)
+
+
+def check_style(value, where, source, key="style"):
+    """none | italic | bold | font:NAME | data:NAME, or absent; evaluate.py and the app rebuild the data from it."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not STYLE_RE.match(value):
+        raise _bad(where, source, key, value, "must be none, italic, bold, font:NAME or data:NAME")
+    return value
+
+
+def _text(value, where, source, key):
+    if value is not None and not isinstance(value, str):
+        raise _bad(where, source, key, value, "must be a string")
+    return value or None
 
 
 def _from_peft(tensors, meta, config_path, where):
@@ -316,22 +415,20 @@ def _from_peft(tensors, meta, config_path, where):
     if cfg.get("bias", "none") != "none":
         raise LoraError(f"{where!r}: {CONFIG_NAME} sets bias = {cfg['bias']!r}; trained biases are not supported")
     notes = []
-    try:
-        r = int(cfg["r"])
-        if "lora_alpha" in cfg:
-            alpha = float(cfg["lora_alpha"])
-        else:
-            alpha = 8.0  # PEFT's LoraConfig default: what PEFT itself would load
-            notes.append(f"{CONFIG_NAME} has no lora_alpha; assumed PEFT's default 8")
-    except (KeyError, TypeError, ValueError):
-        raise LoraError(f"{where!r}: {CONFIG_NAME} lacks a whole-number r or a numeric lora_alpha") from None
-    if r <= 0 or not math.isfinite(alpha) or alpha <= 0:
-        raise LoraError(f"{where!r}: {CONFIG_NAME} has r={r}, lora_alpha={alpha}; both must be positive")
+    if "r" not in cfg:
+        raise LoraError(f"{where!r}: {CONFIG_NAME} lacks the rank r, which the tensors alone cannot give")
+    r = check_rank(cfg["r"], where, CONFIG_NAME)
+    if "lora_alpha" in cfg:
+        alpha = check_alpha(cfg["lora_alpha"], where, CONFIG_NAME, r)
+    else:
+        alpha = 8.0  # PEFT's LoraConfig default: what PEFT itself would load
+        notes.append(f"{CONFIG_NAME} has no lora_alpha; assumed PEFT's default 8")
     if cfg.get("use_rslora"):
         # rsLoRA scales by alpha / sqrt(r): the same as alpha * sqrt(r) / r
         alpha = alpha * math.sqrt(r)
         notes.append(f"use_rslora: alpha taken as lora_alpha * sqrt(r) = {alpha:g}")
-    lora = {}
+    dropout = check_dropout(cfg.get("lora_dropout"), where, CONFIG_NAME)
+    out = {}
     for key, (a, b) in _pairs(tensors, ".lora_A.weight", ".lora_B.weight", where).items():
         if not key.startswith(PEFT_PREFIX):
             raise LoraError(f"{where!r}: key {key}.lora_A.weight does not start with {PEFT_PREFIX!r}")
@@ -339,16 +436,51 @@ def _from_peft(tensors, meta, config_path, where):
             raise LoraError(f"{where!r}: {key}.lora_A.weight has shape {tuple(a.shape)}, inconsistent with r={r} "
                             f"in {CONFIG_NAME}")
         m = key[len(PEFT_PREFIX):]
-        lora[f"{m}.lora_a"], lora[f"{m}.lora_b"] = a.float().T.contiguous(), b.float().T.contiguous()
-    for key, value in ((f"{META}r", r), (f"{META}lora_alpha", alpha)):
-        if key in meta and _number(meta, key, where) != value:
-            raise LoraError(f"{where!r}: {CONFIG_NAME} says {key[len(META):]} = {value:g}, the tensors' header "
-                            f"{meta[key]}: the two files come from different saves (an interrupted write?); "
-                            "re-create the adapter")
+        out[f"{m}.lora_A"], out[f"{m}.lora_B"] = a.float().contiguous(), b.float().contiguous()
+    if f"{META}r" in meta and check_rank(meta[f"{META}r"], where, "header", f"{META}r") != r or (
+            f"{META}lora_alpha" in meta and not cfg.get("use_rslora")
+            and check_alpha(meta[f"{META}lora_alpha"], where, "header", r, f"{META}lora_alpha") != alpha):
+        raise LoraError(f"{where!r}: {CONFIG_NAME} says r = {r}, lora_alpha = {alpha:g}, the tensors' header "
+                        f"{meta.get(f'{META}r')}, {meta.get(f'{META}lora_alpha')}: the two files come from different "
+                        "saves (an interrupted write?); re-create the adapter")
     targets = cfg.get("target_modules")
-    targets = list(targets) if isinstance(targets, list) else None
-    return make_adapter(lora, r, alpha, targets, meta.get(f"{META}base_fingerprint"), meta.get(f"{META}style"),
-                        fmt="peft", dropout=float(cfg.get("lora_dropout") or 0.0), notes=notes)
+    if isinstance(targets, list) and not all(isinstance(t, str) and t for t in targets):
+        raise _bad(where, CONFIG_NAME, "target_modules", targets, "must be a list of module names")
+    if isinstance(targets, list):
+        # PEFT's rule: a target names a module, or the end of its dotted name; every module the tensors adapt
+        # must be one a target names (a target may name more: PEFT lists layers some models lack)
+        modules = sorted({k.rsplit(".", 1)[0] for k in out})
+        unmatched = [m for m in modules if not any(m == t or m.endswith("." + t) for t in targets)]
+        if unmatched:
+            raise _bad(where, CONFIG_NAME, "target_modules", targets if len(str(targets)) < 120 else "[...]",
+                       f"names none of the modules {unmatched[:2]} the tensors adapt")
+    else:  # absent (or PEFT's regex string): the tensors say which modules are adapted
+        targets = sorted({k.rsplit(".", 1)[0] for k in out})
+    base_path = _text(cfg.get("base_model_name_or_path"), where, CONFIG_NAME, "base_model_name_or_path")
+    return Adapter(out, r, alpha, targets=list(targets),
+                   style=check_style(meta.get(f"{META}style"), where, "header", f"{META}style"),
+                   base_fingerprint=meta.get(f"{META}base_fingerprint"),
+                   base_path=meta.get(f"{META}base_path") or base_path, base_name=meta.get(f"{META}base_name"),
+                   dropout=dropout, format="peft", notes=notes)
+
+
+def _pairs(tensors, down, up, where):
+    """{module: (A, B)} from keys ``module + down`` / ``module + up``; checks pairs, ranks and shapes:
+    A (r, in) and B (out, r) for a Linear, A (r, in, k, k) and B (out, r, 1, 1) for a Conv2d."""
+    mods = {}
+    for k in tensors:
+        for suffix, i in ((down, 0), (up, 1)):
+            if k.endswith(suffix):
+                mods.setdefault(k[:-len(suffix)], [None, None])[i] = tensors[k]
+    for m, (a, b) in mods.items():
+        if a is None or b is None:
+            raise LoraError(f"{where!r}: module {m} has {'no ' + down if a is None else 'no ' + up} tensor")
+        linear = a.dim() == b.dim() == 2
+        conv = a.dim() == b.dim() == 4 and tuple(b.shape[2:]) == (1, 1)
+        if not (linear or conv) or a.shape[0] != b.shape[1]:
+            raise LoraError(f"{where!r}: module {m} has shapes {tuple(a.shape)} and {tuple(b.shape)}, "
+                            "not (r, in) and (out, r), nor (r, in, k, k) and (out, r, 1, 1)")
+    return mods
 
 
 def _from_kohya(tensors, meta, where):
@@ -362,14 +494,15 @@ def _from_kohya(tensors, meta, where):
                         "LoRA does not apply to this model")
     notes, scales, ranks = [], {}, {}
     for m, (a, _) in mods.items():
-        r_m = a.shape[0]
+        r_m = check_rank(a.shape[0], where, "tensor", f"{m}.lora_down.weight's rank")
         alpha_t = tensors.get(f"{m}.alpha")
         if alpha_t is None:
             alpha_m = float(r_m)  # kohya's convention: no alpha tensor means alpha = rank, a scale of 1
         else:
             alpha_m = float(alpha_t.reshape(-1)[0]) if alpha_t.numel() == 1 else float("nan")
-            if not math.isfinite(alpha_m) or alpha_m <= 0:
-                raise LoraError(f"{where!r}: {m}.alpha must be one positive number")
+            if not math.isfinite(alpha_m) or alpha_m <= 0 or alpha_m / r_m > SCALE_MAX:
+                raise LoraError(f"{where!r}: {m}.alpha must be one positive number with alpha / rank at most "
+                                f"{SCALE_MAX:g}; correct it or re-create the file")
         ranks[m], scales[m] = r_m, alpha_m / r_m
     missing_alpha = [m for m in mods if f"{m}.alpha" not in tensors]
     if missing_alpha:
@@ -378,25 +511,36 @@ def _from_kohya(tensors, meta, where):
     r = max(ranks.values())
     uniform = len(set(ranks.values())) == 1 and len(set(scales.values())) == 1
     alpha = next(iter(scales.values())) * r if uniform else float(r)
-    lora = {}
+    out = {}
     for m, (a, b) in mods.items():
-        a, b = a.float().T, b.float().T  # (in, r_m), (r_m, out)
+        a, b = a.float(), b.float()
         if not uniform:
             # per-module ranks or alphas: pad to the largest rank with zeros and fold each module's own
             # scale into B, with alpha = r (scale 1); the update is unchanged
-            a = torch.cat([a, a.new_zeros(a.shape[0], r - ranks[m])], 1)
-            b = torch.cat([b * scales[m], b.new_zeros(r - ranks[m], b.shape[1])], 0)
-        lora[f"{m}.lora_a"], lora[f"{m}.lora_b"] = a.contiguous(), b.contiguous()
+            pad = r - ranks[m]
+            a = torch.cat([a, a.new_zeros(pad, *a.shape[1:])], 0)
+            b = torch.cat([b * scales[m], b.new_zeros(b.shape[0], pad, *b.shape[2:])], 1)
+        out[f"{m}.lora_A"], out[f"{m}.lora_B"] = a.contiguous(), b.contiguous()
     if not uniform:
         notes.append(f"modules differ in rank or alpha; padded to rank {r} with each module's scale folded into B")
-    ad = make_adapter(lora, r, alpha, None, meta.get(f"{META}base_fingerprint"), meta.get(f"{META}style"),
-                      fmt="kohya", notes=notes)
-    ad["targets"] = None  # known once the names are mapped onto a model (resolve_kohya_names)
-    return ad
+    # targets stay None: known once the names are mapped onto a model (resolve_kohya_names)
+    return Adapter(out, r, alpha, style=check_style(meta.get(f"{META}style"), where, "header", f"{META}style"),
+                   base_fingerprint=meta.get(f"{META}base_fingerprint"), base_path=meta.get(f"{META}base_path"),
+                   base_name=meta.get(f"{META}base_name"), format="kohya", notes=notes)
+
+
+def _old_layout(tensors):
+    """(in, r) / (r, out) tensors named M.lora_a / M.lora_b (format 1, and training states before layout 2) in
+    PEFT's shapes and names."""
+    out = {}
+    for k, v in tensors.items():
+        m, part = k.rsplit(".", 1)
+        out[f"{m}.{'lora_A' if part == 'lora_a' else 'lora_B'}"] = v.float().T.contiguous()
+    return out
 
 
 def _load_legacy(path):
-    """The single torch .pt file that earlier versions wrote (format 1): tensors already in our layout."""
+    """The single torch .pt file that earlier versions wrote (format 1); returns (Adapter, the whole file)."""
     try:
         ad = load_checkpoint(path, "cpu", kind="lora")
     except CheckpointError as e:
@@ -406,75 +550,167 @@ def _load_legacy(path):
             raise LoraError(f"adapter {path!r} lacks {key!r}; it is corrupt or from another tool; re-create it")
     if not isinstance(ad["targets"], (list, tuple)) or not all(isinstance(t, str) for t in ad["targets"]):
         raise LoraError(f"adapter {path!r}: 'targets' is not a list of layer names; re-create it")
-    if not isinstance(ad["r"], int) or not isinstance(ad["alpha"], (int, float)) or not math.isfinite(ad["alpha"]):
-        raise LoraError(f"adapter {path!r}: r and alpha are not numbers; re-create it")
+    r = check_rank(ad["r"], path, "file", "r")
+    alpha = check_alpha(ad["alpha"], path, "file", r, "alpha")
     lora = ad["lora"]
     if not isinstance(lora, dict) or not lora or not all(isinstance(v, torch.Tensor) for v in lora.values()):
         raise LoraError(f"adapter {path!r}: its 'lora' entry is not a map of tensors; re-create it")
     for k, v in lora.items():
-        if k.endswith("lora_a") and v.shape[1] != ad["r"] or k.endswith("lora_b") and v.shape[0] != ad["r"]:
-            raise LoraError(f"adapter {path!r}: {k} has shape {tuple(v.shape)}, inconsistent with r={ad['r']}")
+        if not k.endswith((".lora_a", ".lora_b")) or v.dim() != 2:
+            raise LoraError(f"adapter {path!r}: {k} is not a LoRA tensor of format 1; re-create it")
+        if k.endswith("lora_a") and v.shape[1] != r or k.endswith("lora_b") and v.shape[0] != r:
+            raise LoraError(f"adapter {path!r}: {k} has shape {tuple(v.shape)}, inconsistent with r={r}")
         if not torch.isfinite(v).all():
             raise LoraError(f"adapter {path!r}: tensor {k} holds NaN or infinite values; the adapter is unusable")
-    cfg = ad.get("config", {})
-    out = make_adapter({k: v.float() for k, v in lora.items()}, ad["r"], ad["alpha"], ad["targets"],
-                       ad["base_fingerprint"], ad.get("style", cfg.get("style")), fmt="legacy-pt",
-                       dropout=cfg.get("lora_dropout", 0.0))
-    out["legacy"] = ad  # its optimizer state and RNG, for --resume from an old file
-    return out
+    cfg = ad.get("config") if isinstance(ad.get("config"), dict) else {}
+    tensors = _old_layout(lora)
+    _pairs({f"{k}.weight": v for k, v in tensors.items()}, ".lora_A.weight", ".lora_B.weight", path)
+    style = check_style(ad.get("style", cfg.get("style")), path, "file")
+    out = Adapter(tensors, r, alpha, targets=list(ad["targets"]), style=style, base_fingerprint=ad["base_fingerprint"],
+                  dropout=check_dropout(cfg.get("lora_dropout"), path, "file"), format="legacy-pt")
+    return out, ad
 
 
 def load_training_state(path):
-    """What lora_finetune.py --resume needs beside the adapter: optimizer, RNG, step, configs, and the tensors."""
+    """What lora_finetune.py --resume needs beside the adapter: a TrainingState.
+
+    States written before the layers took PEFT's shapes (and format-1 .pt files) are converted: their
+    (in, r) tensors and the optimizer's moments for them are transposed, which resumes them exactly."""
     path = str(path)
     if os.path.isfile(path) and not path.endswith(".safetensors"):
-        legacy = _load_legacy(path)["legacy"]
-        return {k: legacy[k] for k in ("lora", "optimizer", "rng", "step", "epoch", "config", "train_config")
-                if k in legacy}
-    state_path = os.path.join(path, STATE_NAME)
-    if not os.path.exists(state_path):
-        raise LoraError(f"{path!r} has no {STATE_NAME}: --resume needs the folder lora_finetune.py wrote "
-                        "(a shared adapter carries no training state)")
-    try:
-        return load_checkpoint(state_path, "cpu", kind="lora_state")
-    except CheckpointError as e:
-        raise LoraError(str(e)) from None
+        state = _load_legacy(path)[1]
+    else:
+        state_path = os.path.join(path, STATE_NAME)
+        if not os.path.exists(state_path):
+            raise LoraError(f"{path!r} has no {STATE_NAME}: --resume needs the folder lora_finetune.py wrote "
+                            "(a shared adapter carries no training state)")
+        try:
+            state = load_checkpoint(state_path, "cpu", kind="lora_state")
+        except CheckpointError as e:
+            raise LoraError(str(e)) from None
+    missing = [k for k in ("lora", "optimizer", "rng", "step") if k not in state]
+    if missing:
+        raise LoraError(f"{path!r}: its training state lacks {missing}; it cannot be resumed, start afresh")
+    tensors, optimizer = state["lora"], state["optimizer"]
+    if state.get("layout", 1) < STATE_LAYOUT:
+        tensors = _old_layout(tensors)
+        optimizer = {**optimizer, "state": {i: {k: v.T.contiguous() if torch.is_tensor(v) and v.dim() == 2 else v
+                                                for k, v in s.items()} for i, s in optimizer.get("state", {}).items()}}
+    return TrainingState(tensors, optimizer, state["rng"], state["step"], epoch=state.get("epoch", 0),
+                         config=state.get("config", {}), train_config=state.get("train_config", {}),
+                         base_config=state.get("base_config"), data_size=state.get("data_size"))
 
 
-# ------------------------------------------------- names, several adapters
+# ------------------------------------------------- applying, names, several adapters
 
 def resolve_kohya_names(adapter, model):
     """Map kohya's flattened names (dots became underscores) back through the model's own module names.
 
     Two of the model's modules that flatten to the same name make the mapping ambiguous: refused."""
-    if adapter["format"] != "kohya" or adapter.get("targets") is not None:
+    if adapter.format != "kohya" or adapter.targets is not None:
         return adapter
     flat = {}
     for n, m in model.named_modules():
-        if isinstance(m, (torch.nn.Linear, LoraLayer)) and not (n.endswith(".net") or ".net." in n):
+        if isinstance(m, (nn.Linear, nn.Conv2d, LoraLayer)) and ".base_layer" not in n and ".lora_" not in n:
             flat.setdefault(kohya_name(n), []).append(n)
-    lora, unknown = {}, []
-    for m in adapter["modules"]:
+    tensors, unknown = {}, []
+    for m in adapter.modules:
         names = flat.get(m)
         if not names:
             unknown.append(m)
             continue
         if len(names) > 1:
-            raise LoraError(f"{adapter['path']!r}: kohya name {m} is ambiguous on this model: it could be "
+            raise LoraError(f"{adapter.path!r}: kohya name {m} is ambiguous on this model: it could be "
                             f"{' or '.join(names)}")
-        for part in ("lora_a", "lora_b"):
-            lora[f"{names[0]}.{part}"] = adapter["lora"][f"{m}.{part}"]
+        for part in ("lora_A", "lora_B"):
+            tensors[f"{names[0]}.{part}"] = adapter.tensors[f"{m}.{part}"]
     if unknown:
-        what = "none" if len(unknown) == len(adapter["modules"]) else f"{len(unknown)}"
-        raise LoraError(f"{adapter['path']!r}: {what} of its {len(adapter['modules'])} modules match this model's "
+        what = "none" if len(unknown) == len(adapter.modules) else f"{len(unknown)}"
+        raise LoraError(f"{adapter.path!r}: {what} of its {len(adapter.modules)} modules match this model's "
                         f"layers, e.g. {unknown[:2]}; it was made for another model")
-    out = dict(adapter, lora=lora, modules=modules_of(lora))
-    out["targets"] = sorted({m.rsplit(".", 1)[-1] for m in out["modules"]})
+    out = adapter.replace(tensors=tensors)
+    out.targets = out.modules
     return out
 
 
+def _expected_shapes(layer, r):
+    base = layer.base_layer if isinstance(layer, LoraLayer) else layer
+    if isinstance(base, nn.Linear):
+        return (r, base.in_features), (base.out_features, r)
+    return (r, base.in_channels, *base.kernel_size), (base.out_channels, r, 1, 1)
+
+
+def _base_hint(adapter):
+    """Where the base an adapter names can be found, when its file is at hand."""
+    for path in (adapter.base_path, adapter.base_name and os.path.join(DEFAULT_OUT_DIR, adapter.base_name)):
+        if path and os.path.isfile(path):
+            return f" ({path}, which is here: pass --ckpt {path})"
+    return f" (recorded as {adapter.base_path})" if adapter.base_path else ""
+
+
+def apply_adapter(model, adapter, base_fingerprint, force=False, name="default", weight=1.0, force_flag="--force"):
+    """Add ``adapter``'s layers to ``model`` as adapter ``name`` at ``weight`` and load its tensors, checking
+    base, modules and shapes.
+
+    ``force`` overrides only the base-fingerprint check (an adapter trained on another base
+    usually still loads, but its effect is unpredictable); modules and shapes are always checked.
+    On a model that already has adapters this one goes beside them. ``force_flag`` is the caller's
+    flag that sets ``force``, named in the messages (None: it has none)."""
+    path = adapter.path or "adapter"
+    modules = adapter.modules
+    layers = dict(model.named_modules())
+    absent = [m for m in modules if m not in layers]
+    # sizes first: an adapter for a base of another size is that, whatever its fingerprint says
+    wrong_size = []
+    for m in modules:
+        if m in layers and isinstance(layers[m], (nn.Linear, nn.Conv2d, LoraLayer)):
+            want = _expected_shapes(layers[m], adapter.r)
+            got = tuple(tuple(t.shape) for t in adapter.pair(m))
+            if got != want:
+                wrong_size.append(f"{m}: {got} vs {want}")
+    if wrong_size:
+        raise LoraError(f"adapter {path!r} was trained on a base of another size: its shapes differ from this "
+                        f"model's: {wrong_size[:3]}; pass the base it was trained on")
+    if adapter.base_fingerprint is None and not force:
+        raise LoraError(f"adapter {path!r} does not say which base it was trained on (written by another tool?)"
+                        + (f"; pass {force_flag} if you know it fits this base" if force_flag else ""))
+    if adapter.base_fingerprint != base_fingerprint and not force:
+        raise BaseMismatch(f"adapter {path!r} was trained on base {adapter.base_fingerprint}{_base_hint(adapter)}, "
+                           f"but this base checkpoint is {base_fingerprint}; pass the base it was trained on"
+                           + (f", or {force_flag}" if force_flag else ""), adapter.base_fingerprint, path)
+    targets = adapter.targets or modules
+    try:
+        picked = resolve_targets(model, targets)
+    except LoraError:
+        adaptable = [n for n, m in layers.items() if isinstance(m, (nn.Linear, nn.Conv2d, LoraLayer))]
+        lacking = [t for t in targets if t not in ("attn", "attn-all", "all")
+                   and not any(n == t or n.split(".")[-1] == t for n in adaptable)]
+        raise LoraError(f"adapter {path!r} targets {lacking[:3]}, which this model lacks; its layers are "
+                        f"named {sorted({n.split('.')[-1] for n in adaptable})}") from None
+    missing, extra = sorted(set(picked) - set(modules)), sorted(set(modules) - set(picked))
+    if missing or extra or absent:
+        raise LoraError(f"adapter {path!r} does not match targets {adapter.targets} on this model: "
+                        f"missing {missing[:3]}, unexpected {(extra or absent)[:3]}")
+    new = add_lora(model, picked, adapter.r, adapter.alpha, adapter.dropout, adapter_name=name)
+    with torch.no_grad():
+        for m, layer in new.items():
+            a, b = adapter.pair(m)
+            layer.lora_A[name].weight.copy_(a)
+            layer.lora_B[name].weight.copy_(b)
+            layer.set_weight(name, weight)
+    return new
+
+
+def check_weight(value, what):
+    """An adapter's weight: a finite number within config.WEIGHT_RANGE."""
+    lo, hi = WEIGHT_RANGE
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise CLIError(f"{what}: the weight must be a finite number from {lo:g} to {hi:g}, got {value!r}")
+    return value
+
+
 def parse_lora_spec(spec):
-    """'PATH' or 'PATH:WEIGHT' -> (path, weight). The weight must be a finite number."""
+    """'PATH' or 'PATH:WEIGHT' -> (path, weight). The weight must be a finite number within WEIGHT_RANGE."""
     spec = str(spec)
     if ":" in spec:
         head, tail = spec.rsplit(":", 1)
@@ -485,9 +721,7 @@ def parse_lora_spec(spec):
                 return spec, 1.0
             raise CLIError(f"--lora {spec!r}: the weight {tail!r} is not a number; write PATH or PATH:WEIGHT, "
                            "e.g. out/lora:0.8") from None
-        if not math.isfinite(weight):
-            raise CLIError(f"--lora {spec!r}: the weight must be a finite number, got {tail!r}")
-        return head, weight
+        return head, check_weight(weight, f"--lora {spec!r}")
     return spec, 1.0
 
 
@@ -500,19 +734,19 @@ def load_adapters(specs, map_location="cpu", log=print):
     for path, weight in parsed:
         if path == DEFAULT_ADAPTER and not os.path.exists(path) and os.path.exists(LEGACY_DEFAULT_ADAPTER):
             log(f"lora: using the old {LEGACY_DEFAULT_ADAPTER}; convert it once with: python lora_tools.py "
-                f"convert {LEGACY_DEFAULT_ADAPTER} {DEFAULT_ADAPTER}")
+                f"convert {LEGACY_DEFAULT_ADAPTER} --out {DEFAULT_ADAPTER}")
             path = LEGACY_DEFAULT_ADAPTER
         ad = load_adapter(path, map_location)
-        for note in ad["notes"]:
+        for note in ad.notes:
             log(f"lora: {path}: {note}")
-        ad["weight"] = weight
+        ad.weight = weight
         out.append(ad)
     return out
 
 
 def check_same_base(adapters):
     """Adapters trained on different bases cannot be meant for one model: refuse naming both."""
-    known = [(a["path"], a["base_fingerprint"]) for a in adapters if a.get("base_fingerprint")]
+    known = [(a.path, a.base_fingerprint) for a in adapters if a.base_fingerprint]
     for path, fp in known[1:]:
         if fp != known[0][1]:
             raise LoraError(f"adapters {known[0][0]!r} and {path!r} were trained on different bases "
@@ -520,17 +754,25 @@ def check_same_base(adapters):
 
 
 def attach_adapters(model, adapters, base_fingerprint, force=False):
-    """Apply several adapters, each at its own weight (``adapter["weight"]``, default 1), to one model.
+    """Apply several adapters side by side, each at its own weight (``adapter.weight``), to one model.
 
-    Each is checked against the base fingerprint; names are made unique from the paths."""
+    Each is checked against the base fingerprint; names are made unique from the paths and recorded in
+    ``adapter.name``. Returns the names."""
     if not force:
         check_same_base(adapters)
     names = []
     for ad in adapters:
-        name = os.path.basename(os.path.normpath(str(ad.get("path") or "adapter"))) or "adapter"
+        name = os.path.basename(os.path.normpath(str(ad.path or "adapter"))).replace(".", "_") or "adapter"
         while name in names:
             name += "+"
         names.append(name)
         apply_adapter(model, resolve_kohya_names(ad, model), base_fingerprint, force=force, name=name,
-                      weight=ad.get("weight", 1.0))
+                      weight=ad.weight)
+        ad.name = name
     return names
+
+
+def set_weights(model, adapters, factor=1.0):
+    """Every attached adapter at ``factor`` times its own weight (PATH:WEIGHT): 0 is the base, 1 as asked."""
+    for ad in adapters:
+        set_lora_weight(model, factor * ad.weight, ad.name)

@@ -1,31 +1,52 @@
-"""LoRA (Hu et al. 2021, "Low-Rank Adaptation of Large Language Models") for the UNet's attention.
+"""LoRA (Hu et al. 2021, "Low-Rank Adaptation of Large Language Models") for the UNet's layers.
 
-A frozen ``nn.Linear`` computing x W^T + b gets a trainable low-rank path:
+A frozen ``nn.Linear`` or ``nn.Conv2d`` gets trainable low-rank paths beside it, one per adapter:
 
-    y = net(x) + (x @ lora_a @ lora_b) * alpha / r * scale        lora_a: (in, r), lora_b: (r, out)
+    y = base(x) + sum over adapters of  s * B(A(dropout(x))),        s = alpha / r * weight
 
-lora_b starts at zero, so the adapter is a no-op at step 0 (as in loralib). Parameter names start
-with ``lora_``: that prefix is the contract freezing and saving rely on.
+    Linear:  A = Linear(in, r), B = Linear(r, out)            A.weight (r, in), B.weight (out, r)
+    Conv2d:  A = a k x k conv from in to r channels with the base's stride, padding and dilation,
+             B = a 1x1 conv from r back to out channels       A.weight (r, in, k, k), B.weight (out, r, 1, 1)
 
-    layers = add_lora(model, targets=("Wq", "Wk", "Wv"), r=4, alpha=4)
+These are PEFT's shapes, so an adapter file maps onto the layers without a transpose. B starts at
+zero, so a new adapter is a no-op (as in loralib). Parameter names start with ``lora_``: that prefix
+is the contract freezing and saving rely on. ``weight`` is the adapter's strength: 0 off, 1 as trained.
+
+One LoraLayer wraps one base layer and holds its adapters side by side, by name (PEFT's design):
+``lora_A[name]`` and ``lora_B[name]`` in ModuleDicts, their r, alpha, weight and on/off in dicts; the
+layer lists, weights, enables, merges and removes them. With a single adapter named "default" the
+parameters are ``M.lora_A.default.weight`` and ``M.lora_B.default.weight``.
+
+    layers = add_lora(model, targets="attn", r=4, alpha=4)   # Wq, Wk, Wv; or "attn-all", "all", layer names
     mark_only_lora_as_trainable(model)
-    apply_adapter(model, adapter, base_fingerprint)  # an adapter dict (adapter.py reads and writes the files)
-    merged = merge_lora(model)                     # plain nn.Linear layers again: zero inference overhead
-    unmerge_lora(model, merged)                    # the exact base weights back
+    set_lora_weight(model, 0.5, name="default")                # one adapter's strength (name=None: all)
+    merged = merge_lora(model)                                 # plain layers again: zero inference overhead
+    unmerge_lora(model, merged)                                # the exact base weights back
 
-Several adapters stack: applying a second one wraps the first one's LoraLayer in another
-(``net`` of the outer layer is the inner LoraLayer), so each keeps its own tensors, name, alpha / r
-and weight, and the outputs add up. The newest adapter is outermost and keeps the plain key names
-(``...Wq.lora_a``); a single adapter, as training uses, has exactly the keys it always had.
+adapter.py reads and writes the files and applies them (apply_adapter) through these functions.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn as nn
 
 from errors import UserError
+
+ADAPTABLE = (nn.Linear, nn.Conv2d)
+ATTN = ("Wq", "Wk", "Wv")  # the tutorial's targets, and the default
+# Target groups a user can name instead of layers. "attn-all" adds the attention output projection Wo and the
+# feed-forward linears after the attention (unet.py: TransformerBlock.ff and CrossAttentionBlock.ff). "all" is
+# every nn.Linear and nn.Conv2d of the UNet's blocks, as kohya's LoCon adapts every layer of SD's ResNet and
+# transformer blocks, but not (ALL_EXCLUDED) the time-embedding MLP, conv_in and conv_out: the time MLP is shared
+# by every block, so an update there moves how every layer reads the noise level rather than what digits look
+# like, and conv_out writes the predicted noise itself, where a low-rank error reaches the sample with no later
+# layer to correct it (conv_in, its mirror, is left out with it, as kohya and PEFT's "all-linear" leave out the
+# model's ends). Name them explicitly (--targets all,time_mlp.0,conv_out) to adapt them anyway.
+GROUPS = ("attn", "attn-all", "all")
+ALL_EXCLUDED = ("time_mlp", "conv_in", "conv_out")
 
 
 class LoraError(UserError):
@@ -40,108 +61,273 @@ class BaseMismatch(LoraError):
         self.trained_on, self.path = trained_on, path
 
 
+def _init_a(shape):
+    """A's initial values: Kaiming-uniform with fan_in = in (x k x k), as nn.Linear, nn.Conv2d and loralib do.
+
+    Drawn on the CPU into an (in, r) tensor through its transpose for a Linear, as this project always drew
+    them, so a seed gives the same adapter as before (and on every device)."""
+    if len(shape) == 2:
+        a = torch.empty(shape[1], shape[0])
+        nn.init.kaiming_uniform_(a.T, a=math.sqrt(5))
+        return a.T
+    a = torch.empty(shape)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return a
+
+
 class LoraLayer(nn.Module):
-    def __init__(self, target_linear_layer, feature_in, feature_out, r, alpha, dropout=0.0):
+    """One base layer (nn.Linear or nn.Conv2d, frozen) and any number of LoRA adapters beside it, by name."""
+
+    def __init__(self, base_layer):
         super().__init__()
-        if r <= 0:
-            raise LoraError(f"LoRA rank r must be > 0, got {r}")
-        self.net = target_linear_layer  # the frozen base layer
-        self.r = r
-        self.alpha = alpha
-        self.scale = 1.0  # runtime multiplier of the update: 0 turns the adapter off, 1 is as trained
-        self.adapter_name = "default"  # tells stacked adapters apart
-        self.adapter_weight = 1.0  # this adapter's strength among several; set_lora_scale multiplies it in
-        self.lora_a = nn.Parameter(torch.empty(feature_in, r))
-        self.lora_b = nn.Parameter(torch.zeros(r, feature_out))  # zero: the adapter starts as a no-op
-        # Kaiming-uniform with fan_in = feature_in, as nn.Linear and loralib initialise their A
-        nn.init.kaiming_uniform_(self.lora_a.T, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if not isinstance(base_layer, ADAPTABLE):
+            raise LoraError(f"LoRA adapts nn.Linear and nn.Conv2d layers, not {type(base_layer).__name__}")
+        if isinstance(base_layer, nn.Conv2d) and (base_layer.groups != 1 or base_layer.padding_mode != "zeros"):
+            raise LoraError("LoRA on a grouped or non-zero-padded Conv2d is not supported")
+        # the adapters' modules are registered before the base layer, so the trainable parameters come first in
+        # this layer, in the order a fine-tune's saved optimizer state lists them
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.base_layer = base_layer
+        self.r, self.alpha, self.weights, self.enabled = {}, {}, {}, {}  # by adapter name; weights: strengths
+
+    # ------------------------------------------------------------ the adapters
 
     @property
-    def base_layer(self):
-        """The nn.Linear at the bottom of a stack of LoraLayers."""
-        return self.net.base_layer if isinstance(self.net, LoraLayer) else self.net
+    def adapter_names(self):
+        return list(self.lora_A)
 
-    def delta_weight(self):
-        """The update in nn.Linear's (out, in) layout, in fp32: (A B)^T * alpha / r * scale."""
-        return (self.lora_a.float() @ self.lora_b.float()).T * (self.alpha / self.r * self.scale)
+    def add_adapter(self, name, r, alpha, dropout=0.0):
+        """A new adapter ``name``: A random, B zero (a no-op until trained or loaded), weight 1."""
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise LoraError(f"LoRA rank r must be > 0, got {r}")
+        if not isinstance(name, str) or not name or "." in name:
+            raise LoraError(f"adapter name must be a non-empty string without dots, got {name!r}")
+        if name in self.lora_A:
+            raise LoraError(f"this layer already holds an adapter named {name!r}; pick another name")
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            a = nn.utils.skip_init(nn.Linear, base.in_features, r, bias=False)
+            b = nn.utils.skip_init(nn.Linear, r, base.out_features, bias=False)
+        else:
+            a = nn.utils.skip_init(nn.Conv2d, base.in_channels, r, base.kernel_size, stride=base.stride,
+                                   padding=base.padding, dilation=base.dilation, bias=False)
+            b = nn.utils.skip_init(nn.Conv2d, r, base.out_channels, 1, bias=False)
+        with torch.no_grad():
+            a.weight.copy_(_init_a(a.weight.shape))
+            b.weight.zero_()  # zero: the adapter starts as a no-op
+        device = base.weight.device
+        self.lora_A[name], self.lora_B[name] = a.to(device), b.to(device)  # fp32 whatever the base's dtype
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r[name], self.alpha[name], self.weights[name], self.enabled[name] = r, float(alpha), 1.0, True
+
+    def delete_adapter(self, name):
+        self._check(name)
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[name]
+        for d in (self.r, self.alpha, self.weights, self.enabled):
+            del d[name]
+
+    def set_weight(self, name, weight):
+        self._check(name)
+        self.weights[name] = float(weight)
+
+    def enable(self, name, enabled=True):
+        self._check(name)
+        self.enabled[name] = bool(enabled)
+
+    def _check(self, name):
+        if name not in self.lora_A:
+            raise LoraError(f"no adapter named {name!r} here; this layer holds {self.adapter_names}")
+
+    def scaling(self, name):
+        """s = alpha / r * weight: what multiplies B A."""
+        return self.alpha[name] / self.r[name] * self.weights[name]
+
+    def active(self):
+        """The adapters that change the output: enabled, at a non-zero weight (0 is the base exactly)."""
+        return [n for n in self.lora_A if self.enabled[n] and self.weights[n] != 0]
+
+    # ------------------------------------------------------------ the update
+
+    def delta_weight(self, name):
+        """One adapter's update in the base weight's layout, in fp32: s * B A (for a conv, B's 1x1 times A's k x k)."""
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        delta = b.flatten(1) @ a.flatten(1)  # (out, r) @ (r, in * k * k)
+        return delta.view(self.base_layer.weight.shape) * self.scaling(name)
+
+    def _base_call(self, x, weight):
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            return nn.functional.linear(x, weight, base.bias)
+        return base._conv_forward(x, weight, base.bias)
 
     def forward(self, x):
-        if self.scale == 0:
-            return self.net(x)
-        s = self.alpha / self.r * self.scale
-        if (isinstance(self.net, nn.Linear) and not (torch.is_grad_enabled() and self.lora_a.requires_grad)
-                and (not self.training or isinstance(self.dropout, nn.Identity))):
-            # Not training the adapter: fold it into the weight for this call, W + s (A B)^T, one small addmm
-            # of the weight's size, then the base's own linear. The low-rank path below costs two skinny
-            # products over every token (N x in x r), which on a CPU took longer than the linear itself.
-            w = torch.addmm(self.net.weight, self.lora_b.T, self.lora_a.T, alpha=s)  # (out, in)
-            return nn.functional.linear(x, w, self.net.bias)
-        out = self.net(x)
-        h = x if isinstance(self.dropout, nn.Identity) else self.dropout(x)
-        # out + s (x A) B with the scale and the sum in one addmm: two kernels instead of four (matmul,
-        # matmul, mul, add); the gradients of A and B stay low-rank products
-        xa = h.reshape(-1, h.shape[-1]) @ self.lora_a  # (N, r)
-        return torch.addmm(out.reshape(-1, out.shape[-1]), xa, self.lora_b, alpha=s).view(out.shape)
+        active = self.active()
+        if not active:
+            return self.base_layer(x)
+        frozen = not (torch.is_grad_enabled() and any(
+            p.requires_grad for n in active for p in (self.lora_A[n].weight, self.lora_B[n].weight)))
+        no_dropout = not self.training or all(isinstance(self.lora_dropout[n], nn.Identity) for n in active)
+        if frozen and no_dropout:
+            # Not training the adapters: fold them into the weight for this call, W + sum s B A, one small addmm
+            # of the weight's size each, then the base's own linear or conv. The low-rank path below costs two
+            # skinny products over every token or pixel (N x in x r), which on a CPU took longer than the linear
+            # itself; for a conv the fold is one (out x r x in k k) product against a conv over every pixel.
+            w = self.base_layer.weight
+            shape = w.shape
+            w = w.flatten(1)
+            for n in active:
+                b, a = self.lora_B[n].weight.flatten(1), self.lora_A[n].weight.flatten(1)
+                if isinstance(self.base_layer, nn.Linear):
+                    # the operands in the memory layout this fold always had (the transposes of contiguous
+                    # (r, out) and (in, r) tensors), so an adapter samples the very same digits as before
+                    b, a = b.T.contiguous().T, a.T.contiguous().T
+                w = torch.addmm(w, b, a, alpha=self.scaling(n))
+            return self._base_call(x, w.view(shape))
+        out = self.base_layer(x)
+        for n in active:
+            drop = self.lora_dropout[n]
+            h = x if isinstance(drop, nn.Identity) else drop(x)
+            s = self.scaling(n)
+            if isinstance(self.base_layer, nn.Linear):
+                # out + s (x A^T) B^T with the scale and the sum in one addmm: two kernels instead of four
+                # (matmul, matmul, mul, add); the gradients of A and B stay low-rank products. A^T and B^T are
+                # made contiguous, (in, r) and (r, out) as this layer always multiplied them: a transposed
+                # operand takes another BLAS path whose last bits differ, and a seed must keep giving the same
+                # adapter (the copies are r x in and out x r, nothing beside the products)
+                xa = h.reshape(-1, h.shape[-1]) @ self.lora_A[n].weight.T.contiguous()  # (N, r)
+                out = torch.addmm(out.reshape(-1, out.shape[-1]), xa, self.lora_B[n].weight.T.contiguous(),
+                                  alpha=s).view(out.shape)
+            else:
+                out = out + self.lora_B[n](self.lora_A[n](h)) * s
+        return out
+
+    def extra_repr(self):
+        return ", ".join(f"{n}: r={self.r[n]}, alpha={self.alpha[n]:g}, weight={self.weights[n]:g}"
+                         + ("" if self.enabled[n] else " (off)") for n in self.lora_A)
 
 
-def inject_lora(module, name, target_linear_layer, r=4, alpha=4.0, dropout=0.0):
-    """Replace the sub-module at dotted path ``name`` by a LoraLayer wrapping it (the tutorial's helper).
+# ------------------------------------------------------------ targets
 
-    The target may itself be a LoraLayer: the new adapter then stacks on top of the old one."""
-    base = target_linear_layer.base_layer if isinstance(target_linear_layer, LoraLayer) else target_linear_layer
-    layer = LoraLayer(target_linear_layer, base.in_features, base.out_features, r, alpha, dropout)
-    layer.to(base.weight.device)
-    _set_submodule(module, name, layer)
-    return layer
+def _adaptable(model):
+    """(name, layer) of every nn.Linear and nn.Conv2d in ``model``, LoraLayers counted as their base layer."""
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            out.append((n, m))
+        elif isinstance(m, ADAPTABLE) and not (n.endswith(".base_layer") or ".base_layer." in n
+                                               or ".lora_A." in n or ".lora_B." in n):
+            out.append((n, m))
+    return out
 
 
-def add_lora(model, targets=("Wq", "Wk", "Wv"), r=4, alpha=4.0, dropout=0.0, adapter_name="default"):
-    """Wrap every nn.Linear whose last name part (or whole dotted name) is in ``targets``; returns {name: LoraLayer}.
+def _in_group(name, group):
+    leaf = name.split(".")[-1]
+    parent = name.rsplit(".", 1)[0] if "." in name else ""
+    if group == "attn":
+        return leaf in ATTN
+    if group == "attn-all":
+        return leaf in ATTN + ("Wo",) or parent == "ff" or parent.endswith(".ff")
+    return name.split(".")[0] not in ALL_EXCLUDED  # "all"
 
-    A layer that already has an adapter gets a second one stacked on it.
 
+def resolve_targets(model, targets):
+    """The dotted names of the layers ``targets`` picks, in the model's order.
+
+    ``targets`` is a group name ("attn", "attn-all", "all"; see GROUPS), a layer's name (its last part, as
+    "Wq", or its whole dotted name) or a list of these; a comma-separated string is read as a list."""
+    if isinstance(targets, str):
+        targets = targets.split(",")
+    targets = [str(t).strip() for t in targets]
+    if not targets or not all(targets):
+        raise LoraError(f"LoRA targets {targets} are empty; name layers or a group ({', '.join(GROUPS)})")
+    layers = _adaptable(model)
+    names = [n for n, _ in layers
+             if any(_in_group(n, t) if t in GROUPS else (n == t or n.split(".")[-1] == t) for t in targets)]
+    unmatched = [t for t in targets if t not in GROUPS and not any(n == t or n.split(".")[-1] == t for n, _ in layers)]
+    if not names or unmatched:
+        leaves = sorted({n.split(".")[-1] for n, _ in layers})
+        raise LoraError(f"LoRA targets {unmatched or targets} match no nn.Linear or nn.Conv2d in the model; its "
+                        f"layer names are {leaves}, and the groups {', '.join(GROUPS)}")
+    return names
+
+
+def short_targets(names):
+    """Module names shortened to their last part (two where the last is an index, as ff.0), each once: for messages."""
+    return list(dict.fromkeys(".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1]
+                              for n in names))
+
+
+# ------------------------------------------------------------ adding, listing, weighting
+
+def add_lora(model, targets=ATTN, r=4, alpha=4.0, dropout=0.0, adapter_name="default"):
+    """Add adapter ``adapter_name`` to every layer ``targets`` picks (resolve_targets); returns {name: LoraLayer}.
+
+    A layer without adapters is wrapped in a LoraLayer; one that has some gets this one beside them.
     Names are collected first and replaced afterwards: editing a module while iterating over
     named_modules() skips or revisits layers (the tutorial's loop did)."""
-    targets = tuple(targets)
-    names = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, LoraLayer)) and (n.split(".")[-1] in targets or n in targets)
-             and not _inside_lora(n)]
-    if not names:
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise LoraError(f"LoRA targets {list(targets)} match no nn.Linear in the model; "
-                        f"linear layer names are {linear}")
-    layers = {n: inject_lora(model, n, m, r, alpha, dropout) for n, m in names}
-    for layer in layers.values():
-        layer.adapter_name = adapter_name
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise LoraError(f"LoRA rank r must be > 0, got {r}")
+    names = resolve_targets(model, targets)
+    taken = [n for n in names if isinstance(model.get_submodule(n), LoraLayer)
+             and adapter_name in model.get_submodule(n).lora_A]
+    if taken:
+        raise LoraError(f"layer {taken[0]} already holds an adapter named {adapter_name!r}; pick another name")
+    layers = {}
+    for n in names:
+        m = model.get_submodule(n)
+        if not isinstance(m, LoraLayer):
+            m = LoraLayer(m)
+            _set_submodule(model, n, m)
+        m.add_adapter(adapter_name, r, alpha, dropout)
+        layers[n] = m
     return layers
-
-
-def _inside_lora(name):
-    return name.endswith(".net") or ".net." in name
-
-
-def _lora_shapes(model, targets, r):
-    """{M.lora_a: (in, r), M.lora_b: (r, out)} for every linear layer M that ``targets`` names in ``model``."""
-    shapes = {}
-    for n, m in model.named_modules():
-        if _inside_lora(n) or not any(n == t or n.split(".")[-1] == t for t in targets):
-            continue
-        while isinstance(m, LoraLayer):
-            m = m.net
-        if isinstance(m, nn.Linear):
-            shapes[f"{n}.lora_a"], shapes[f"{n}.lora_b"] = (m.in_features, r), (r, m.out_features)
-    return shapes
 
 
 def lora_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def set_lora_scale(model, scale):
-    """Every adapter's runtime scale: ``scale`` times its own weight (1 unless set by apply_adapter)."""
-    for layer in lora_layers(model).values():
-        layer.scale = float(scale) * layer.adapter_weight
+def adapter_names(model):
+    """Every adapter's name in the model, each once (in the order of the first layer holding it)."""
+    return list(dict.fromkeys(a for layer in lora_layers(model).values() for a in layer.adapter_names))
+
+
+def _layers_with(model, name):
+    layers = [layer for layer in lora_layers(model).values() if name is None or name in layer.lora_A]
+    if name is not None and not layers:
+        raise LoraError(f"the model holds no adapter named {name!r}; it holds {adapter_names(model)}")
+    return layers
+
+
+def set_lora_weight(model, weight, name=None):
+    """The strength of adapter ``name`` (None: of every adapter): 0 off, 1 as trained, negative reverses it."""
+    weight = float(weight)
+    if not math.isfinite(weight):
+        raise LoraError(f"an adapter's weight must be a finite number, got {weight}")
+    for layer in _layers_with(model, name):
+        for n in ([name] if name is not None else layer.adapter_names):
+            layer.set_weight(n, weight)
+
+
+def enable_lora(model, enabled=True, name=None):
+    """Turn adapter ``name`` (None: every adapter) off or on again, keeping its weight."""
+    for layer in _layers_with(model, name):
+        for n in ([name] if name is not None else layer.adapter_names):
+            layer.enable(n, enabled)
+
+
+def remove_lora(model, name=None):
+    """Delete adapter ``name`` (None: all); a layer left without adapters becomes its plain base layer again."""
+    _layers_with(model, name)
+    for path, layer in list(lora_layers(model).items()):
+        for n in layer.adapter_names if name is None else [name] if name in layer.lora_A else []:
+            layer.delete_adapter(n)
+        if not layer.lora_A:
+            _set_submodule(model, path, layer.base_layer)
 
 
 def mark_only_lora_as_trainable(model):
@@ -154,95 +340,45 @@ def mark_only_lora_as_trainable(model):
     return trainable, total
 
 
-def lora_state_dict(model):
-    """Only the lora_ tensors (a few KB), detached copies on the CPU."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
-
-
-# ------------------------------------------------------------ applying adapters
-
-def apply_adapter(model, adapter, base_fingerprint, force=False, name="default", weight=1.0, force_flag="--force"):
-    """Inject LoRA as the adapter describes and load its tensors, checking base, keys and shapes.
-
-    ``force`` overrides only the base-fingerprint check (an adapter trained on another base
-    usually still loads, but its effect is unpredictable); keys and shapes are always checked.
-    On a model that already has adapters this one stacks on top, named ``name`` at ``weight``.
-    ``force_flag`` is the caller's flag that sets ``force``, named in the messages (None: it has none)."""
-    path = adapter.get("path") or "adapter"
-    targets = adapter["targets"] or adapter["modules"]
-    # sizes first: an adapter for a base of another size is that, whatever its fingerprint says
-    wrong_size = [f"{k}: {tuple(adapter['lora'][k].shape)} vs {shape}"
-                  for k, shape in _lora_shapes(model, targets, adapter["r"]).items()
-                  if k in adapter["lora"] and tuple(adapter["lora"][k].shape) != shape]
-    if wrong_size:
-        raise LoraError(f"adapter {path!r} was trained on a base of another size: its shapes differ from this "
-                        f"model's: {wrong_size[:3]}; pass the base it was trained on")
-    if adapter["base_fingerprint"] is None and not force:
-        raise LoraError(f"adapter {path!r} does not say which base it was trained on (written by another tool?)"
-                        + (f"; pass {force_flag} if you know it fits this base" if force_flag else ""))
-    if adapter["base_fingerprint"] != base_fingerprint and not force:
-        raise BaseMismatch(f"adapter {path!r} was trained on base {adapter['base_fingerprint']}, but this base "
-                           f"checkpoint is {base_fingerprint}; pass the base it was trained on"
-                           + (f", or {force_flag}" if force_flag else ""), adapter["base_fingerprint"], path)
-    linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoraLayer)) and not _inside_lora(n)]
-    lacking = [t for t in targets if not any(n == t or n.split(".")[-1] == t for n in linear)]
-    if lacking:
-        raise LoraError(f"adapter {path!r} targets {lacking[:3]}, which this model lacks; its linear layers are "
-                        f"named {sorted({n.split('.')[-1] for n in linear})}")
-    dropout = adapter.get("dropout", adapter.get("config", {}).get("lora_dropout", 0.0))
-    layers = add_lora(model, targets, adapter["r"], adapter["alpha"], dropout, adapter_name=name)
-    expected = {f"{n}.{p}": getattr(layer, p) for n, layer in layers.items() for p in ("lora_a", "lora_b")}
-    missing = sorted(set(expected) - set(adapter["lora"]))
-    extra = sorted(set(adapter["lora"]) - set(expected))
-    if missing or extra:
-        raise LoraError(f"adapter {path!r} does not match targets {adapter['targets']} on this model: "
-                        f"missing {missing[:3]}, unexpected {extra[:3]}")
-    bad = [f"{k}: {tuple(adapter['lora'][k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-           if adapter["lora"][k].shape != v.shape]
-    if bad:
-        raise LoraError(f"adapter {path!r} shapes differ from this model (another base size?): {bad[:3]}")
-    with torch.no_grad():
-        for k, v in adapter["lora"].items():
-            expected[k].copy_(v)
-    for layer in layers.values():
-        layer.adapter_weight = layer.scale = float(weight)
-    return layers
+def lora_state_dict(model, name="default"):
+    """Adapter ``name``'s tensors, {M.lora_A: A, M.lora_B: B} in PEFT's shapes: detached fp32 copies on the CPU."""
+    _layers_with(model, name)  # names the adapters there are when ``name`` is not one of them
+    out = {}
+    for path, layer in lora_layers(model).items():
+        if name in layer.lora_A:
+            out[f"{path}.lora_A"] = layer.lora_A[name].weight.detach().float().cpu().clone()
+            out[f"{path}.lora_B"] = layer.lora_B[name].weight.detach().float().cpu().clone()
+    return out
 
 
 # ---------------------------------------------------------------------- merging
 
 class Merged(dict):
-    """{name: LoraLayer} that merge_lora took out, plus the fused nn.Linear it put in each place."""
+    """{name: LoraLayer} that merge_lora took out, plus the fused base layer it put in each place."""
 
     def __init__(self, layers, fused):
         super().__init__(layers)
-        self.fused = fused  # {name: (nn.Linear, weight version at merge time)}
+        self.fused = fused  # {name: (fused layer, weight version at merge time)}
 
 
 @torch.no_grad()
-def merge_lora(model, lora_scale=1.0):
-    """Fold each LoRA update into its base weight and put a plain nn.Linear in the LoraLayer's place.
+def merge_lora(model):
+    """Fold every layer's adapters into its base weight and put a plain layer (Linear or Conv2d) in its place.
 
-    W' = W + sum over stacked adapters of (lora_a lora_b)^T * alpha / r * scale, times
-    ``lora_scale``, computed in fp32 (nn.Linear stores W as (out, in), hence the transpose). The
-    merged model costs exactly what the base costs. Returns the LoraLayers for unmerge_lora; they
-    keep the untouched base layer, which is what makes the unmerge exact."""
-    merged = {n: m for n, m in lora_layers(model).items() if not _inside_lora(n)}
+    W' = W + sum over the layer's active adapters of s B A, computed in fp32. The merged model
+    costs exactly what the base costs. Returns the LoraLayers for unmerge_lora; they keep the
+    untouched base layer, which is what makes the unmerge exact."""
+    merged = lora_layers(model)
     if not merged:
         raise LoraError("merge_lora: the model has no LoRA layers to merge")
     fused_layers = {}
     for name, layer in merged.items():
         base = layer.base_layer
         weight = base.weight.float()
-        stacked = layer
-        while isinstance(stacked, LoraLayer):
-            weight = weight + stacked.delta_weight() * lora_scale  # * 1.0 is exact
-            stacked = stacked.net
-        fused = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                          device=base.weight.device, dtype=base.weight.dtype)
+        for n in layer.active():
+            weight = weight + layer.delta_weight(n)
+        fused = copy.deepcopy(base)
         fused.weight.copy_(weight.to(base.weight.dtype))
-        if base.bias is not None:
-            fused.bias.copy_(base.bias)
         fused.requires_grad_(False)
         _set_submodule(model, name, fused)
         fused_layers[name] = (fused, fused.weight._version)

@@ -1,13 +1,14 @@
 """Adapter tools: look inside, convert, merge, resize, extract, and the two-adapter grid.
 
     python lora_tools.py info out/lora                                 # format, rank, alpha, base, size, norms
-    python lora_tools.py convert out/lora.pt out/lora                  # an old .pt -> PEFT folder
-    python lora_tools.py convert out/lora out/lora_kohya.safetensors   # PEFT folder -> kohya file (and back)
+    python lora_tools.py convert out/lora.pt --out out/lora            # an old .pt -> PEFT folder
+    python lora_tools.py convert out/lora --out out/lora_kohya.safetensors   # PEFT folder -> kohya file (and back)
     python lora_tools.py merge out/italic:0.8 out/bold:0.5 --out out/both --mode cat           # exact, rank = sum
     python lora_tools.py merge out/italic out/bold --out out/both4 --mode svd --rank 4         # re-factored
     python lora_tools.py resize out/lora --rank 2 --out out/lora_r2    # lower rank, same strength
     python lora_tools.py extract --tuned out/full.pt --base out/ckpt.pt --rank 4 --out out/extracted
     python lora_tools.py grid out/italic out/bold --weights 0,0.5,1 --label 7   # -> out/lora_grid.png
+    python lora_tools.py render-style "font:DejaVu Serif" --per-label 20 --out my_digits   # PNGs in my_digits/0..9/
 
 An output path ending in .safetensors is written in kohya's layout, anything else as a PEFT
 folder. Kohya files name modules with dots turned into underscores; --ckpt (default out/ckpt.pt)
@@ -22,18 +23,18 @@ import os
 
 import torch
 
-from adapter import (DEFAULT_ADAPTER, adapter_size, check_same_base, delta_weights, load_adapter, load_adapters,
-                     make_adapter, parse_lora_spec, resolve_kohya_names, write_adapter, write_kohya)
-from checkpoint import load_for_sampling, load_model, model_config_from_checkpoint, state_fingerprint
-from config import SampleConfig
-from cli import HelpFormatter, add_config_args, config_from_args
+from adapter import (Adapter, adapter_size, check_output_folder, check_same_base, check_weight, load_adapter,
+                     load_adapters, parse_lora_spec, resolve_kohya_names, write_adapter, write_kohya)
+from checkpoint import load_model, load_pipeline, model_config_from_checkpoint, state_fingerprint
+from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, SEED_MAX, WIDTH_MAX, SampleConfig
+from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, path_arg,
+                 runtime_from_args)
 from errors import CLIError, run_main
-from lora import LoraError, LoraLayer
-from runtime import add_runtime_args, pick_device, resolve_precision
+from files import check_apart, check_replace, check_writable_dir, check_writable_file
+from lora import LoraError, resolve_targets, set_lora_weight, short_targets
+from runtime import pick_device, resolve_precision
+from styles import FONT_PER_LABEL, FONT_PER_LABEL_MAX
 from unet import UNet
-
-DEFAULT_CKPT = os.path.join("out", "ckpt.pt")
-
 
 # ------------------------------------------------------------------ helpers
 
@@ -42,6 +43,31 @@ def write_any(path, adapter):
     if str(path).endswith(".safetensors"):
         return write_kohya(path, adapter)
     return write_adapter(path, adapter)
+
+
+def check_output(out, inputs, overwrite, flag="--out"):
+    """Before anything is read: ``out`` is none of ``inputs`` (resolved: symlinks and a/../a count, and an adapter
+    folder and its files are one), holds nothing of another kind, and replaces an earlier result only with
+    --overwrite. A .png is a picture, a .safetensors a kohya file, anything else a PEFT folder."""
+    check_apart([(flag, out)], inputs, f"pass another {flag}")
+    if str(out).endswith(".png"):
+        check_writable_file(out, flag)
+        check_replace(out, flag, ("png",), overwrite, "a picture")
+    elif str(out).endswith(".safetensors"):
+        check_writable_file(out, flag)
+        check_replace(out, flag, _is_adapter, overwrite, "an adapter")
+    else:
+        check_output_folder(out)
+        check_writable_dir(out, flag)
+        check_replace(out, flag, ("adapter folder",), overwrite, "an adapter")
+
+
+def _is_adapter(path):
+    try:
+        load_adapter(path)
+    except LoraError:
+        return False
+    return True
 
 
 def model_names(ckpt_path):
@@ -53,24 +79,28 @@ def model_names(ckpt_path):
 
 def resolved(adapter, ckpt_path):
     """The adapter with our module names (kohya files need a model to map theirs back)."""
-    if adapter["format"] != "kohya":
+    if adapter.format != "kohya":
         return adapter
     return resolve_kohya_names(adapter, model_names(ckpt_path))
 
 
 def truncate(delta, rank, name):
-    """Best rank-k factors of an (out, in) update by SVD: lora_a (in, k), lora_b (k, out), with
-    (lora_a lora_b)^T = the truncated update; returns them and the update's kept and total squared norms."""
-    out_f, in_f = delta.shape
+    """Best rank-k factors of an update by SVD, in PEFT's shapes: for a Linear's (out, in) update A (k, in) and
+    B (out, k); for a conv's (out, in, kh, kw) A (k, in, kh, kw) and B (out, k, 1, 1), the SVD taken of the
+    (out, in * kh * kw) matrix, as a conv LoRA's B[:, :, 0, 0] @ A.flatten(1) is. B A is the truncated update;
+    returns A, B and the update's kept and total squared norms."""
+    matrix = delta.flatten(1)
+    out_f, in_f = matrix.shape
     if rank > min(out_f, in_f):
         raise LoraError(f"--rank {rank} is larger than layer {name} allows (its weight is {out_f} x {in_f}, "
                         f"so at most rank {min(out_f, in_f)})")
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
     root = s[:rank].sqrt()
-    lora_b = (u[:, :rank] * root).T  # (k, out): U sqrt(S), transposed into our layout
-    lora_a = (root[:, None] * vh[:rank]).T  # (in, k): sqrt(S) V^T, transposed
-    return lora_a.float().contiguous(), lora_b.float().contiguous(), float(s[:rank].pow(2).sum()), float(
-        s.pow(2).sum())
+    b = u[:, :rank] * root  # (out, k): U sqrt(S)
+    a = root[:, None] * vh[:rank]  # (k, in k k): sqrt(S) V^T
+    if delta.dim() == 4:
+        a, b = a.view(rank, *delta.shape[1:]), b.view(out_f, rank, 1, 1)
+    return a.float().contiguous(), b.float().contiguous(), float(s[:rank].pow(2).sum()), float(s.pow(2).sum())
 
 
 def report_kept(kept, total, what):
@@ -92,33 +122,39 @@ def check_rank(rank):
 
 def cmd_info(args):
     ad = load_adapter(args.path)
-    if ad["format"] == "kohya" and os.path.exists(args.ckpt):
+    if ad.format == "kohya" and os.path.exists(args.ckpt):
         ad = resolve_kohya_names(ad, model_names(args.ckpt))
-    deltas = delta_weights(ad)
-    print(f"{args.path}: format {ad['format']}, rank {ad['r']}, alpha {ad['alpha']:g} (scale alpha/r "
-          f"{ad['alpha'] / ad['r']:g}), targets {ad['targets']}, {len(ad['modules'])} modules, "
-          f"{sum(v.numel() for v in ad['lora'].values()):,} parameters")
-    print(f"base fingerprint {ad['base_fingerprint'] or 'not recorded'}, style {ad['style'] or 'not recorded'}, "
+    deltas = ad.delta_weights()
+    print(f"{args.path}: format {ad.format}, rank {ad.r}, alpha {ad.alpha:g} (scale alpha/r "
+          f"{ad.alpha / ad.r:g}), targets {short_targets(ad.targets or ad.modules)}, {len(ad.modules)} modules, "
+          f"{sum(v.numel() for v in ad.tensors.values()):,} parameters")
+    base = f" ({ad.base_path})" if ad.base_path else ""
+    print(f"base fingerprint {ad.base_fingerprint or 'not recorded'}{base}, style {ad.style or 'not recorded'}, "
           f"size {adapter_size(args.path):,} bytes")
-    for note in ad["notes"]:
+    for note in ad.notes:
         print(f"note: {note}")
     width = max(len(m) for m in deltas)
-    print(f"{'module':<{width}}  out x in    |update|_F at weight 1")
+    print(f"{'module':<{width}}  {'weight shape':<16}  |update|_F at weight 1")
     for m, d in deltas.items():
-        print(f"{m:<{width}}  {d.shape[0]:>3} x {d.shape[1]:<4}  {d.norm().item():.4g}")
+        print(f"{m:<{width}}  {' x '.join(map(str, d.shape)):<16}  {d.norm().item():.4g}")
     return ad
 
 
 def cmd_convert(args):
+    if args.out and args.dst:
+        raise CLIError(f"convert: two destinations, {args.dst!r} and --out {args.out!r}; give --out alone")
+    dst = args.out or args.dst  # DST as a second word: the spelling before --out
+    if not dst:
+        raise CLIError("convert needs the destination: --out FOLDER (PEFT's layout) or --out FILE.safetensors "
+                       "(kohya's)")
+    check_output(dst, [("SRC", args.src), ("--ckpt", args.ckpt)], args.overwrite)
     ad = resolved(load_adapter(args.src), args.ckpt)
-    if os.path.abspath(args.src) == os.path.abspath(args.dst):
-        raise CLIError("convert: the destination is the source; pick another path")
-    written = write_any(args.dst, ad)
+    written = write_any(dst, ad)
     back = load_adapter(written)
     back = resolved(back, args.ckpt)
-    diff = max((back["lora"][k] - v).abs().max().item() for k, v in ad["lora"].items())
-    print(f"convert: {args.src} ({ad['format']}, {adapter_size(args.src):,} bytes) -> {written} "
-          f"({back['format']}, {adapter_size(written):,} bytes); max |difference| of the tensors {diff:.3g}")
+    diff = max((back.tensors[k] - v).abs().max().item() for k, v in ad.tensors.items())
+    print(f"convert: {args.src} ({ad.format}, {adapter_size(args.src):,} bytes) -> {written} "
+          f"({back.format}, {adapter_size(written):,} bytes); max |difference| of the tensors {diff:.3g}")
     return written
 
 
@@ -127,95 +163,97 @@ def cmd_merge(args):
         if args.rank is None:
             raise CLIError("--mode svd needs --rank K")
         check_rank(args.rank)
+    check_output(args.out, [("PATH", parse_lora_spec(a)[0]) for a in args.adapters] + [("--ckpt", args.ckpt)],
+                 args.overwrite)
     adapters = load_adapters(args.adapters)
     if len(adapters) < 2:
         raise CLIError("merge needs at least two adapters")
     if not args.force:
         check_same_base(adapters)
-    adapters = [dict(resolved(a, args.ckpt), weight=a["weight"]) for a in adapters]
-    modules = sorted({m for a in adapters for m in a["modules"]})
-    lora, kept, total = {}, {}, {}
+    adapters = [resolved(a, args.ckpt) for a in adapters]
+    modules = sorted({m for a in adapters for m in a.modules})
+    tensors, kept, total = {}, {}, {}
     if args.mode == "cat":
         # [A_1 .. A_n] and [w_1 s_1 B_1 .. w_n s_n B_n] stacked along the rank: the product is the
         # weighted sum of the updates exactly; alpha = rank makes the file's own scale 1
         for m in modules:
             a_parts, b_parts = [], []
+            ref_a, ref_b = next(x for x in adapters if m in x.modules).pair(m)
             for ad in adapters:
-                if m in ad["modules"]:
-                    a, b = ad["lora"][f"{m}.lora_a"], ad["lora"][f"{m}.lora_b"]
+                if m in ad.modules:
+                    a, b = ad.pair(m)
                     a_parts.append(a)
-                    b_parts.append(b * (ad["weight"] * ad["alpha"] / ad["r"]))
+                    b_parts.append(b * (ad.weight * ad.alpha / ad.r))
                 else:  # a module only some adapters touch: zeros keep the rank the same everywhere
-                    ref = next(x for x in adapters if m in x["modules"])
-                    a_parts.append(ref["lora"][f"{m}.lora_a"].new_zeros(ref["lora"][f"{m}.lora_a"].shape[0], ad["r"]))
-                    b_parts.append(ref["lora"][f"{m}.lora_b"].new_zeros(ad["r"], ref["lora"][f"{m}.lora_b"].shape[1]))
-            lora[f"{m}.lora_a"], lora[f"{m}.lora_b"] = torch.cat(a_parts, 1), torch.cat(b_parts, 0)
-        rank = sum(a["r"] for a in adapters)
+                    a_parts.append(ref_a.new_zeros(ad.r, *ref_a.shape[1:]))
+                    b_parts.append(ref_b.new_zeros(ref_b.shape[0], ad.r, *ref_b.shape[2:]))
+            tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"] = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
+        rank = sum(a.r for a in adapters)
     else:
         sums = {}
         for ad in adapters:
-            for m, d in delta_weights(ad).items():
-                sums[m] = sums.get(m, 0) + ad["weight"] * d
+            for m, d in ad.delta_weights().items():
+                sums[m] = sums.get(m, 0) + ad.weight * d
         for m in modules:
-            lora[f"{m}.lora_a"], lora[f"{m}.lora_b"], kept[m], total[m] = truncate(sums[m], args.rank, m)
+            tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"], kept[m], total[m] = truncate(sums[m], args.rank, m)
         rank = args.rank
-    styles = "+".join(str(a["style"]) for a in adapters)
-    targets = sorted({t for a in adapters for t in a["targets"]})
-    merged = make_adapter(lora, rank, rank, targets, adapters[0]["base_fingerprint"], styles)
+    styles = "+".join(str(a.style) for a in adapters)
+    first = adapters[0]
+    style = first.style if len({a.style for a in adapters}) == 1 else None  # a mix is no one style of the list
+    merged = Adapter(tensors, rank, float(rank), targets=modules, style=style, base_fingerprint=first.base_fingerprint,
+                     base_path=first.base_path, base_name=first.base_name)
     if args.mode == "svd":
         report_kept(kept, total, f"merge --mode svd --rank {rank}")
     written = write_any(args.out, merged)
-    print(f"merge: {len(adapters)} adapters ({', '.join(args.adapters)}) -> {written}, rank {rank}, "
+    print(f"merge: {len(adapters)} adapters ({', '.join(args.adapters)}; styles {styles}) -> {written}, rank {rank}, "
           f"{adapter_size(written):,} bytes")
     return written
 
 
 def cmd_resize(args):
     check_rank(args.rank)
+    check_output(args.out, [("SRC", args.src), ("--ckpt", args.ckpt)], args.overwrite)
     ad = resolved(load_adapter(args.src), args.ckpt)
-    if args.rank > ad["r"]:
-        raise LoraError(f"--rank {args.rank} is larger than the adapter's rank {ad['r']}; resize only lowers it")
-    scale = ad["alpha"] / ad["r"]
-    lora, kept, total = {}, {}, {}
-    for m in ad["modules"]:
-        product = (ad["lora"][f"{m}.lora_a"] @ ad["lora"][f"{m}.lora_b"]).T  # (out, in), without the scale
-        lora[f"{m}.lora_a"], lora[f"{m}.lora_b"], kept[m], total[m] = truncate(product, args.rank, m)
+    if args.rank > ad.r:
+        raise LoraError(f"--rank {args.rank} is larger than the adapter's rank {ad.r}; resize only lowers it")
+    scale = ad.alpha / ad.r
+    tensors, kept, total = {}, {}, {}
+    for m, d in ad.delta_weights().items():
+        tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"], kept[m], total[m] = truncate(d / scale, args.rank, m)
     # alpha / r stays what it was, so the update keeps its strength: alpha' = alpha * k / r (as kohya)
-    out = make_adapter(lora, args.rank, scale * args.rank, ad["targets"], ad["base_fingerprint"], ad["style"],
-                       dropout=ad["dropout"])
-    report_kept(kept, total, f"resize {ad['r']} -> {args.rank}")
+    out = ad.replace(tensors=tensors, r=args.rank, alpha=scale * args.rank, path=None, format="peft", notes=[])
+    report_kept(kept, total, f"resize {ad.r} -> {args.rank}")
     written = write_any(args.out, out)
-    print(f"resize: {args.src} rank {ad['r']} alpha {ad['alpha']:g} -> {written} rank {args.rank} alpha "
-          f"{out['alpha']:g}, {adapter_size(args.src):,} -> {adapter_size(written):,} bytes")
+    print(f"resize: {args.src} rank {ad.r} alpha {ad.alpha:g} -> {written} rank {args.rank} alpha "
+          f"{out.alpha:g}, {adapter_size(args.src):,} -> {adapter_size(written):,} bytes")
     return written
 
 
 def cmd_extract(args):
     check_rank(args.rank)
-    base, base_ckpt = load_model(args.base, "cpu", args.weights)
-    tuned, tuned_ckpt = load_model(args.tuned, "cpu", args.weights)
+    check_output(args.out, [("--tuned", args.tuned), ("--base", args.base)], args.overwrite)
+    base, base_ckpt = load_model(args.base, "cpu", args.source)
+    tuned, tuned_ckpt = load_model(args.tuned, "cpu", args.source)
     if base_ckpt["config"]["model"] != tuned_ckpt["config"]["model"]:
         raise LoraError(f"{args.tuned!r} and {args.base!r} are different models (their configs differ); extract "
                         "needs a fine-tune and the base it started from")
-    fingerprint = state_fingerprint(base_ckpt[args.weights])
+    fingerprint = state_fingerprint(base_ckpt[args.source])
     started_from = tuned_ckpt.get("fine_tune", {}).get("base_fingerprint")
     if started_from and started_from != fingerprint and not args.force:
         raise LoraError(f"{args.tuned!r} was fine-tuned from base {started_from}, not {args.base!r} ({fingerprint}); "
                         "pass the base it started from, or --force")
-    targets = tuple(args.targets.split(","))
+    names = resolve_targets(base, args.targets)  # Linear and Conv2d layers: a conv's update is factored as one
     b_state, t_state = base.state_dict(), tuned.state_dict()
-    names = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in targets]
-    if not names:
-        raise LoraError(f"--targets {args.targets} match no linear layer of this model")
-    lora, kept, total = {}, {}, {}
+    tensors, kept, total = {}, {}, {}
     for n in names:
         delta = t_state[f"{n}.weight"].float() - b_state[f"{n}.weight"].float()
-        lora[f"{n}.lora_a"], lora[f"{n}.lora_b"], kept[n], total[n] = truncate(delta, args.rank, n)
+        tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"], kept[n], total[n] = truncate(delta, args.rank, n)
     targeted = {f"{n}.weight" for n in names}
     rest = sum((t_state[k].float() - b_state[k].float()).pow(2).sum().item() for k in b_state
                if k not in targeted and b_state[k].is_floating_point())
     style = tuned_ckpt.get("fine_tune", {}).get("style")
-    out = make_adapter(lora, args.rank, args.rank, list(targets), fingerprint, style)
+    out = Adapter(tensors, args.rank, float(args.rank), targets=names, style=style, base_fingerprint=fingerprint,
+                  base_path=args.base, base_name=os.path.basename(args.base))
     overall = report_kept(kept, total, f"extract rank {args.rank} from {len(names)} layers")
     all_change = math.sqrt(sum(total.values()) + rest)
     print(f"extract: the targeted weights hold {100 * math.sqrt(sum(total.values())) / max(all_change, 1e-30):.1f}% "
@@ -227,22 +265,28 @@ def cmd_extract(args):
 
 def cmd_grid(args):
     scfg = config_from_args(args, SampleConfig)
+    rcfg = runtime_from_args(args)
     weights = []
     for w in args.weights.split(","):
-        _, value = parse_lora_spec(f"x:{w}")
-        weights.append(value)
+        try:
+            value = float(w)
+        except ValueError:
+            raise CLIError(f"--weights {args.weights}: {w!r} is not a number; write the weights as 0,0.5,1") from None
+        weights.append(check_weight(value, f"--weights {args.weights}"))
     if len(args.adapters) != 2:
         raise CLIError("grid takes exactly two adapters: the rows' and the columns'")
-    device = pick_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    check_output(args.out, [("PATH", parse_lora_spec(a)[0]) for a in args.adapters] + [("--ckpt", args.ckpt)],
+                 args.overwrite)
+    device = pick_device(rcfg.device)
+    precision = resolve_precision(rcfg.precision, device)  # sampling: the rule, never timed
     adapters = load_adapters(args.adapters, device)
     if not args.force:
         check_same_base(adapters)
     from adapter import attach_adapters
 
     names = []
-    pipe = load_for_sampling(args.ckpt, device, "ema",
-                             lambda model, fp: names.extend(attach_adapters(model, adapters, fp, force=args.force)))
+    pipe = load_pipeline(args.ckpt, device, "ema",
+                         lambda model, fp: names.extend(attach_adapters(model, adapters, fp, force=args.force)))
     model = pipe.model
     if not 0 <= args.label < model.num_classes:
         raise CLIError(f"--label must be in 0..{model.num_classes - 1}, got {args.label}")
@@ -251,9 +295,8 @@ def cmd_grid(args):
     cells = []
     for w_row in weights:
         for w_col in weights:
-            for name, layer in model.named_modules():
-                if isinstance(layer, LoraLayer):
-                    layer.scale = w_row if layer.adapter_name == names[0] else w_col
+            set_lora_weight(model, w_row, names[0])
+            set_lora_weight(model, w_col, names[1])
             imgs, _ = generate(model, pipe.diffusion, torch.tensor([args.label]), device, precision, scfg,
                                seed=args.seed, data_size=pipe.data_size)
             cells.append(imgs[0])
@@ -289,63 +332,101 @@ def grid_figure(cells, weights, names, path, label):
     plt.close(fig)
 
 
+def cmd_render_style(args):
+    from styles import write_font_folder  # Pillow and matplotlib's fonts: only this command needs them
+
+    if not args.style.startswith("font:"):
+        raise CLIError(f"render-style renders a font: pass font:NAME, got {args.style!r}")
+    name, count = write_font_folder(args.style, args.out, per_label=args.per_label, seed=args.seed)
+    print(f"render-style: {count} images of {name} ({args.per_label} a label, seed {args.seed}) -> "
+          f"{args.out}/0..9/*.png; train on them with: python lora_finetune.py --data {args.out}")
+    return args.out
+
+
 # ------------------------------------------------------------------ command line
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+def build_parser():
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do; COMMAND --help "
+                           "tells more")
+    rank = bounded(int, gt=0, le=WIDTH_MAX)
 
     def command(name, fn, help_text):
-        s = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=HelpFormatter)
+        s = sub.add_parser(name, help=help_text, description=help_text)
         s.set_defaults(fn=fn)
         return s
 
     s = command("info", cmd_info, "what an adapter file holds")
-    s.add_argument("path", nargs="?", default=DEFAULT_ADAPTER)
-    s.add_argument("--ckpt", default=DEFAULT_CKPT, help="base checkpoint: maps kohya names, and gives |W| per layer")
+    s.add_argument("path", nargs="?", default=DEFAULT_ADAPTER, type=path_arg,
+                   help="the adapter: a PEFT folder, a kohya .safetensors or an old .pt")
+    s.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
+                   help="base checkpoint: maps kohya names, and gives |W| per layer")
 
     s = command("convert", cmd_convert, "an old .pt or a kohya file to a PEFT folder, or a PEFT folder to kohya")
-    s.add_argument("src")
-    s.add_argument("dst", help="a folder (PEFT's layout) or a .safetensors file (kohya's)")
-    s.add_argument("--ckpt", default=DEFAULT_CKPT, help="base checkpoint whose module names map kohya's back")
+    s.add_argument("src", type=path_arg, help="the adapter to convert")
+    s.add_argument("--out", type=path_arg, help="a folder (PEFT's layout) or a .safetensors file (kohya's)")
+    s.add_argument("dst", nargs="?", type=path_arg, help=argparse.SUPPRESS)  # the old spelling: convert SRC DST
+    s.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
+                   help="base checkpoint whose module names map kohya's back")
 
     s = command("merge", cmd_merge, "several adapters, each at a weight, into one")
-    s.add_argument("adapters", nargs="+", metavar="PATH[:WEIGHT]")
-    s.add_argument("--out", required=True)
+    s.add_argument("adapters", nargs="+", metavar="PATH[:WEIGHT]", help="the adapters, each at WEIGHT (default 1)")
+    s.add_argument("--out", required=True, type=path_arg, help="where the merged adapter goes")
     s.add_argument("--mode", choices=["cat", "svd"], default="cat",
                    help="cat: exact, rank = the sum of the ranks; svd: re-factored to --rank")
-    s.add_argument("--rank", type=int, default=None, help="rank of --mode svd")
+    s.add_argument("--rank", type=rank, default=None, help="rank of --mode svd")
     s.add_argument("--force", action="store_true", help="merge adapters trained on different bases")
-    s.add_argument("--ckpt", default=DEFAULT_CKPT, help="base checkpoint whose module names map kohya's back")
+    s.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
+                   help="base checkpoint whose module names map kohya's back")
 
     s = command("resize", cmd_resize, "one adapter to a lower rank by SVD, at the same strength")
-    s.add_argument("src")
-    s.add_argument("--rank", type=int, required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--ckpt", default=DEFAULT_CKPT, help="base checkpoint whose module names map kohya's back")
+    s.add_argument("src", type=path_arg, help="the adapter to resize")
+    s.add_argument("--rank", type=rank, required=True, help="the new rank, below the adapter's")
+    s.add_argument("--out", required=True, type=path_arg, help="where the resized adapter goes")
+    s.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
+                   help="base checkpoint whose module names map kohya's back")
 
     s = command("extract", cmd_extract, "a rank-k adapter from a full fine-tune and its base (truncated SVD)")
-    s.add_argument("--tuned", required=True, help="the fully fine-tuned checkpoint (lora_finetune.py --full)")
-    s.add_argument("--base", default=DEFAULT_CKPT, help="the base it was fine-tuned from")
-    s.add_argument("--rank", type=int, default=4)
-    s.add_argument("--targets", default="Wq,Wk,Wv", help="the linear layers to extract, by name")
-    s.add_argument("--weights", default="ema", choices=["ema", "model"])
-    s.add_argument("--out", required=True)
+    s.add_argument("--tuned", required=True, type=path_arg,
+                   help="the fully fine-tuned checkpoint (lora_finetune.py --full)")
+    s.add_argument("--base", default=DEFAULT_CKPT, type=path_arg, help="the base it was fine-tuned from")
+    s.add_argument("--rank", type=rank, default=4, help="rank of the adapter extracted")
+    s.add_argument("--targets", default="attn", help="the layers to extract: a group (attn = Wq,Wk,Wv; attn-all; "
+                   "all: every Linear and Conv2d of the blocks) or layer names")
+    s.add_argument("--from", dest="source", default="ema", choices=["ema", "model"],
+                   help="which weights of both checkpoints to compare")
+    s.add_argument("--out", required=True, type=path_arg, help="where the extracted adapter goes")
     s.add_argument("--force", action="store_true", help="extract against a base the fine-tune did not start from")
 
     s = command("grid", cmd_grid, "two adapters' weights as a grid of one digit")
-    s.add_argument("adapters", nargs="+", metavar="PATH")
-    s.add_argument("--ckpt", default=DEFAULT_CKPT)
-    s.add_argument("--weights", default="0,0.5,1", help="the weights, for rows and columns alike")
-    s.add_argument("--label", type=int, default=7)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default=os.path.join("out", "lora_grid.png"))
-    s.add_argument("--force", action="store_true", help="adapters trained on another base")
-    add_runtime_args(s)
+    s.add_argument("adapters", nargs="+", metavar="PATH", help="two adapters: the rows' and the columns'")
+    s.group("model").add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
+                                  help="the base both adapters apply to")
+    s.group("LoRA").add_argument("--weights", default="0,0.5,1",
+                                 help="the adapters' weights (strengths), for rows and columns alike")
+    s.group("sampling").add_argument("--label", type=bounded(int, ge=0, le=9999), default=7,
+                                     help="the digit drawn in every cell (checked against the model's labels)")
+    s.group("output").add_argument("--out", default=os.path.join(DEFAULT_OUT_DIR, "lora_grid.png"), type=path_arg,
+                                   help="the PNG written")
+    s.group("LoRA").add_argument("--force", action="store_true", help="adapters trained on another base")
     add_config_args(s, SampleConfig)
-    return p.parse_args(argv)
+    add_runtime_args(s)
+
+    s = command("render-style", cmd_render_style, "a font's digits as PNG files in 0..9 subfolders, the folder "
+                "lora_finetune.py --data reads (size, position and stroke jittered, seeded)")
+    s.add_argument("style", metavar="font:NAME", help="a font matplotlib ships; an unknown NAME lists them")
+    s.add_argument("--per-label", type=bounded(int, gt=0, le=FONT_PER_LABEL_MAX), default=FONT_PER_LABEL,
+                   help="images of each digit")
+    s.add_argument("--seed", type=bounded(int, ge=0, le=SEED_MAX), default=0, help="the same seed, the same images")
+    s.add_argument("--out", required=True, type=path_arg, help="a new (or empty) folder")
+    for name in ("convert", "merge", "resize", "extract", "grid"):
+        sub.choices[name].group("output").add_argument("--overwrite", action="store_true",
+                                                       help="replace what an earlier run wrote at the destination")
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """LoRA: the layer against its formula, merge/unmerge, adapter files, freezing, and the style data.
 
-Every equivalence is checked with lora_b set to non-zero values: with the initial B = 0 the
+Every equivalence is checked with B set to non-zero values: with the initial B = 0 the
 update is zero and merged == unmerged == base would hold even for a broken implementation.
 """
 import argparse
@@ -15,11 +15,13 @@ import torch.nn as nn
 import lora_finetune
 from config import LoraConfig, ModelConfig, preset_config
 from cli import add_config_args, config_from_args
-from dataset import apply_style, ink, load_dataset, slant
-from adapter import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, adapter_size, load_adapter, load_training_state, save_adapter
+from dataset import apply_style, load_dataset
+from adapter import (CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, Adapter, adapter_from_model, adapter_size, apply_adapter,
+                     load_adapter, load_training_state, write_adapter)
 from checkpoint import load_checkpoint, save_checkpoint, state_fingerprint
-from lora import (LoraError, LoraLayer, add_lora, apply_adapter, lora_layers, lora_state_dict,
-                  mark_only_lora_as_trainable, merge_lora, set_lora_scale, unmerge_lora)
+from metrics import ink, slant
+from lora import (LoraError, LoraLayer, add_lora, lora_layers, lora_state_dict, mark_only_lora_as_trainable,
+                  merge_lora, resolve_targets, set_lora_weight, unmerge_lora)
 from unet import Attention, UNet
 
 DEFAULT_TARGETS = LoraConfig().targets
@@ -35,8 +37,9 @@ def randomise_lora(model, seed=1, std=0.1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():
-            layer.lora_a.copy_(torch.randn(layer.lora_a.shape, generator=g) * std)
-            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g) * std)
+            for name in layer.adapter_names:
+                for p in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def probe_inputs(batch=3):
@@ -54,36 +57,52 @@ def forward(model):
 def test_fresh_lora_layer_is_a_no_op():
     torch.manual_seed(0)
     base = nn.Linear(6, 5)
-    layer = LoraLayer(base, 6, 5, r=2, alpha=4.0)
-    assert torch.count_nonzero(layer.lora_b) == 0 and torch.count_nonzero(layer.lora_a) > 0
-    assert layer.lora_a.shape == (6, 2) and layer.lora_b.shape == (2, 5)
+    layer = LoraLayer(base)
+    layer.add_adapter("default", 2, 4.0)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert torch.count_nonzero(b) == 0 and torch.count_nonzero(a) > 0
+    assert a.shape == (2, 6) and b.shape == (5, 2) and a.dtype == torch.float32  # PEFT's (r, in) and (out, r)
     x = torch.randn(3, 4, 6)
     assert torch.equal(layer(x), base(x))
+
+
+def test_a_seed_draws_the_same_a_as_before():
+    """A is drawn as this project always drew it, through the transpose of an (in, r) tensor, so a seeded
+    fine-tune starts (and ends) where it did before the layers took PEFT's shapes."""
+    torch.manual_seed(3)
+    old = torch.empty(6, 2)
+    nn.init.kaiming_uniform_(old.T, a=5 ** 0.5)
+    layer = LoraLayer(nn.Linear(6, 5))
+    torch.manual_seed(3)
+    layer.add_adapter("default", 2, 1.0)
+    assert torch.equal(layer.lora_A["default"].weight, old.T)
 
 
 def test_lora_layer_matches_its_formula_with_non_zero_b():
     torch.manual_seed(0)
     base = nn.Linear(6, 5)
-    layer = LoraLayer(base, 6, 5, r=2, alpha=3.0)
+    layer = LoraLayer(base)
+    layer.add_adapter("default", 2, 3.0)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     with torch.no_grad():
-        layer.lora_b.copy_(torch.randn(2, 5))
+        b.copy_(torch.randn(5, 2))
     x = torch.randn(4, 6)
     base_out = x @ base.weight.T + base.bias
-    update = x @ layer.lora_a @ layer.lora_b * (3.0 / 2)
+    update = x @ a.T @ b.T * (3.0 / 2)
     assert update.abs().max().item() > 1e-2
     torch.testing.assert_close(layer(x), base_out + update, atol=1e-6, rtol=1e-5)
-    layer.scale = 0.5
+    layer.set_weight("default", 0.5)
     torch.testing.assert_close(layer(x), base_out + 0.5 * update, atol=1e-6, rtol=1e-5)
-    layer.scale = 0.0
+    layer.set_weight("default", 0.0)
     assert torch.equal(layer(x), base(x))
     # the merge formula: the same update in nn.Linear's (out, in) layout
-    layer.scale = 1.0
-    torch.testing.assert_close(x @ layer.delta_weight().T, update, atol=1e-6, rtol=1e-5)
+    layer.set_weight("default", 1.0)
+    torch.testing.assert_close(x @ layer.delta_weight("default").T, update, atol=1e-6, rtol=1e-5)
 
 
 def test_lora_rank_must_be_positive():
     with pytest.raises(LoraError, match="r must be > 0, got 0"):
-        LoraLayer(nn.Linear(4, 4), 4, 4, r=0, alpha=1.0)
+        LoraLayer(nn.Linear(4, 4)).add_adapter("default", 0, 1.0)
     with pytest.raises(LoraError, match="r must be > 0"):
         add_lora(tiny_model(), r=-1)
     with pytest.raises(ValueError, match="--r 4"):
@@ -104,15 +123,39 @@ def test_add_lora_wraps_exactly_the_attention_projections():
         if name.endswith(".Wo") or ".ff." in name:
             assert type(m) is not LoraLayer, name
     # the wrapped layer is the original one, and its shape is kept
-    assert all(isinstance(layer.net, nn.Linear) for layer in layers.values())
-    assert layers["mid_attn.block.attn2.Wk"].lora_a.shape == (8, 2)  # context_dim 8 -> 16 channels
-    assert layers["mid_attn.block.attn2.Wk"].lora_b.shape == (2, 16)
+    assert all(isinstance(layer.base_layer, nn.Linear) for layer in layers.values())
+    assert layers["mid_attn.block.attn2.Wk"].lora_A["default"].weight.shape == (2, 8)  # context_dim 8 -> 16 channels
+    assert layers["mid_attn.block.attn2.Wk"].lora_B["default"].weight.shape == (16, 2)
+    # one LoraLayer a layer, each adapter's tensors in it by name
+    assert "mid_attn.block.attn2.Wk.lora_A.default.weight" in model.state_dict()
 
 
 def test_add_lora_targets_that_match_nothing_list_the_names():
     with pytest.raises(LoraError, match=r"match no nn.Linear.*'Wo'.*'time_proj'") as e:
         add_lora(tiny_model(), ("foo",))
-    assert "'Wq'" in str(e.value)
+    assert "'Wq'" in str(e.value) and "attn-all" in str(e.value)
+
+
+def test_target_groups():
+    model = tiny_model()
+    attn = resolve_targets(model, "attn")
+    assert attn == resolve_targets(model, ("Wq", "Wk", "Wv")) and len(attn) == 18
+    attn_all = resolve_targets(model, "attn-all")
+    assert set(attn) < set(attn_all) and len(attn_all) == 18 + 6 + 3 * 2  # + Wo of 6 attentions, ff.0 and ff.2 of 3
+    assert "mid_attn.block.attn1.Wo" in attn_all and "mid_attn.block.ff.2" in attn_all
+    every = resolve_targets(model, "all")
+    linear_or_conv = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert set(attn_all) < set(every) and set(every) == {n for n in linear_or_conv
+                                                          if n.split(".")[0] not in ("time_mlp", "conv_in", "conv_out")}
+    assert {"mid1.conv1", "mid1.time_proj", "mid_attn.proj_in", "downsample.0"} <= set(every)
+    assert resolve_targets(model, "all,conv_out,time_mlp.0")[-1] == "conv_out"  # named explicitly, then in
+    picked = [n for n in linear_or_conv if n.endswith("Wq") or n == "mid1.conv1"]
+    assert resolve_targets(model, "Wq,mid1.conv1") == picked
+    with pytest.raises(LoraError, match=r"targets \['nope'\] match no"):
+        resolve_targets(model, ("attn", "nope"))
+    layers = add_lora(model, "all", r=2, alpha=2.0)
+    conv = layers["mid1.conv1"]
+    assert conv.lora_A["default"].weight.shape == (2, 16, 3, 3) and conv.lora_B["default"].weight.shape == (16, 2, 1, 1)
 
 
 # ------------------------------------------------------------------ merging
@@ -137,23 +180,82 @@ def test_merge_equals_unmerged_and_unmerge_restores_the_base():
     assert (merged_out - base_out).abs().max().item() > 1e-3
     # merged weight = W + (A B)^T alpha / r
     layer = merged["mid_attn.block.attn1.Wq"]
-    expected = base_weights["mid_attn.block.attn1.Wq.weight"] + (layer.lora_a @ layer.lora_b).T * (2.0 / 2)
+    delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * (2.0 / 2)
+    expected = base_weights["mid_attn.block.attn1.Wq.weight"] + delta
     torch.testing.assert_close(model.get_submodule("mid_attn.block.attn1.Wq").weight, expected, atol=1e-6, rtol=0)
 
     unmerge_lora(model, merged)
     assert set(lora_layers(model)) == set(merged)
     for name, layer in lora_layers(model).items():
-        assert torch.equal(layer.net.weight, base_weights[f"{name}.weight"]), name
+        assert torch.equal(layer.base_layer.weight, base_weights[f"{name}.weight"]), name
     assert torch.equal(forward(model), lora_out)
-    set_lora_scale(model, 0.0)
+    set_lora_weight(model, 0.0)
     assert torch.equal(forward(model), base_out)
 
 
-def test_merge_honours_the_scale():
+@pytest.mark.parametrize("targets", ["all", "attn-all"])
+def test_merge_of_conv_and_linear_adapters_and_exact_unmerge(targets):
+    model = tiny_model()
+    base_out = forward(model)
+    base_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    add_lora(model, targets, r=2, alpha=3.0)
+    randomise_lora(model)
+    lora_out = forward(model)
+    assert (lora_out - base_out).abs().max().item() > 1e-3
+    merged = merge_lora(model)
+    assert not lora_layers(model)
+    torch.testing.assert_close(forward(model), lora_out, atol=1e-5, rtol=1e-5)
+    unmerge_lora(model, merged)
+    for name, layer in lora_layers(model).items():
+        assert torch.equal(layer.base_layer.weight, base_weights[f"{name}.weight"]), name
+    assert torch.equal(forward(model), lora_out)
+
+
+def test_adapters_side_by_side_are_weighted_and_removed_by_name():
+    from lora import adapter_names, enable_lora, remove_lora
+
+    model = tiny_model()
+    base_out = forward(model)
+    add_lora(model, "attn", r=2, alpha=2.0, adapter_name="a")
+    add_lora(model, "all", r=3, alpha=1.0, adapter_name="b")
+    randomise_lora(model)
+    assert sorted(adapter_names(model)) == ["a", "b"]
+    assert lora_layers(model)["mid_attn.block.attn1.Wq"].adapter_names == ["a", "b"]
+    set_lora_weight(model, -0.5, name="b")
+
+    def by_hand(names):  # the base with the named adapters' updates written into its weights
+        fused = tiny_model()
+        with torch.no_grad():
+            for path, layer in lora_layers(model).items():
+                for n in layer.adapter_names:
+                    if n in names:
+                        fused.get_submodule(path).weight.add_(layer.delta_weight(n))
+        return forward(fused)
+    torch.testing.assert_close(forward(model), by_hand("ab"), atol=1e-5, rtol=0)
+    set_lora_weight(model, 0.0, name="b")
+    only_a = forward(model)
+    torch.testing.assert_close(only_a, by_hand("a"), atol=1e-5, rtol=0)
+    set_lora_weight(model, 1.0, name="b")
+    enable_lora(model, False, name="a")
+    torch.testing.assert_close(forward(model), by_hand("b"), atol=1e-5, rtol=0)
+    assert (forward(model) - base_out).abs().max().item() > 1e-3
+    with pytest.raises(LoraError, match=r"no adapter named 'c'; it holds \['b', 'a'\]"):
+        set_lora_weight(model, 1.0, name="c")
+    with pytest.raises(LoraError, match="already holds an adapter named 'a'"):
+        add_lora(model, "attn", r=2, alpha=2.0, adapter_name="a")
+    remove_lora(model, "b")
+    assert adapter_names(model) == ["a"] and len(lora_layers(model)) == 18  # the convs are plain again
+    enable_lora(model, True, name="a")
+    torch.testing.assert_close(forward(model), only_a, atol=1e-6, rtol=1e-5)
+    remove_lora(model)
+    assert not lora_layers(model) and torch.equal(forward(model), base_out)
+
+
+def test_merge_honours_the_weight():
     model = tiny_model()
     add_lora(model, DEFAULT_TARGETS, r=2, alpha=2.0)
     randomise_lora(model)
-    set_lora_scale(model, 0.5)
+    set_lora_weight(model, 0.5)
     half = forward(model)
     merge_lora(model)
     torch.testing.assert_close(forward(model), half, atol=1e-5, rtol=1e-5)
@@ -196,10 +298,11 @@ def saved_adapter(tmp_path, model=None, name="adapter"):
     """A tiny model with a randomised adapter, saved; returns (model, path, fingerprint of its base)."""
     model = model or tiny_model()
     fingerprint = state_fingerprint(model.state_dict())
-    add_lora(model, DEFAULT_TARGETS, r=2, alpha=2.0)
+    layers = add_lora(model, DEFAULT_TARGETS, r=2, alpha=2.0)
     randomise_lora(model)
     path = str(tmp_path / name)
-    save_adapter(path, model, 2, 2.0, DEFAULT_TARGETS, fingerprint)
+    write_adapter(path, adapter_from_model(model, Adapter({}, 2, 2.0, targets=list(layers),
+                                                          base_fingerprint=fingerprint)))
     return model, path, fingerprint
 
 
@@ -212,7 +315,7 @@ def test_adapter_round_trip_onto_a_fresh_base(tmp_path):
     layers = apply_adapter(fresh, adapter, state_fingerprint(fresh.state_dict()))
     assert set(layers) == set(lora_layers(model))
     assert torch.equal(forward(fresh), expected)
-    assert adapter["base_fingerprint"] == fingerprint and adapter["path"] == path
+    assert adapter.base_fingerprint == fingerprint and adapter.path == path
 
 
 def test_adapter_folder_holds_only_lora_tensors_and_is_small(tmp_path, tiny_ckpt):
@@ -222,15 +325,15 @@ def test_adapter_folder_holds_only_lora_tensors_and_is_small(tmp_path, tiny_ckpt
     assert sorted(os.listdir(path)) == [CONFIG_NAME, WEIGHTS_NAME]  # no training state unless asked for
     cfg = json.load(open(os.path.join(path, CONFIG_NAME)))
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 2.0
-    assert cfg["target_modules"] == list(DEFAULT_TARGETS) and cfg["use_rslora"] is False
+    assert cfg["target_modules"] == list(lora_layers(model)) and cfg["use_rslora"] is False  # the modules, resolved
     with safe_open(os.path.join(path, WEIGHTS_NAME), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
         a = f.get_tensor("base_model.model.mid_attn.block.attn2.Wk.lora_A.weight")
     assert len(keys) == 36 and all(k.startswith("base_model.model.") for k in keys)
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     assert meta["mnist_sd.base_fingerprint"] == fingerprint and meta["mnist_sd.format_version"] == "2"
-    assert torch.equal(a, lora_layers(model)["mid_attn.block.attn2.Wk"].lora_a.T)  # PEFT's (r, in)
-    assert set(load_adapter(path)["lora"]) == set(lora_state_dict(model))
+    assert torch.equal(a, lora_layers(model)["mid_attn.block.attn2.Wk"].lora_A["default"].weight)  # PEFT's (r, in)
+    assert set(load_adapter(path).tensors) == set(lora_state_dict(model))
     assert adapter_size(path) * 5 < os.path.getsize(tiny_ckpt)
 
 
@@ -271,7 +374,7 @@ def test_adapter_for_another_base_needs_force(tmp_path):
     apply_adapter(forced, load_adapter(path), other_fp, force=True)
     assert len(lora_layers(forced)) == 18
     for name, layer in lora_layers(forced).items():
-        assert torch.equal(layer.lora_b, lora_layers(model)[name].lora_b)
+        assert torch.equal(layer.lora_B["default"].weight, lora_layers(model)[name].lora_B["default"].weight)
 
 
 def edit_config(path, **changes):
@@ -290,10 +393,13 @@ def test_adapter_whose_rank_disagrees_with_its_tensors_is_refused(tmp_path):
 
 def test_adapter_with_other_targets_than_its_tensors_is_refused(tmp_path):
     _, path, fingerprint = saved_adapter(tmp_path)
-    edit_config(path, target_modules=["Wq"])
+    ad = load_adapter(path)
     with pytest.raises(LoraError, match=r"does not match targets \['Wq'\].*unexpected \[.*Wk") as e:
-        apply_adapter(tiny_model(), load_adapter(path), fingerprint)
+        apply_adapter(tiny_model(), ad.replace(targets=["Wq"]), fingerprint)
     assert "missing []" in str(e.value)
+    edit_config(path, target_modules=["Wq"])  # in the file: refused on reading, before any model is built
+    with pytest.raises(LoraError, match=r"field target_modules = \['Wq'\] names none of the modules \['down.*Wk'"):
+        load_adapter(path)
 
 
 def test_adapter_for_another_model_size_is_refused(tmp_path):
@@ -308,10 +414,11 @@ def test_adapter_for_another_model_size_is_refused(tmp_path):
 def test_finetune_adapter_matches_its_base(tiny_ckpt, tiny_adapter):
     base = torch.load(tiny_ckpt, weights_only=True)
     ad = load_adapter(tiny_adapter)
-    assert ad["base_fingerprint"] == state_fingerprint(base["ema"])
-    assert load_training_state(tiny_adapter)["step"] == preset_config(LoraConfig, "tiny").lora_steps
-    assert ad["r"] == 2 and ad["targets"] == list(DEFAULT_TARGETS) and ad["style"] == "italic"
-    assert any(torch.count_nonzero(v) for k, v in ad["lora"].items() if k.endswith("lora_b"))  # it learned
+    assert ad.base_fingerprint == state_fingerprint(base["ema"])
+    assert ad.base_path == str(tiny_ckpt) and ad.base_name == os.path.basename(tiny_ckpt)  # beside the fingerprint
+    assert load_training_state(tiny_adapter).step == preset_config(LoraConfig, "tiny").lora_steps
+    assert ad.r == 2 and ad.targets == resolve_targets(tiny_model(), DEFAULT_TARGETS) and ad.style == "italic"
+    assert any(torch.count_nonzero(v) for k, v in ad.tensors.items() if k.endswith("lora_B"))  # it learned
     assert adapter_size(tiny_adapter) * 5 < os.path.getsize(tiny_ckpt)
     assert os.path.exists(os.path.join(tiny_adapter, STATE_NAME))  # beside the shared files, not in them
 
@@ -326,9 +433,35 @@ def test_finetune_resume_continues_bit_identically(tmp_path, tiny_ckpt):
     run_finetune(tiny_ckpt, tmp_path / "split", "--lora-steps", "2")
     run_finetune(tiny_ckpt, tmp_path / "split", "--resume", "--lora-steps", "4")
     a, b = load_adapter(tmp_path / "straight"), load_adapter(tmp_path / "split")
-    assert load_training_state(tmp_path / "straight")["step"] == load_training_state(tmp_path / "split")["step"] == 4
-    for k in a["lora"]:
-        assert torch.equal(a["lora"][k], b["lora"][k]), k
+    assert load_training_state(tmp_path / "straight").step == load_training_state(tmp_path / "split").step == 4
+    for k in a.tensors:
+        assert torch.equal(a.tensors[k], b.tensors[k]), k
+
+
+def to_old_layout(state):
+    """A training state as fine-tunes saved it before the layers took PEFT's shapes: (in, r) / (r, out) tensors named
+    M.lora_a / M.lora_b, and the optimizer's moments in that layout."""
+    old = {k: v for k, v in state.items() if k not in ("layout", "content_sha256")}
+    old["lora"] = {k.replace(".lora_A", ".lora_a").replace(".lora_B", ".lora_b"): v.T.contiguous()
+                   for k, v in state["lora"].items()}
+    old["optimizer"] = {**state["optimizer"], "state": {
+        i: {k: v.T.contiguous() if v.dim() == 2 else v for k, v in s.items()}
+        for i, s in state["optimizer"]["state"].items()}}
+    return old
+
+
+def test_a_training_state_of_the_old_layout_resumes_exactly(tmp_path, tiny_ckpt):
+    """--resume converts a training state saved before the layers took PEFT's shapes, and goes on bit for bit."""
+    run_finetune(tiny_ckpt, tmp_path / "straight", "--lora-steps", "4")
+    run_finetune(tiny_ckpt, tmp_path / "split", "--lora-steps", "2")
+    state_path = str(tmp_path / "split" / STATE_NAME)
+    save_checkpoint(to_old_layout(load_checkpoint(state_path, kind="lora_state")), state_path)
+    assert next(iter(load_checkpoint(state_path, kind="lora_state")["lora"])).endswith(".lora_a")
+    run_finetune(tiny_ckpt, tmp_path / "split", "--resume", "--lora-steps", "4")
+    a, b = load_adapter(tmp_path / "straight"), load_adapter(tmp_path / "split")
+    assert load_training_state(tmp_path / "split").step == 4
+    for k in a.tensors:
+        assert torch.equal(a.tensors[k], b.tensors[k]), k
 
 
 def test_the_fine_tunes_t_range_defaults_by_style_and_a_flag_wins():
@@ -350,11 +483,11 @@ def test_a_bold_fine_tune_saves_its_t_range_and_resumes_with_it(tmp_path, tiny_c
     """The range the style chose is saved with the adapter; a resume carries on with the saved range, so an
     adapter trained before the default changed goes on as it began."""
     run_finetune(tiny_ckpt, tmp_path / "bold", "--style", "bold", "--lora-steps", "2")
-    assert load_training_state(tmp_path / "bold")["config"]["lora_t_range"] == (0.0, 0.8)
+    assert load_training_state(tmp_path / "bold").config["lora_t_range"] == (0.0, 0.8)
     run_finetune(tiny_ckpt, tmp_path / "old", "--style", "bold", "--lora-t-range", "0.2,0.8", "--lora-steps", "2")
     run_finetune(tiny_ckpt, tmp_path / "old", "--resume", "--lora-steps", "3")
     state = load_training_state(tmp_path / "old")
-    assert state["step"] == 3 and state["config"]["lora_t_range"] == (0.2, 0.8)
+    assert state.step == 3 and state.config["lora_t_range"] == (0.2, 0.8)
 
 
 def test_a_fine_tune_saved_before_the_t_range_setting_resumes_on_every_step(tmp_path, tiny_ckpt, tiny_adapter):
@@ -368,7 +501,13 @@ def test_a_fine_tune_saved_before_the_t_range_setting_resumes_on_every_step(tmp_
     steps = state["step"] + 1
     run_finetune(tiny_ckpt, out, "--resume", "--lora-steps", str(steps))
     resumed = load_training_state(out)
-    assert resumed["step"] == steps and resumed["config"]["lora_t_range"] == (0.0, 1.0)
+    assert resumed.step == steps and resumed.config["lora_t_range"] == (0.0, 1.0)
+
+
+def files_in(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names}
 
 
 @pytest.mark.parametrize("flag,value,saved", [("--r", "3", "2"), ("--targets", "Wq", "['Wq', 'Wk', 'Wv']"),
@@ -377,17 +516,17 @@ def test_finetune_resume_with_contradicting_flags_exits_2(tmp_path, tiny_ckpt, t
                                                          saved):
     out = tmp_path / "lora"
     shutil.copytree(tiny_adapter, out)
-    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    before = files_in(out)
     with pytest.raises(SystemExit) as e:
         run_finetune(tiny_ckpt, out, "--resume", flag, value)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "contradicts adapter" in err and f"(trained with {saved})" in err
-    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    assert files_in(out) == before
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--r", "0"], "LoRA rank r must be > 0, got 0"),
+    (["--r", "0"], "r must be > 0, got 0"),
     (["--targets", "foo"], "match no nn.Linear"),
     (["--style", "wavy"], "style must be one of none, italic, bold"),
 ])

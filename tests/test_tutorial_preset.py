@@ -98,7 +98,7 @@ def test_lora_rank_8_lands_in_all_nine_cross_attentions(cfg):
     layers = add_lora(model, lcfg.targets, lcfg.r, lcfg.alpha)
     assert set(layers) == set(lora_layers(model)) == {f"{n}.attn.{w}" for n in blocks for w in ("Wq", "Wk", "Wv")}
     assert len(layers) == 27
-    assert all(layer.r == 8 and layer.lora_a.shape[1] == 8 for layer in layers.values())
+    assert all(layer.r == {"default": 8} and layer.lora_A["default"].weight.shape[0] == 8 for layer in layers.values())
 
 
 @pytest.mark.parametrize("kwargs,match", [
