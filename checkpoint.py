@@ -17,7 +17,7 @@ content hash differs"), a file with anything after the end of its zip archive, a
 holds objects other than tensors, numbers, strings and containers. Files written before the
 hash existed have none and still load (their structure is checked, their values cannot be).
     model, ckpt = load_model(path, device, weights="ema")
-    pipe = load_for_sampling(path, device, adapters=[...])   # model (+ adapters), diffusion, data size
+    pipe = load_pipeline(path, device, "ema", attach)  # model (+ adapters), diffusion, data size: sample or fine-tune
 """
 from __future__ import annotations
 
@@ -263,11 +263,13 @@ def state_fingerprint(state):
     return h.hexdigest()[:16]
 
 
-# ------------------------------------------------------------ load for sampling
+# ------------------------------------------------------------ load a pipeline
 
 @dataclasses.dataclass
 class Pipeline:
-    """What sampling needs from a checkpoint: the model (adapters applied), its diffusion, and more."""
+    """A base checkpoint made ready to use: the model (adapters applied), its diffusion, and more.
+
+    Sampling (denoise.py, evaluate.py) and fine-tuning (lora_finetune.py, on top of the base) both start here."""
     model: torch.nn.Module
     diffusion: Diffusion
     ckpt: dict
@@ -276,8 +278,8 @@ class Pipeline:
     weights: str  # ema | model
 
 
-def load_for_sampling(path, device, weights="ema", apply_adapters=None):
-    """Load a base checkpoint for sampling: the UNet in eval mode, its diffusion schedule, its data size.
+def load_pipeline(path, device, weights="ema", apply_adapters=None):
+    """Load a base checkpoint as a Pipeline: the UNet in eval mode, its diffusion schedule, its data size.
 
     ``apply_adapters(model, fingerprint)``, when given, attaches adapters to the fresh model (it
     checks each adapter against ``fingerprint``, the base weights' hash) before anything samples."""

@@ -3,35 +3,143 @@
     atomic_write(path, lambda tmp: ...)   # write a temporary file, then os.replace: never a half-written file
     write_json(path, obj)                 # the same for JSON, never over a file that is not JSON
     check_writable_dir(out_dir, "--out-dir")   # before any long work: a file in the way is refused at once
+    check_apart(outputs, inputs, fix)     # no writer writes over (or into) a path it was given to read
+    check_replace(path, "--out", ours, overwrite, what)   # only a file of ours is replaced, and only when asked
+    remove_stale_temps(folder)            # what a killed run (kill -9, a power cut) left half-written
 
-Every checkpoint, adapter, picture, .npz and JSON the scripts write goes through ``atomic_write``.
+Every checkpoint, adapter, picture, .npz and JSON the scripts write goes through ``atomic_write``
+(an adapter folder through ``temp_folder``). Every temporary file or folder is named
+``.NAME.PID-XXXXXXXX.sd-tmp`` beside its target (PID: the process that writes it), so a later run
+recognises what a killed one left and removes it: only names of this pattern, only those last
+changed before the later run started, and only those whose process is gone.
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
+import shutil
 import tempfile
+import time
+import zipfile
 
 from errors import UserError
+
+TEMP_SUFFIX = ".sd-tmp"
+_TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)-[a-z0-9_]+" + re.escape(TEMP_SUFFIX) + "$")
+# the files of an adapter folder (PEFT's layout, written by adapter.py): the folder and its files are one thing
+ADAPTER_FILE_NAMES = ("adapter_model.safetensors", "adapter_config.json", "training_state.pt")
+# what a fine-tune writes beside its adapter as it runs: a run stopped before its first save leaves only these,
+# and the folder is still that run's (its rerun replaces it with --overwrite, as an adapter)
+RUN_LOG_NAMES = ("loss.csv", "loss_curve.png", "previews", "tensorboard", "data_preview.png")
 
 
 class WriteError(UserError):
     """A file that could not be written (disk full, no permission, a folder in the way); the earlier file is intact."""
 
 
+# ------------------------------------------------------------------ temporaries
+
+def _temp_prefix(path):
+    return f".{os.path.basename(os.path.abspath(path))}.{os.getpid()}-"
+
+
+def temp_folder(path):
+    """A fresh, empty temporary folder beside ``path`` (made now), named so a later run can clean it up."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    remove_stale_temps(parent, once=True)
+    return tempfile.mkdtemp(dir=parent, prefix=_temp_prefix(path), suffix=TEMP_SUFFIX)
+
+
+def is_temp_name(name):
+    """Whether a file or folder name is one of our temporaries (``.NAME.PID-XXXXXXXX.sd-tmp``)."""
+    return _TEMP_NAME.match(name) is not None
+
+
+def _process_start():
+    """When this process started (seconds since the epoch); the module's import time where /proc is missing."""
+    now = time.time()
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks since boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return min(now, boot + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return now
+
+
+PROCESS_START = _process_start()
+_swept = set()
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder, log=print, once=False):
+    """Remove the temporaries an interrupted run left in ``folder`` (not below it); returns how many.
+
+    Only names of our pattern, last changed before this process started, whose process is no longer
+    running: a temporary another live run is writing right now is never touched. ``once``: skip a
+    folder already swept by this process (what every write does on its way)."""
+    real = os.path.realpath(folder)
+    if once and real in _swept:
+        return 0
+    _swept.add(real)
+    try:
+        names = os.listdir(folder)
+    except OSError:  # no folder yet (nothing to clean), or unreadable (the write itself will say why)
+        return 0
+    removed = 0
+    for name in names:
+        m = _TEMP_NAME.match(name)
+        if not m:
+            continue
+        p = os.path.join(folder, name)
+        try:
+            if os.lstat(p).st_mtime >= PROCESS_START:
+                continue
+            pid = int(m["pid"])
+            if pid != os.getpid() and _running(pid):
+                continue
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.remove(p)
+        except OSError:  # gone meanwhile, or not ours to remove: leave it
+            continue
+        removed += 1
+    if removed:
+        log(f"removed {removed} temporary {'file' if removed == 1 else 'files'} left by an interrupted run in "
+            f"{folder}")
+    return removed
+
+
+# ------------------------------------------------------------------ writing
+
 def atomic_write(path, write):
     """Call ``write(tmp_path)`` and move the result over ``path`` in one step (os.replace).
 
     A crash or Ctrl-C mid-write leaves the previous file intact, never a truncated one; a write that
-    fails (a full disk, a file-size limit, no permission) is one WriteError naming ``path``."""
+    fails (a full disk, a file-size limit, no permission) is one WriteError naming ``path``. A kill
+    -9 can leave the temporary file; the next write into the folder removes it."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise WriteError(f"cannot write {path!r}: it is a folder")
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
+        remove_stale_temps(folder, once=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=_temp_prefix(path), suffix=TEMP_SUFFIX)
         os.close(fd)
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -77,6 +185,8 @@ def _write_failure(path, e):
     return f"could not write {path!r}: {why}; the earlier file there, if any, is unchanged"
 
 
+# ------------------------------------------------------------------ checks before any work
+
 def check_writable_dir(path, flag):
     """Refuse at once a folder the run would write into but cannot (a file in the way); creates nothing."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -103,6 +213,113 @@ def same_file(a, b):
     if os.path.exists(a) and os.path.exists(b):
         return os.path.samefile(a, b)
     return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _whole(path):
+    """The resolved path of what ``path`` belongs to: a file of an adapter folder is that folder."""
+    real = os.path.realpath(path)
+    folder = os.path.dirname(real)
+    if os.path.basename(real) in ADAPTER_FILE_NAMES and any(
+            os.path.isfile(os.path.join(folder, n)) for n in ADAPTER_FILE_NAMES[:2]):
+        return folder
+    return real
+
+
+def same_thing(a, b):
+    """Whether two paths name one thing: the same file resolved, or an adapter folder and a file inside it."""
+    return _whole(a) == _whole(b)
+
+
+def _inside(inner, outer):
+    return inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def check_apart(outputs, inputs, fix):
+    """Refuse a run whose output is one of its inputs: the same file, or a file inside an input adapter folder
+    (or an output folder holding an input). ``outputs``/``inputs`` are (flag, path) pairs; a None path is skipped.
+
+    Paths are compared resolved (os.path.realpath: symlinks and ``a/../a`` name the same thing), and
+    an adapter folder and the files inside it count as one."""
+    for out_flag, out in outputs:
+        if out is None:
+            continue
+        w_out = _whole(out)
+        for in_flag, given in inputs:
+            if given is None:
+                continue
+            w_in = _whole(given)
+            if w_out == w_in:
+                how = "is"
+            elif _inside(w_out, w_in):
+                how = "is inside"
+            elif _inside(w_in, w_out):
+                how = "holds"
+            else:
+                continue
+            raise WriteError(f"{out_flag} {str(out)!r} {how} {in_flag} {str(given)!r}: a run never writes over a "
+                             f"file it reads; {fix}")
+
+
+def file_kind(path):
+    """What ``path`` holds, from its first bytes: 'missing', 'adapter folder', 'folder', 'empty folder',
+    'checkpoint' (torch.save's zip), 'npz', 'zip', 'png', 'json', 'safetensors' or 'other'."""
+    if not os.path.lexists(path):
+        return "missing"
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        if any(n in ADAPTER_FILE_NAMES for n in names) or (
+                names and all(n in RUN_LOG_NAMES or n.endswith(TEMP_SUFFIX) for n in names)):
+            return "adapter folder"
+        return "folder" if names else "empty folder"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        size = os.path.getsize(path)
+    except OSError:
+        return "other"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "zip"
+        if any(n.endswith("data.pkl") for n in names):
+            return "checkpoint"
+        if names and all(n.endswith(".npy") for n in names):
+            return "npz"
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size:
+        return "safetensors"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "json"
+    return "other"
+
+
+def check_replace(path, flag, ours, overwrite=None, what="a file of ours"):
+    """Before any work: ``path`` is free, or holds ``what`` (a kind in ``ours``, or ``ours(path)`` true).
+
+    A file of another kind is never replaced, whatever the flags. One of ours is replaced only with
+    --overwrite when ``overwrite`` is False; None: this output is updated in place by design (pictures
+    and samples of a rerun). An empty folder counts as free."""
+    kind = file_kind(path)
+    if kind in ("missing", "empty folder"):
+        return
+    mine = ours(path) if callable(ours) else kind in ours
+    if not mine:
+        shown = kind if kind not in ("other", "zip") else "a file of another kind"
+        raise WriteError(f"{flag} {str(path)!r} holds {_article(shown)}, not {what}, so it is left as it is (even "
+                         f"with --overwrite); pass another {flag}")
+    if overwrite is False:
+        raise WriteError(f"{flag} {str(path)!r} already holds {what}; pass --overwrite to replace it, or another "
+                         f"{flag}")
+
+
+def _article(kind):
+    if kind.startswith("a "):
+        return kind
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
 
 
 def write_json(path, obj):

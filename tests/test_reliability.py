@@ -20,10 +20,11 @@ import torch
 import denoise
 import evaluate
 import lora_finetune
+import metrics
 import train
 import trainer
 from checkpoint import save_checkpoint
-from files import WriteError, atomic_write, write_json
+from files import WriteError, atomic_write, is_temp_name, write_json
 from config import ModelConfig, config_dict, preset_config
 from unet import UNet
 
@@ -106,7 +107,7 @@ def test_every_bad_file_and_flag_is_one_line_and_exit_2(files, tiny_ckpt, tiny_a
     monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("training started"))
     monkeypatch.setattr(lora_finetune, "fit", lambda *a, **k: pytest.fail("fine-tune started"))
     monkeypatch.setattr(denoise, "generate", lambda *a, **k: pytest.fail("sampling started"))
-    monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: pytest.fail("classifier training started"))
+    monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: pytest.fail("classifier training started"))
     before = snapshot(files)
     cases = bad_cases(files, tiny_ckpt, tiny_adapter)
     for main, argv, message in cases:
@@ -152,7 +153,7 @@ def test_a_fresh_run_does_not_replace_another_runs_checkpoint(tmp_path, tiny_ckp
 
 
 def test_evaluate_never_writes_its_classifier_over_another_file(files, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: pytest.fail("classifier training started"))
+    monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: pytest.fail("classifier training started"))
     npz = tmp_path / "s.npz"
     np.savez(npz, images=np.zeros((10, 28, 28), np.uint8), labels=np.arange(10))
     for given, message in ((files / "ckpt.pt", "not a classifier checkpoint (found 'base')"),
@@ -166,7 +167,7 @@ def test_evaluate_never_writes_its_classifier_over_another_file(files, tmp_path,
     (tmp_path / "s.json").write_text("{}")
     line = expect_clean_exit_2(evaluate.main, ["--samples", npz, "--dataset", "mnist-5k", "--out-dir", tmp_path,
                                                "--name", "s", "--classifier", tmp_path / "s.json"], capsys)
-    assert "a file given to read" in line and (tmp_path / "s.json").read_text() == "{}"
+    assert "a run never writes over a file it reads" in line and (tmp_path / "s.json").read_text() == "{}"
     assert not (tmp_path / "eval").exists()
 
 
@@ -216,7 +217,9 @@ def test_a_full_disk_names_the_file_and_leaves_the_earlier_one(tmp_path, tiny_ck
     line = expect_clean_exit_2(train.main, [*TINY, "--resume", run / "ckpt.pt", "--out-dir", run, "--max-steps", "8",
                                             "--sample-every", "0"], capsys)
     assert f"could not write {str(run / 'ckpt.pt')!r}: the disk is full" in line
-    assert snapshot(run) == before  # the earlier checkpoint, config.json, and no temporary file
+    after = snapshot(run)
+    assert {k: after.get(k) for k in before} == before  # the earlier checkpoint and config.json
+    assert not [n for n in after if is_temp_name(os.path.basename(n))]  # and no temporary file
     monkeypatch.setattr(torch, "save", real_save)
     with pytest.raises(WriteError, match="the disk is full"):
         atomic_write(str(tmp_path / "x.json"), lambda tmp: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
@@ -243,7 +246,9 @@ def test_a_file_size_limit_stops_the_save_cleanly_in_a_real_process(tmp_path, ti
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not write") and str(run / "ckpt.pt") in last
     assert "larger than this system allows" in last and "Traceback" not in proc.stderr
-    assert snapshot(run) == before
+    after = snapshot(run)
+    assert {k: after.get(k) for k in before} == before
+    assert not [n for n in after if is_temp_name(os.path.basename(n))]
 
 
 # ------------------------------------------------------------ messages tell the truth
