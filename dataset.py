@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from config import DEFAULT_DATA_DIR
 from errors import UserError
 from files import atomic_write
 
@@ -140,7 +141,7 @@ def mnist_on_disk(data_dir):
     return _load_idx_pair(_torchvision_folder(data_dir, "MNIST"), "train") is not None
 
 
-def resolve_dataset(name, data_dir="data", download=True, log=print):
+def resolve_dataset(name, data_dir=DEFAULT_DATA_DIR, download=True, log=print):
     """Turn "auto" into a concrete name, saying in one line which one and how to get the other."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -161,7 +162,7 @@ def resolve_dataset(name, data_dir="data", download=True, log=print):
     return "mnist-5k"
 
 
-def load_dataset(name="auto", split="train", data_dir="data", download=True, log=print):
+def load_dataset(name="auto", split="train", data_dir=DEFAULT_DATA_DIR, download=True, log=print):
     """Load a data set as uint8 tensors. ``split`` is train or test (held out)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {split!r}")
@@ -183,21 +184,26 @@ def load_dataset(name="auto", split="train", data_dir="data", download=True, log
     return Digits(*pair, name, split, FASHION_CLASSES)
 
 
-def save_grid(images_u8, path, nrow=10, pad=2):
-    """Tile uint8 images (N, H, W) into one PNG, row-major, ``nrow`` per row, written atomically."""
-    from PIL import Image  # Pillow comes with matplotlib
-
-
+def tile_grid(images_u8, nrow=10, pad=2):
+    """uint8 images (N, H, W) tiled row-major, ``nrow`` per row, on a dark grey canvas: uint8 (rows, cols)."""
     n, h, w = images_u8.shape
     rows = (n + nrow - 1) // nrow
     canvas = torch.full((rows * (h + pad) + pad, nrow * (w + pad) + pad), 64, dtype=torch.uint8)
     for i in range(n):
         r, c = divmod(i, nrow)
         canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = images_u8[i]
+    return canvas
+
+
+def save_grid(images_u8, path, nrow=10, pad=2):
+    """Tile uint8 images (N, H, W) into one PNG, row-major, ``nrow`` per row, written atomically."""
+    from PIL import Image  # Pillow comes with matplotlib
+
+    canvas = tile_grid(images_u8, nrow, pad)
     atomic_write(path, lambda tmp: Image.fromarray(canvas.numpy(), mode="L").save(tmp, format="PNG"))
 
 
-# ------------------------------------------------------------ styles and stats
+# ---------------------------------------------------------------------- styles
 
 def apply_style(images_u8, style, amount=None):
     """Transform real digits into a style the LoRA adapter learns.
@@ -221,30 +227,6 @@ def apply_style(images_u8, style, amount=None):
     else:
         raise ValueError(f"unknown style {style!r}; choose none, italic or bold")
     return (x.squeeze(1) * 255).round().clamp(0, 255).to(torch.uint8)
-
-
-def slant(images_u8):
-    """Per-image slant from second-order image moments: mu11 / mu02, with y pointing up.
-
-    Positive leans right (italic), 0 is upright. Ink-weighted, so it is independent of image size.
-    """
-    x = images_u8.float()
-    n, h, w = x.shape
-    ys = -torch.arange(h, dtype=torch.float32).view(1, h, 1)  # up is positive
-    xs = torch.arange(w, dtype=torch.float32).view(1, 1, w)
-    m = x.sum(dim=(1, 2)).clamp_min(1e-6)
-    cy = (x * ys).sum(dim=(1, 2)) / m
-    cx = (x * xs).sum(dim=(1, 2)) / m
-    dy = ys - cy.view(n, 1, 1)
-    dx = xs - cx.view(n, 1, 1)
-    mu11 = (x * dx * dy).sum(dim=(1, 2)) / m
-    mu02 = (x * dy * dy).sum(dim=(1, 2)) / m
-    return mu11 / mu02.clamp_min(1e-6)
-
-
-def ink(images_u8):
-    """Per-image mean intensity in [0, 1]: bold digits have more ink."""
-    return images_u8.float().mean(dim=(1, 2)) / 255.0
 
 
 if __name__ == "__main__":  # python dataset.py [name]: print what would be used
