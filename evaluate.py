@@ -1,10 +1,12 @@
 """Measure sample quality with a reference classifier: conditional accuracy, Frechet distance, slant, ink.
 
-    python evaluate.py --ckpt out/ckpt.pt                        # samples 100 per label itself, then scores
+    python evaluate.py                                           # out/ckpt.pt: samples 100 per label, then scores
     python evaluate.py --ckpt out/ckpt.pt --lora out/lora        # the same with the adapter (--lora-scale S)
     python evaluate.py --ckpt out/ckpt.pt --lora out/italic:0.8 --lora out/bold:0.5   # several, with weights
     python evaluate.py --samples out/samples.npz                 # scores images written by denoise.py
     python evaluate.py --ckpt a.pt b.pt c.pt                     # several checkpoints: + a time-to-quality curve
+    python evaluate.py --lora out/lora --style-data my_digits    # against a style set, the base beside it
+    python evaluate.py --lora out/lora --style "font:DejaVu Serif"   # ... or a font's digits
 
 The reference classifier is a small CNN trained on the real training split of the data set and
 reported on its held-out split; it is cached (default data/classifier-NAME.pt) with a fingerprint
@@ -22,165 +24,47 @@ Scores, written to OUT_DIR/NAME.json (one object) and a one-page OUT_DIR/NAME.pn
                        real digits in that style
   real_style_accuracy  with a style: the classifier's accuracy on those real styled digits, the
                        most a styled adapter's samples can expect (it was trained on upright ones)
+
+With a style set (--style-data PATH, --style font:NAME, or an adapter fine-tuned on one), split
+80/20 per label (the same split every time):
+  style_share          share of samples a small real-vs-style classifier calls style; it is trained
+                       on MNIST's training digits against the style set's training split, and
+  style_share_reliable true only when, on images it never saw, it calls >= 95% of the held-out
+                       style images and <= 5% of the held-out real digits style (style_share_check);
+                       otherwise the share is printed as unreliable
+  frechet_distance_style_data, frechet_floor_style_data   the distance to the held-out style images,
+                       and theirs to the style set's training split (same count): its floor
+  style_data_accuracy  the reference classifier's accuracy on the style set itself (a typeface may
+                       read worse than handwriting): what the conditional accuracy compares with
+  prior_labels, prior_accuracy, prior_frechet_distance   the labels the style set lacks (which a
+                       fine-tune keeps from the base), their accuracy and distance to real digits
+  base                 with --lora: the base's figures on the same noise, for each of the above
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
+import dataclasses
 import os
 import time
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from adapter import DEFAULT_ADAPTER, attach_adapters, load_adapters
-from checkpoint import (CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_for_sampling, load_state_strict,
-                        save_checkpoint)
-from files import atomic_write, check_writable_dir, check_writable_file, same_file, write_json
-from config import SampleConfig
-from cli import HelpFormatter, add_config_args, config_from_args, finite_float
+from adapter import attach_adapters, load_adapters, parse_lora_spec, set_weights
+from checkpoint import load_checkpoint, load_pipeline
+from files import atomic_write, check_apart, check_replace, check_writable_dir, remove_stale_temps, write_json
+from config import (BATCH_MAX, DATASETS, DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, WEIGHT_RANGE,
+                    SampleConfig)
+from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, path_arg,
+                 runtime_from_args)
 from errors import CLIError, run_main
-from dataset import apply_style, ink, load_dataset, slant, to_model_range
+from dataset import MNIST_CLASSES, apply_style, load_dataset
 from diffusion import generate
-from lora import set_lora_scale
-from runtime import add_runtime_args, pick_device, resolve_precision
+from metrics import (STYLE_SHARE_MAX_REAL, STYLE_SHARE_MIN_STYLE, classify, frechet_distance, get_classifier, ink,
+                     slant, style_share, train_style_share)
+from runtime import pick_device, resolve_precision
 
 
-# ------------------------------------------------------------------ classifier
-
-class Classifier(nn.Module):
-    """A small CNN (about 0.4M parameters); ``features`` is the 128-d penultimate layer used for the distance."""
-
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),  # 14x14
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),  # 7x7
-            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
-        )
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, num_classes))
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
-def data_fingerprint(images, labels):
-    h = hashlib.sha256()
-    h.update(images.contiguous().numpy().tobytes())
-    h.update(labels.numpy().astype(np.int64).tobytes())
-    return h.hexdigest()[:16]
-
-
-def _shift_augment(x, gen, max_shift=2):
-    """Random translations of up to ``max_shift`` pixels: the classic cheap MNIST augmentation."""
-    n = x.shape[0]
-    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
-    size = x.shape[-1]
-    rows = (dy[:, None] + torch.arange(size)[None])  # (N, H)
-    cols = (dx[:, None] + torch.arange(size)[None])  # (N, W)
-    idx_n = torch.arange(n)[:, None, None]
-    return padded[idx_n, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
-
-
-@torch.no_grad()
-def classify(model, images_u8, batch=1000):
-    """uint8 (N, 28, 28) -> (logits (N, C), features (N, 128))."""
-    model.eval()
-    logits, feats = [], []
-    for i in range(0, len(images_u8), batch):
-        x = to_model_range(images_u8[i:i + batch])
-        f = model.features(x)
-        feats.append(f)
-        logits.append(model.head(f))
-    return torch.cat(logits), torch.cat(feats)
-
-
-def train_classifier(train, test, epochs=None, seed=0, log=print):
-    """Train the reference CNN on ``train`` and report accuracy on ``test`` (both Digits)."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = Classifier(len(train.classes))
-    epochs = epochs or (12 if len(train) < 20000 else 4)
-    steps_per_epoch = (len(train) + 127) // 128
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * steps_per_epoch)
-    x_all = to_model_range(train.images)
-    t0 = time.time()
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(train), generator=gen)
-        for i in range(steps_per_epoch):
-            idx = perm[i * 128:(i + 1) * 128]
-            loss = F.cross_entropy(model(_shift_augment(x_all[idx], gen)), train.labels[idx], label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    acc = (classify(model, test.images)[0].argmax(1) == test.labels).float().mean().item()
-    log(f"classifier: trained on {train.name}/train ({len(train)} images, {epochs} epochs, "
-        f"{time.time() - t0:.0f} s): {100 * acc:.2f}% on {train.name}/test ({len(test)} images)")
-    return model, acc
-
-
-def read_classifier_cache(path):
-    """The classifier cache at ``path``, None when there is none yet; any other file there is refused, never replaced.
-
-    A cache is written only where a cache is (or nothing is): a base checkpoint, an adapter or a
-    damaged file given as --classifier is left as it is, with one error, before any training."""
-    check_writable_file(path, "--classifier")
-    if not os.path.exists(path):
-        return None
-    try:
-        cached = load_checkpoint(path, kind="classifier")
-    except CheckpointError as e:
-        raise CheckpointError(f"--classifier: {e}; it is not a classifier cache, so it is left as it is: pass "
-                              "another --classifier path (or delete the file to retrain)") from None
-    if not (isinstance(cached.get("data_fingerprint"), str) and isinstance(cached.get("model"), dict)
-            and isinstance(cached.get("test_accuracy"), float)):
-        raise CheckpointError(f"--classifier {path!r} lacks the fields of a classifier cache; it is left as it is: "
-                              "pass another --classifier path (or delete the file to retrain)")
-    return cached
-
-
-def get_classifier(train, test, path, log=print):
-    """The cached reference classifier for ``train`` (Digits), trained afresh when the cache is for other data."""
-    fp = data_fingerprint(train.images, train.labels)
-    cached = read_classifier_cache(path)
-    if cached is not None and cached["data_fingerprint"] == fp:
-        model = Classifier(len(train.classes))
-        load_state_strict(model, cached["model"], f"classifier cache {path!r}")
-        return model.eval(), cached["test_accuracy"]
-    if cached is not None:
-        log(f"classifier: cache {path} was trained on other data ({cached.get('dataset')}); retraining")
-    model, acc = train_classifier(train, test, log=log)
-    save_checkpoint({"version": CHECKPOINT_VERSION, "kind": "classifier", "model": model.state_dict(),
-                     "dataset": train.name, "data_fingerprint": fp, "train_size": len(train),
-                     "test_accuracy": acc}, path)
-    return model.eval(), acc
-
-
-# --------------------------------------------------------------------- metrics
-
-def frechet_distance(f1, f2):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), in float64; the root via symmetric eigendecompositions."""
-    f1, f2 = f1.double(), f2.double()
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
-    # Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2), and the inner matrix is symmetric PSD
-    w, v = torch.linalg.eigh(s1)
-    r1 = (v * w.clamp_min(0).sqrt()) @ v.T
-    inner = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp_min(0).sqrt().sum()
-    return float(((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * inner)
-
+# ---------------------------------------------------------------------- scores
 
 def score(images_u8, labels, classifier, train, test, style="none", seed=0):
     """All scores for uint8 samples (N, 28, 28) asked for ``labels`` (N,)."""
@@ -223,6 +107,140 @@ def score(images_u8, labels, classifier, train, test, style="none", seed=0):
     }
 
 
+# ------------------------------------------------------------------ style set
+
+STYLES = ("none", "italic", "bold")  # apply_style's transforms of the real digits; anything else is a style set
+STYLE_HELD_OUT = 0.2  # of each label's style images: held out for the distance, its floor and the share check
+STYLE_SPLIT_SEED = 0  # the split does not move with --seed: every evaluation of a style holds out the same images
+STYLE_MIN_HELD_OUT = 10
+# the base's figures reported beside the adapter's, on the same noise
+BASE_KEYS = ("accuracy", "frechet_distance", "slant", "ink", "style_share", "frechet_distance_style_data",
+             "prior_accuracy", "prior_frechet_distance")
+
+
+@dataclasses.dataclass
+class StyleSet:
+    """A style data set split into training and held-out parts, with what every score against it needs."""
+    name: str  # StyleData.name: "font:NAME", "data:PATH"
+    train: object  # StyleData
+    held_out: object  # StyleData
+    accuracy: float = None  # the reference classifier's on the whole style set
+    held_out_feats: torch.Tensor = None  # (N, 128)
+    frechet_floor: float = None  # held-out style vs its training split, same count
+    share: object = None  # metrics.StyleShareCheck
+    prior_labels: list = dataclasses.field(default_factory=list)  # labels the style set lacks
+    real_prior_feats: torch.Tensor = None  # real held-out digits of those labels
+
+
+def resolve_style(args, adapters, log=print):
+    """(transform, style-set spec or None): ``--style italic|bold|none`` transforms the real digits as before;
+    ``--style font:NAME`` or ``--style-data PATH`` (or an adapter trained on one of them) names a style set."""
+    if args.style_data is not None and args.style is not None and args.style not in ("none",):
+        raise CLIError(f"--style {args.style} and --style-data {args.style_data} both name the style: give one")
+    if args.style_data is not None:
+        return "none", args.style_data
+    style = args.style
+    if style is None:
+        style = (adapters[0].style or "none") if adapters else "none"
+        if style.startswith("data:"):  # a user's own digits: found again where the fine-tune read them, if there
+            path = style[len("data:"):]
+            if os.path.exists(path):
+                return "none", path
+            log(f"evaluate: the adapter's style {style!r} is not found here, so the style is not scored; pass "
+                "--style-data PATH to score it")
+            return "none", None
+    if style in STYLES:
+        return style, None
+    if style.startswith("font:"):
+        return "none", style
+    raise CLIError(f"--style {style!r}: choose none, italic, bold or font:NAME (or --style-data PATH)")
+
+
+def read_style_set(spec, dataset_classes):
+    """The style set ``spec`` names, loaded, checked and split; before any classifier is trained."""
+    from styles import load_style_data, split_style_data  # the style data's own module, needed only here
+
+    if list(dataset_classes) != MNIST_CLASSES:
+        raise CLIError("a style set holds digits; score it against a digit data set (--dataset mnist or mnist-5k)")
+    data = load_style_data(spec, log=lambda line: print(f"evaluate: style {line}"))
+    train, held = split_style_data(data, STYLE_HELD_OUT, STYLE_SPLIT_SEED)
+    if len(held) < STYLE_MIN_HELD_OUT:
+        raise CLIError(f"style set {data.name!r} has {len(data)} images, too few to hold out "
+                       f"{STYLE_MIN_HELD_OUT} ({STYLE_HELD_OUT:.0%} of each label) for its distance and check; "
+                       f"give at least {int(STYLE_MIN_HELD_OUT / STYLE_HELD_OUT)}")
+    present = set(data.present())
+    return StyleSet(data.name, train, held, prior_labels=[c for c in range(len(MNIST_CLASSES)) if c not in present])
+
+
+def prepare_style_set(ss, classifier, train, test, seed=0, log=print):
+    """Fill in what every score against ``ss`` needs: features, the floor, the reference classifier's accuracy
+    on the style set itself, and the real-vs-style share classifier (trained here, checked on held-out images)."""
+    all_images = torch.cat([ss.train.images, ss.held_out.images])
+    all_labels = torch.cat([ss.train.labels, ss.held_out.labels])
+    logits, _ = classify(classifier, all_images)
+    ss.accuracy = (logits.argmax(1) == all_labels).float().mean().item()
+    _, ss.held_out_feats = classify(classifier, ss.held_out.images)
+    # the floor as for the real digits: held-out against training images, the same count of each
+    n = min(len(ss.held_out), len(ss.train))
+    g = torch.Generator().manual_seed(seed)
+    _, train_feats = classify(classifier, ss.train.images[torch.randperm(len(ss.train), generator=g)[:n]])
+    ss.frechet_floor = frechet_distance(train_feats, ss.held_out_feats[torch.randperm(len(ss.held_out),
+                                                                                       generator=g)[:n]])
+    if ss.prior_labels:
+        mask = torch.isin(test.labels, torch.tensor(ss.prior_labels))
+        _, ss.real_prior_feats = classify(classifier, test.images[mask])
+    ss.share = train_style_share(train.images, ss.train.images, test.images, ss.held_out.images, seed=seed, log=log)
+    return ss
+
+
+def style_scores(images_u8, labels, classifier, ss):
+    """The scores of samples against a style set: its share, its distance, and the labels it lacks."""
+    logits, feats = classify(classifier, images_u8)
+    correct = (logits.argmax(1) == labels).float()
+    prior = torch.isin(labels, torch.tensor(ss.prior_labels, dtype=labels.dtype))
+    return {
+        "style_data": ss.name,
+        "style_data_images": {"train": len(ss.train), "held_out": len(ss.held_out)},
+        "style_share": style_share(ss.share.model, images_u8),
+        "style_share_reliable": ss.share.reliable,
+        "style_share_check": ss.share.summary(),
+        "frechet_distance_style_data": frechet_distance(feats, ss.held_out_feats),
+        "frechet_floor_style_data": ss.frechet_floor,
+        "style_data_accuracy": ss.accuracy,
+        "prior_labels": list(ss.prior_labels),
+        "prior_accuracy": correct[prior].mean().item() if prior.any() else None,
+        "prior_frechet_distance": (frechet_distance(feats[prior], ss.real_prior_feats)
+                                   if prior.sum() > 1 and ss.real_prior_feats is not None else None),
+    }
+
+
+def style_lines(result):
+    """The style section of the printed and drawn report, one line each."""
+    base = result.get("base") or {}
+
+    def beside(key, fmt):
+        return f" (base {fmt.format(base[key])})" if base.get(key) is not None else ""
+
+    check = result["style_share_check"]
+    lines = [f"style share            {100 * result['style_share']:.1f}%{beside('style_share', '{:.1%}')}"
+             + ("" if result["style_share_reliable"] else "   UNRELIABLE, see below"),
+             f"  its classifier, held out: {100 * check['held_out_style_called_style']:.1f}% of style and "
+             f"{100 * check['held_out_real_called_style']:.1f}% of real digits called style (needs >= "
+             f"{STYLE_SHARE_MIN_STYLE:.0%} and <= {STYLE_SHARE_MAX_REAL:.0%})",
+             f"Frechet to style set   {result['frechet_distance_style_data']:.2f}"
+             f"{beside('frechet_distance_style_data', '{:.2f}')}   (its floor {result['frechet_floor_style_data']:.2f}, "
+             f"{result['style_data_images']['held_out']} held-out of {result['style_data']})",
+             f"conditional accuracy   {100 * result['accuracy']:.1f}%{beside('accuracy', '{:.1%}')}   (reference "
+             f"classifier on the style set itself {100 * result['style_data_accuracy']:.1f}%)"]
+    if result["prior_labels"]:  # None where the samples hold too few of those labels (an .npz of some labels)
+        acc, fd = result["prior_accuracy"], result["prior_frechet_distance"]
+        lines.append(f"labels {','.join(map(str, result['prior_labels']))} (not in the style set)   accuracy "
+                     + (f"{100 * acc:.1f}%{beside('prior_accuracy', '{:.1%}')}" if acc is not None else "n/a")
+                     + ", Frechet " + (f"{fd:.2f}{beside('prior_frechet_distance', '{:.2f}')}" if fd is not None
+                                        else "n/a"))
+    return lines
+
+
 # -------------------------------------------------------------------- sampling
 
 def sample_checkpoint(ckpt_path, args, scfg, device, precision, adapters=None, log=print):
@@ -231,9 +249,9 @@ def sample_checkpoint(ckpt_path, args, scfg, device, precision, adapters=None, l
     def attach(model, fingerprint):
         if adapters:
             attach_adapters(model, adapters, fingerprint, force=args.force)
-            set_lora_scale(model, args.lora_scale)
+            set_weights(model, adapters, args.lora_scale)
 
-    pipe = load_for_sampling(ckpt_path, device, args.weights, attach)
+    pipe = load_pipeline(ckpt_path, device, args.weights, attach)
     model, diffusion, ckpt = pipe.model, pipe.diffusion, pipe.ckpt
     labels = torch.arange(model.num_classes).repeat_interleave(args.n_per_label)
     images = []
@@ -253,7 +271,9 @@ def sample_checkpoint(ckpt_path, args, scfg, device, precision, adapters=None, l
     return torch.cat(images), labels, info
 
 
-def load_npz(path, num_classes, size):
+def load_npz(path, num_classes=None, size=None):
+    """The images and labels of a denoise.py .npz, checked; without ``num_classes`` and ``size`` (before the
+    data set is loaded) every check that does not need them."""
     if not os.path.exists(path):
         raise CLIError(f"--samples {path!r} not found; write one with python denoise.py")
     try:
@@ -261,13 +281,14 @@ def load_npz(path, num_classes, size):
             files = set(z.files)
             missing = {"images", "labels"} - files
             if missing:
-                raise CLIError(f"{path!r} lacks {sorted(missing)}; it needs 'images' (N, {size}, {size}) uint8 "
+                raise CLIError(f"{path!r} lacks {sorted(missing)}; it needs 'images' (N, H, W) uint8 "
                                "and 'labels' (N) as denoise.py writes them")
             images, labels = z["images"], z["labels"]
     except (ValueError, OSError) as e:
         raise CLIError(f"{path!r} is not a readable .npz ({e})") from None
-    if images.ndim != 3 or images.shape[1:] != (size, size):
-        raise CLIError(f"{path!r}: images have shape {images.shape}, expected (N, {size}, {size})")
+    if images.ndim != 3 or size is not None and images.shape[1:] != (size, size):
+        expected = "(N, H, W)" if size is None else f"(N, {size}, {size})"
+        raise CLIError(f"{path!r}: images have shape {images.shape}, expected {expected}")
     if len(images) == 0:
         raise CLIError(f"{path!r} holds no samples; there is nothing to score")
     if labels.shape != (len(images),):
@@ -275,8 +296,9 @@ def load_npz(path, num_classes, size):
     # only real numbers, and nothing a cast would change: NaN, fractions, imaginary parts, strings
     if labels.dtype.kind not in "iu":
         raise CLIError(f"{path!r}: labels must be integers, found dtype {labels.dtype}")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise CLIError(f"{path!r}: labels must be in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
+    if labels.min() < 0 or num_classes is not None and labels.max() >= num_classes:
+        raise CLIError(f"{path!r}: labels must be in 0..{'C-1' if num_classes is None else num_classes - 1}, found "
+                       f"{labels.min()}..{labels.max()}")
     if images.dtype != np.uint8:
         if images.dtype.kind not in "iuf":
             raise CLIError(f"{path!r}: images must be uint8 in 0..255, found dtype {images.dtype}")
@@ -336,6 +358,9 @@ def report_png(result, images, labels, path, title):
             + (f", real {result['real_style']} {result['real_style_ink']:.3f}" if result["real_style"] != "none"
                else "") + ")",
             f"samples                 {result['num_samples']}"]
+    if "style_share" in result:
+        text += [f"against style set {result['style_data']}" + (", base beside on the same noise" if "base" in result
+                                                                 else "")] + style_lines(result)
     fig.text(0.03, 0.04, "\n".join(text), family="monospace", fontsize=9, va="bottom")
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
@@ -370,31 +395,52 @@ def curve_png(results, path):
 
 # ------------------------------------------------------------------------ main
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", nargs="+", help="checkpoint(s) from train.py to sample from and score")
-    src.add_argument("--samples", help=".npz written by denoise.py (images, labels)")
-    p.add_argument("--dataset", default=None, help="reference data (default: the checkpoint's, else auto)")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--classifier", default=None, help="classifier cache (default DATA_DIR/classifier-NAME.pt)")
-    p.add_argument("--out-dir", default=os.path.join("out", "eval"))
-    p.add_argument("--name", default="eval", help="stem of the JSON and PNG written")
-    p.add_argument("--n-per-label", type=int, default=100, help="samples per label when sampling a checkpoint")
-    p.add_argument("--batch", type=int, default=500, help="images per sampling batch")
-    p.add_argument("--weights", default="ema", choices=["ema", "model"])
-    p.add_argument("--lora", nargs="?", const=DEFAULT_ADAPTER, default=None, action="append", metavar="PATH[:WEIGHT]",
-                   help=f"LoRA adapter to apply to the checkpoint (default {DEFAULT_ADAPTER}) at WEIGHT (default 1); "
-                   "repeat for several")
-    p.add_argument("--lora-scale", type=finite_float, default=1.0)
-    p.add_argument("--force", action="store_true", help="apply an adapter trained on another base")
-    p.add_argument("--style", default=None, choices=["none", "italic", "bold"],
-                   help="also report the real data in this style (default: the adapter's style)")
-    p.add_argument("--seed", type=int, default=0)
-    add_runtime_args(p)
+def build_parser():
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    data, model, lora, sampling, out = (p.group(g) for g in ("data", "model", "LoRA", "sampling", "output"))
+    src = model.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", nargs="+", type=path_arg,
+                     help=f"checkpoint(s) from train.py to sample from and score (default "
+                     f"{DEFAULT_CKPT} unless --samples)")
+    src.add_argument("--samples", type=path_arg, help=".npz written by denoise.py (images, labels), scored instead "
+                     "of sampling a checkpoint")
+    data.add_argument("--dataset", default=None, choices=DATASETS,
+                      help="reference data (default: the checkpoint's, else auto)")
+    data.add_argument("--data-dir", default=DEFAULT_DATA_DIR, type=path_arg,
+                      help="where torchvision keeps MNIST, and the classifier its cache")
+    data.add_argument("--classifier", default=None, type=path_arg,
+                      help="classifier cache (default DATA_DIR/classifier-NAME.pt)")
+    out.add_argument("--out-dir", default=os.path.join(DEFAULT_OUT_DIR, "eval"), type=path_arg,
+                     help="where the JSON and PNG reports go")
+    out.add_argument("--name", default="eval", type=path_arg, help="stem of the JSON and PNG written")
+    sampling.add_argument("--n-per-label", type=bounded(int, gt=0, le=100000), default=100,
+                          help="samples per label when sampling a checkpoint")
+    sampling.add_argument("--batch", type=bounded(int, gt=0, le=BATCH_MAX), default=500,
+                          help="images per sampling batch")
+    model.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (better) or raw weights")
+    lora.add_argument("--lora", nargs="?", const=DEFAULT_ADAPTER, default=None, action="append",
+                      metavar="PATH[:WEIGHT]",
+                      help=f"LoRA adapter to apply to the checkpoint (default {DEFAULT_ADAPTER}) at WEIGHT (default "
+                      "1); repeat for several")
+    lora.add_argument("--lora-scale", type=bounded(float, ge=WEIGHT_RANGE[0], le=WEIGHT_RANGE[1]), default=1.0,
+                      help="strength of the adapters, times each one's own WEIGHT: 0 off, 1 as trained")
+    lora.add_argument("--force", action="store_true", help="apply an adapter trained on another base")
+    data.add_argument("--style", default=None, metavar="{none,italic,bold,font:NAME}",
+                   help="also report the real data in this style, or score against the digits of font NAME as a "
+                   "style set (default: the adapter's style)")
+    data.add_argument("--style-data", default=None, metavar="PATH", type=path_arg,
+                   help="score against this style set: a folder of 0..9 subfolders of images or an .npz (images, "
+                   "labels); with --lora the base is sampled on the same noise and reported beside")
     add_config_args(p, SampleConfig)
-    return p.parse_args(argv)
+    add_runtime_args(p)
+    return p
+
+
+def parse_args(argv):
+    args = build_parser().parse_args(argv)
+    if args.ckpt is None and args.samples is None:  # as denoise.py: the checkpoint train.py writes by default
+        args.ckpt = [DEFAULT_CKPT]
+    return args
 
 
 def main(argv=None):
@@ -402,42 +448,51 @@ def main(argv=None):
 
 
 def check_outputs(args):
-    """Before any work: the output folder can be written, and no file written is one given to read."""
+    """Before anything is read: the output folder can be written, no file written is one given to read (nor inside
+    an adapter folder given), and none holds a file of another kind."""
     check_writable_dir(args.out_dir, "--out-dir")
     stems = [args.name] if not args.ckpt or len(args.ckpt) == 1 else [
         f"{args.name}-{os.path.splitext(os.path.basename(p))[0]}" for p in args.ckpt] + [f"{args.name}-curve"]
-    outputs = [os.path.join(args.out_dir, f"{args.name}.json")] + [os.path.join(args.out_dir, f"{s}.png")
-                                                                   for s in stems]
-    inputs = [p for p in [*(args.ckpt or []), args.samples, args.classifier] if p]
-    for out in outputs:
-        for given in inputs:
-            if same_file(out, given):
-                raise CLIError(f"evaluate would write {out!r}, which is {given!r}, a file given to read; "
-                               "pass another --out-dir or --name")
+    outputs = [(os.path.join(args.out_dir, f"{args.name}.json"), "json")] + [
+        (os.path.join(args.out_dir, f"{s}.png"), "png") for s in stems]
+    inputs = ([("--ckpt", p) for p in args.ckpt or []] + [("--samples", args.samples)]
+              + [("--lora", parse_lora_spec(spec)[0]) for spec in args.lora or []])
+    check_apart([("--out-dir", p) for p, _ in outputs], inputs + [("--classifier", args.classifier)],
+                "pass another --out-dir or --name")
+    check_apart([("--classifier", args.classifier)], inputs, "pass another --classifier")
+    for path, kind in outputs:
+        check_replace(path, "--out-dir", (kind,), None, "a report" if kind == "png" else "a JSON report")
 
 
 def run(args):
     scfg = config_from_args(args, SampleConfig)
+    rcfg = runtime_from_args(args)  # checked; args.seed, .device and .precision hold its values from here on
     if args.n_per_label <= 0 or args.batch <= 0:
         raise CLIError("--n-per-label and --batch must be > 0")
     if args.lora and not args.ckpt:
         raise CLIError("--lora needs the base it adapts: pass --ckpt (an adapter alone cannot be sampled)")
     check_outputs(args)
-    device = pick_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    device = pick_device(rcfg.device)
+    precision = resolve_precision(rcfg.precision, device)  # sampling: the rule, never timed (same seed, same pictures)
     adapters = load_adapters(args.lora, device) if args.lora else None  # read and checked once, for every --ckpt
-    style = args.style
-    if style is None:
-        style = (adapters[0]["style"] or "none") if adapters else "none"
+    # every file given is read and checked before the work (the data set, the classifier, sampling) starts
+    if args.samples:
+        load_npz(args.samples)
+    saved_dataset = [load_checkpoint(p).get("dataset", "auto") for p in args.ckpt or []]  # one at a time
+    style, style_spec = resolve_style(args, adapters)
     dataset = args.dataset
-    if dataset is None and args.ckpt:
-        dataset = load_checkpoint(args.ckpt[0]).get("dataset", "auto")
+    if dataset is None and saved_dataset:
+        dataset = saved_dataset[0]
+    remove_stale_temps(args.out_dir)  # what a killed run left half-written there
     train = load_dataset(dataset or "auto", "train", args.data_dir)
     test = load_dataset(train.name, "test", args.data_dir)
     if args.samples:  # check the user's file before the (slow, first time) classifier training
         npz = load_npz(args.samples, len(test.classes), test.images.shape[-1])
+    style_set = read_style_set(style_spec, test.classes) if style_spec else None  # checked before any training too
     classifier, clf_acc = get_classifier(train, test, args.classifier or os.path.join(
         args.data_dir, f"classifier-{train.name}.pt"))
+    if style_set is not None:
+        prepare_style_set(style_set, classifier, train, test, seed=args.seed)
     sources = args.ckpt or [None]
     results = []
     for path in sources:
@@ -448,6 +503,13 @@ def run(args):
             images, labels, info = sample_checkpoint(path, args, scfg, device, precision, adapters)
         result = {**info, **score(images, labels, classifier, train, test, style, args.seed),
                   "classifier_test_accuracy": clf_acc, "reference_dataset": test.name}
+        if style_set is not None:
+            result.update(style_scores(images, labels, classifier, style_set))
+            if adapters:  # the base on the same noise (the same seeds), so the difference is the adapter's
+                base_images, base_labels, _ = sample_checkpoint(path, args, scfg, device, precision, None)
+                base = {**score(base_images, base_labels, classifier, train, test, "none", args.seed),
+                        **style_scores(base_images, base_labels, classifier, style_set)}
+                result["base"] = {k: base[k] for k in BASE_KEYS}
         results.append(result)
         stem = args.name if len(sources) == 1 else f"{args.name}-{os.path.splitext(os.path.basename(path))[0]}"
         os.makedirs(args.out_dir, exist_ok=True)
@@ -460,6 +522,10 @@ def run(args):
                  f"slant {result['real_style_slant']:+.3f}, ink {result['real_style_ink']:.3f}, "
                  f"accuracy {100 * result['real_style_accuracy']:.1f}%"
                  if result["frechet_distance_style"] is not None else ""))
+        if style_set is not None:
+            print(f"against style set {style_set.name}" + (" (base beside, same noise)" if adapters else "") + ":")
+            for line in style_lines(result):
+                print("  " + line)
     out = results[0] if len(results) == 1 else {"results": results}
     if len(results) > 1:
         curve = curve_png(results, os.path.join(args.out_dir, f"{args.name}-curve.png"))

@@ -1,5 +1,5 @@
-"""evaluate.py: the metric is honest (real digits score high, noise and shuffled labels score chance),
-the Frechet distance is a distance, and bad input is refused with exit code 2."""
+"""evaluate.py and metrics.py: the metric is honest (real digits score high, noise and shuffled labels score
+chance), the Frechet distance is a distance, and bad input is refused with exit code 2."""
 import json
 import os
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluate
+import metrics
 from dataset import apply_style, load_dataset
 
 
@@ -23,27 +24,27 @@ def classifier(real, tmp_path_factory):
     """The reference classifier, trained once for this module (about a minute on two cores)."""
     train, test = real
     path = str(tmp_path_factory.mktemp("clf") / "classifier.pt")
-    model, acc = evaluate.get_classifier(train, test, path, log=lambda *a: None)
+    model, acc = metrics.get_classifier(train, test, path, log=lambda *a: None)
     return model, acc, path
 
 
 def test_frechet_distance_is_zero_for_identical_and_grows_with_shift():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(500, 8, generator=g)
-    assert evaluate.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     # two Gaussians with identity covariance: FD = ||mu1 - mu2||^2 (+ sampling noise)
     b = torch.randn(500, 8, generator=g) + 3.0
-    assert evaluate.frechet_distance(a, b) == pytest.approx(8 * 9.0, rel=0.1)
+    assert metrics.frechet_distance(a, b) == pytest.approx(8 * 9.0, rel=0.1)
     # scaled covariance: FD = d * (1 - s)^2 for covariances I and s^2 I
     c = torch.randn(20000, 4, generator=g) * 2.0
     d = torch.randn(20000, 4, generator=g)
-    assert evaluate.frechet_distance(c, d) == pytest.approx(4 * (2 - 1) ** 2, rel=0.1)
+    assert metrics.frechet_distance(c, d) == pytest.approx(4 * (2 - 1) ** 2, rel=0.1)
 
 
 def test_shift_augment_moves_content_without_changing_ink():
     x = -torch.ones(4, 1, 28, 28)
     x[:, :, 10:18, 10:18] = 1.0
-    y = evaluate._shift_augment(x, torch.Generator().manual_seed(1))
+    y = metrics._shift_augment(x, torch.Generator().manual_seed(1))
     assert y.shape == x.shape
     assert torch.equal((y > 0).sum(dim=(1, 2, 3)), (x > 0).sum(dim=(1, 2, 3)))  # a 2-pixel shift keeps the square
 
@@ -133,14 +134,14 @@ def test_cached_classifier_is_reused_and_retrained_for_other_data(classifier, re
     model, acc, clf_path = classifier
     train, test = real
     before = os.path.getmtime(clf_path)
-    again, acc2 = evaluate.get_classifier(train, test, clf_path, log=print)
+    again, acc2 = metrics.get_classifier(train, test, clf_path, log=print)
     assert acc2 == acc and os.path.getmtime(clf_path) == before
     # other training data (here: a subset) must not reuse the cache
     sub = type(train)(train.images[:1000], train.labels[:1000], train.name, "train", train.classes)
     copy = tmp_path / "clf.pt"
     copy.write_bytes(open(clf_path, "rb").read())
-    monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: (evaluate.Classifier(), 0.5))  # stand-in
-    _, acc3 = evaluate.get_classifier(sub, test, str(copy), log=print)
+    monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: (metrics.Classifier(), 0.5))  # stand-in
+    _, acc3 = metrics.get_classifier(sub, test, str(copy), log=print)
     assert acc3 == 0.5
     assert "trained on other data" in capsys.readouterr().out
 
@@ -174,3 +175,115 @@ def test_missing_npz_and_adapter_without_base_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--samples", str(tmp_path / "x.npz"), "--lora", "out/lora.pt"])
     assert e.value.code == 2 and "needs the base" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ style sets
+
+def _quiet(*a):
+    pass
+
+
+@pytest.mark.slow
+def test_style_share_tells_dilated_digits_from_real_ones_and_passes_its_check(real):
+    train, test = real
+    bold = apply_style(test.images, "bold", 3)
+    rng = torch.get_rng_state()
+    check = metrics.train_style_share(train.images, bold[:400], test.images, bold[400:], log=_quiet)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's random stream is left as it was
+    assert check.reliable and check.summary()["reliable"] is True
+    assert check.held_out_style_called_style >= metrics.STYLE_SHARE_MIN_STYLE
+    assert check.held_out_real_called_style <= metrics.STYLE_SHARE_MAX_REAL
+    # digits it never saw in either form: dilated ones are style, the same digits as they are are not
+    unseen = train.images[:500]
+    assert metrics.style_share(check.model, apply_style(unseen, "bold", 3)) >= 0.95
+    assert metrics.style_share(check.model, unseen) <= 0.05
+
+
+@pytest.mark.slow
+def test_style_share_on_a_set_indistinguishable_from_mnist_is_unreliable(real):
+    """Real MNIST digits labelled as style: nothing tells them apart, so the held-out check fails."""
+    train, test = real
+    style = train.images[:1000]
+    check = metrics.train_style_share(train.images[1000:], style[:800], test.images, style[800:], log=_quiet)
+    assert not check.reliable and check.summary()["reliable"] is False
+
+
+def _style_npz(path, images, labels):
+    np.savez(path, images=images.numpy(), labels=labels.numpy())
+    return str(path)
+
+
+STYLE_KEYS = {"style_data", "style_data_images", "style_share", "style_share_reliable", "style_share_check",
+              "frechet_distance_style_data", "frechet_floor_style_data", "style_data_accuracy", "prior_labels",
+              "prior_accuracy", "prior_frechet_distance"}
+
+
+@pytest.mark.slow
+def test_cli_scores_samples_against_a_style_set(classifier, real, tmp_path, capsys):
+    """Dilated digits of the labels 0..7 as the style set: half the samples are those, half plain digits."""
+    from styles import load_style_data
+
+    _, _, clf_path = classifier
+    train, test = real
+    keep = test.labels < 8
+    spec = _style_npz(tmp_path / "style.npz", apply_style(test.images[keep], "bold", 3), test.labels[keep])
+    styled = load_style_data(spec, log=None)  # as evaluate reads it (cropped, fitted and centred as MNIST was)
+    plain = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:200]  # every label
+    samples = _style_npz(tmp_path / "samples.npz", torch.cat([styled.images[:200], train.images[plain]]),
+                         torch.cat([styled.labels[:200], train.labels[plain]]))
+    out = evaluate.main(["--samples", samples, "--style-data", spec, "--dataset", "mnist-5k",
+                         "--classifier", clf_path, "--out-dir", str(tmp_path / "eval")])
+    data = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert STYLE_KEYS <= set(data) and "base" not in data  # no base to compare .npz samples with
+    assert data["style_share_reliable"] is True and data["style_share_check"]["reliable"] is True
+    assert data["style_share"] == pytest.approx(0.5, abs=0.05)
+    assert data["style_data_images"]["held_out"] + data["style_data_images"]["train"] == len(styled)
+    assert data["prior_labels"] == [8, 9]
+    assert data["prior_accuracy"] >= 0.9  # the samples of 8 and 9 are plain real digits
+    assert data["frechet_floor_style_data"] > 0 and data["frechet_distance_style_data"] > 0
+    # the reference classifier reads the dilated digits worse than real ones, and says so beside the accuracy
+    assert 0 < data["style_data_accuracy"] < data["classifier_test_accuracy"]
+    assert out["style_share"] == data["style_share"]
+    printed = capsys.readouterr().out
+    assert "style share" in printed and "UNRELIABLE" not in printed
+    assert (tmp_path / "eval" / "eval.png").exists()
+
+
+@pytest.mark.slow
+def test_cli_adapter_against_a_style_set_reports_the_base_beside_and_an_unreliable_share(
+        classifier, real, tiny_ckpt, tiny_adapter, tmp_path, capsys):
+    _, _, clf_path = classifier
+    _, test = real
+    spec = _style_npz(tmp_path / "style.npz", test.images[test.labels != 3], test.labels[test.labels != 3])
+    evaluate.main(["--ckpt", tiny_ckpt, "--lora", tiny_adapter, "--style-data", spec, "--n-per-label", "3",
+                   "--steps", "2", "--device", "cpu", "--precision", "fp32", "--dataset", "mnist-5k",
+                   "--classifier", clf_path, "--out-dir", str(tmp_path / "eval")])
+    data = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert STYLE_KEYS <= set(data)
+    assert set(data["base"]) == set(evaluate.BASE_KEYS)
+    assert data["prior_labels"] == [3]
+    assert data["base"]["prior_accuracy"] is not None
+    # real digits as the style: the share classifier cannot tell them from MNIST, and the report says so
+    assert data["style_share_reliable"] is False
+    printed = capsys.readouterr().out
+    assert "UNRELIABLE" in printed and "(base " in printed
+
+
+def test_bad_style_inputs_exit_2_before_any_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: pytest.fail("classifier training started"))
+    monkeypatch.setattr(metrics, "train_style_share", lambda *a, **k: pytest.fail("share training started"))
+    npz = _style_npz(tmp_path / "s.npz", torch.zeros(10, 28, 28, dtype=torch.uint8), torch.arange(10))
+    few = _style_npz(tmp_path / "few.npz", torch.full((10, 28, 28), 255, dtype=torch.uint8).tril(), torch.arange(10))
+    base = ["--samples", npz, "--dataset", "mnist-5k", "--classifier", str(tmp_path / "clf.pt"),
+            "--out-dir", str(tmp_path / "o")]
+    for extra, message in ((["--style-data", str(tmp_path / "nope")], "not found"),
+                           (["--style", "wavy"], "--style"),
+                           (["--style", "italic", "--style-data", npz], "give one"),
+                           (["--style", "font:No Such Font"], "No Such Font"),
+                           (["--style-data", few], "too few")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(base + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2, err
+        assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "clf.pt").exists() and not (tmp_path / "o").exists()
