@@ -5,6 +5,7 @@
     python bench.py --preset tiny --repeats 1      # smoke run, seconds
     python bench.py --compile                      # also time a torch.compile'd step (compiling: minutes on a CPU)
     python bench.py --profile                      # also list the training step's top ops by self time
+    python bench.py --preset tutorial --sections train   # the matmul peak and the training step only
     OMP_NUM_THREADS=1 taskset -c 1 python bench.py # one pinned core (what the 'cores' in the header shows)
 
 Every figure comes from this run: the median of --repeats timed rounds after --warmup untimed
@@ -19,16 +20,17 @@ call until it lasts --min-time, so short calls (a forward pass on a GPU) are tim
                least two warm-up calls: a 2048^3 bf16 product lasts tens of microseconds on an H100,
                so the first call's one-time costs and the host's launch latency swamped it (bf16
                then measured slower than tf32); 8192^3 lasts milliseconds
-    train      one optimizer step as train.py runs it (trainer.fit's loop body plus the EMA update),
+    train      one optimizer step as train.py runs it: trainer.fit's data part, then the step fit
+               calls (trainer.make_train_step, with the EMA update as its after_step hook),
                in the precision train.py picks (resolve_precision('auto')) and in fp32; FLOPs of
                one forward+backward counted by torch.utils.flop_counter.FlopCounterMode; data wait
                = indexing the in-memory batch + drawing t, noise and label drop, over the whole step
     lora       LoRA fine-tune step and AdamW state (exp_avg + exp_avg_sq bytes) vs a full
                fine-tune of the same model on the same batch
     inference  one forward pass: base, LoRA unmerged (non-zero lora_b), LoRA merged
-    sampling   time per sample: DDPM with all T steps (--ddpm-steps of them timed and the rest
-               extrapolated per step when T is larger), DDIM-50 and DDIM-20, with and without
-               classifier-free guidance
+    sampling   time per sample through Diffusion.sample: DDPM with all T steps (--ddpm-steps of
+               them timed, the sampler stopped there by its callback, and the rest extrapolated per
+               step when T is larger), DDIM-50 and DDIM-20, with and without classifier-free guidance
     memory     per variant, during its last warm-up call: peak process RSS on CPU (VmHWM, reset
                through /proc/self/clear_refs; it includes memory the allocator kept from earlier
                sections, so the increase over the start is given too), max_memory_allocated on CUDA
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -49,15 +52,18 @@ import time
 
 import torch
 
-from files import write_json
-from config import DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig, preset_config
-from cli import HelpFormatter, add_preset_arg
+from files import check_replace, check_writable_file, remove_stale_temps, write_json
+from config import (BATCH_MAX, DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, DiffusionConfig, LoraConfig, ModelConfig,
+                    SampleConfig, TrainConfig, preset_config)
+from cli import ArgumentParser, add_preset_arg, add_runtime_args, bounded, path_arg, runtime_from_args
 from errors import CLIError, run_main
 from dataset import DATASETS, load_dataset, to_model_range
 from diffusion import Diffusion, generate
 from lora import add_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
-from runtime import Dist, add_runtime_args, autocast, cpu_has_fast_bf16, enable_tf32, pick_device, resolve_precision
-from trainer import TrainData, ema_update, epoch_batches, make_optimizer, optimizer_step, precision_probe
+from runtime import (Dist, autocast, check_precision, cpu_has_fast_bf16, enable_tf32, pick_device,
+                     resolve_precision)
+from trainer import (LORA_GRAD_CLIP, TrainData, ema_update, epoch_batches, make_optimizer, make_train_step,
+                     precision_probe)
 from unet import UNet, count_parameters
 
 BENCH_VERSION = 1
@@ -77,55 +83,56 @@ TARGETS = (
 
 # ------------------------------------------------------------------ arguments
 
-def _int_at_least(lo):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-    return parse
+SECTIONS = ("train", "lora", "inference", "sampling")  # train includes the matmul peak it is held against
 
 
-def _non_negative_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
+def _sections(text):
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(SECTIONS)}, got {text!r}")
+    return [n for n in SECTIONS if n in names]
+
+
+def build_parser():
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_preset_arg(p)
+    timing, sampling, data, out = p.group("timing"), p.group("sampling"), p.group("data"), p.group("output")
+    timing.add_argument("--repeats", type=bounded(int, ge=1, le=1000), default=5,
+                        help="timed rounds; medians are reported")
+    timing.add_argument("--warmup", type=bounded(int, ge=1, le=1000), default=1,
+                        help="untimed calls of each variant first")
+    timing.add_argument("--min-time", type=bounded(float, ge=0.0, le=3600.0), default=0.2,
+                        help="seconds a timed round lasts at least (short calls are repeated within it)")
+    # three n x n fp32 matrices: 16384 is 3 GB, more than a GPU's peak needs
+    timing.add_argument("--matmul-size", type=bounded(int, ge=16, le=16384), default=None,
+                        help="n of the n x n matmuls for the peak (default: 8192 on CUDA, 2048 elsewhere)")
+    sampling.add_argument("--infer-batch", type=bounded(int, ge=1, le=BATCH_MAX), default=None,
+                          help="batch of the inference forward (default 2 x --sample-batch: one guided sampling step)")
+    sampling.add_argument("--sample-batch", type=bounded(int, ge=1, le=BATCH_MAX), default=10,
+                          help="images per sampling run")
+    sampling.add_argument("--ddpm-steps", type=bounded(int, ge=0, le=100000), default=100,
+                          help="DDPM steps timed, then extrapolated to the model's T (0: all T)")
+    data.add_argument("--dataset", default=None, choices=DATASETS,
+                      help="default: the preset's; never downloads (auto uses mnist if on disk, else mnist-5k)")
+    data.add_argument("--data-dir", default=DEFAULT_DATA_DIR, type=path_arg, help="where torchvision keeps MNIST")
+    timing.add_argument("--sections", type=_sections, default=list(SECTIONS),
+                        help="what to measure, comma-separated: train (with the matmul peak), lora, inference, "
+                        "sampling")
+    timing.add_argument("--compile", action="store_true",
+                        help="also time a torch.compile'd training step (used for the target only if faster)")
+    timing.add_argument("--profile", action="store_true",
+                        help="also profile the training step with torch.profiler and list its top ops by self time")
+    # --precision: of training (also timed in fp32), LoRA, inference and sampling; auto decides as train.py does
+    add_runtime_args(p)
+    out.add_argument("--out", default=os.path.join(DEFAULT_OUT_DIR, "bench.json"), type=path_arg,
+                     help="where the JSON goes")
+    out.add_argument("--overwrite", action="store_true", help="replace an earlier bench.py JSON at --out")
+    return p
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    add_preset_arg(p)
-    add_runtime_args(p, devices=("auto", "cpu", "cuda"))  # precision: of training (also timed in fp32), LoRA,
-    # inference and sampling; auto is what train.py uses
-    p.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed rounds; medians are reported")
-    p.add_argument("--warmup", type=_int_at_least(1), default=1, help="untimed calls of each variant first")
-    p.add_argument("--min-time", type=_non_negative_float, default=0.2,
-                   help="seconds a timed round lasts at least (short calls are repeated within it)")
-    p.add_argument("--out", default=os.path.join("out", "bench.json"), help="where the JSON goes")
-    p.add_argument("--matmul-size", type=_int_at_least(16), default=None,
-                   help="n of the n x n matmuls for the peak (default: 8192 on CUDA, 2048 elsewhere)")
-    p.add_argument("--infer-batch", type=_int_at_least(1), default=None,
-                   help="batch of the inference forward (default 2 x --sample-batch: one guided sampling step)")
-    p.add_argument("--sample-batch", type=_int_at_least(1), default=10, help="images per sampling run")
-    p.add_argument("--ddpm-steps", type=_int_at_least(0), default=100,
-                   help="DDPM steps timed, then extrapolated to the model's T (0: all T)")
-    p.add_argument("--dataset", default=None, choices=DATASETS,
-                   help="default: the preset's; never downloads (auto uses mnist if on disk, else mnist-5k)")
-    p.add_argument("--data-dir", default="data", help="where torchvision keeps MNIST")
-    p.add_argument("--seed", type=int, default=0, help="seeds weights, data order and noise")
-    p.add_argument("--compile", action="store_true",
-                   help="also time a torch.compile'd training step (used for the target only if faster)")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile the training step with torch.profiler and list its top ops by self time")
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 # ------------------------------------------------------------ machine, memory
@@ -354,11 +361,13 @@ def make_data_fn(data, device, timesteps):
     return batch
 
 
-def make_step(fwd_model, opt, diffusion, data_fn, device, precision, grad_clip, after_step=None):
-    """One optimizer step as trainer.fit runs it (the learning-rate schedule aside); returns (step, data_seconds).
+def make_step(fwd_model, opt, diffusion, data_fn, *, lr, grad_clip, device, precision, after_step=None):
+    """One step of trainer.fit: its data part (``data_fn``), then trainer.make_train_step's step, the one
+    fit calls (at a constant learning rate ``lr``); returns (step, data_seconds).
 
-    Each call appends the time of its data part (``data_fn``) to data_seconds."""
-    scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+    Each call appends the time of its data part to data_seconds."""
+    train_step = make_train_step(fwd_model, opt, diffusion, lr_fn=lambda s: lr, grad_clip=grad_clip, device=device,
+                                 precision=precision, after_step=after_step)
     data_s = []
     count = [0]
 
@@ -367,9 +376,7 @@ def make_step(fwd_model, opt, diffusion, data_fn, device, precision, grad_clip, 
         batch = data_fn()
         sync(device)
         data_s.append(time.perf_counter() - start)
-        loss = optimizer_step(fwd_model, opt, scaler, diffusion, batch, device, precision, grad_clip)
-        if after_step is not None:
-            after_step(count[0])
+        loss = train_step(batch, count[0])
         count[0] += 1
         loss.item()  # trainer.fit reads the loss every step (a device sync on GPUs)
     return step, data_s
@@ -394,7 +401,8 @@ def bench_train(model, diffusion, data_fn, tcfg, device, precision, args):
         variants[precision + "+compile"] = (torch.compile(model), precision)
     steps, data_lists = {}, {}
     for name, (fwd, prec) in variants.items():
-        steps[name], data_lists[name] = make_step(fwd, opt, diffusion, data_fn, device, prec, tcfg.grad_clip, after)
+        steps[name], data_lists[name] = make_step(fwd, opt, diffusion, data_fn, lr=tcfg.lr, grad_clip=tcfg.grad_clip,
+                                                  device=device, precision=prec, after_step=after)
     flops = count_train_flops(model, diffusion, data_fn())
     # a compiled step may recompile once; on CUDA the first call also loads cuBLAS kernels, and the
     # calls per round are sized from the last warm-up call
@@ -487,8 +495,9 @@ def bench_lora(base, diffusion, batch, lcfg, device, precision, args):
 
     def fixed():
         return batch
-    steps = {"lora": make_step(lora, opts["lora"], diffusion, fixed, device, precision, 1.0)[0],
-             "full": make_step(full, opts["full"], diffusion, fixed, device, precision, 1.0)[0]}
+    steps = {k: make_step(m, opts[k], diffusion, fixed, lr=lcfg.lora_lr, grad_clip=LORA_GRAD_CLIP, device=device,
+                          precision=precision)[0]
+             for k, m in (("lora", lora), ("full", full))}
     tm = measure(steps, device, args.repeats, args.warmup, args.min_time)
     state = {k: optimizer_state_bytes(o) for k, o in opts.items()}
     return {"precision": precision, "batch_size": len(batch[1]), "r": lcfg.r, "alpha": lcfg.alpha,
@@ -509,8 +518,9 @@ def lora_models(base, lcfg, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(unmerged).values():
-            # lora_b starts at zero (a no-op); a trained adapter is not, and its cost must show
-            layer.lora_b.copy_(0.02 * torch.randn(layer.lora_b.shape, generator=g))
+            # B starts at zero (a no-op); a trained adapter is not, and its cost must show
+            for b in layer.lora_B.values():
+                b.weight.copy_(0.02 * torch.randn(b.weight.shape, generator=g))
     merged = copy.deepcopy(unmerged)
     merge_lora(merged)
     return unmerged.eval(), merged.eval()
@@ -546,17 +556,16 @@ def bench_sampling(model, diffusion, scfg, device, precision, args):
     model.eval()
     T = diffusion.timesteps
     labels = (torch.arange(args.sample_batch) % model.num_classes).to(device)
-    shape = (args.sample_batch, model.cfg.in_channels, model.cfg.img_size, model.cfg.img_size)
     ddpm_timed = T if args.ddpm_steps == 0 else min(args.ddpm_steps, T)
     samplers = {"ddpm": ("ddpm", T, ddpm_timed), "ddim50": ("ddim", min(50, T), None),
                 "ddim20": ("ddim", min(20, T), None)}
     guidance = {"guided": scfg.guidance, "unguided": 0.0}
 
     def run(sampler, steps, timed, w):
-        if sampler == "ddpm" and timed < T:
-            return lambda: ddpm_partial(model, diffusion, labels, shape, timed, w, device, precision, args.seed)
         cfg = SampleConfig(sampler=sampler, steps=steps, eta=0.0, guidance=w)
-        return lambda: generate(model, diffusion, labels, device, precision, cfg, seed=args.seed)
+        num_steps = timed if sampler == "ddpm" and timed < T else None
+        return lambda: sample_steps(model, diffusion, labels, device, precision, cfg, seed=args.seed,
+                                    num_steps=num_steps)
 
     fns = {(name, g): run(*spec, w) for name, spec in samplers.items() for g, w in guidance.items()}
     tm = measure(fns, device, args.repeats, args.warmup, args.min_time)
@@ -574,33 +583,41 @@ def bench_sampling(model, diffusion, scfg, device, precision, args):
             "ddpm_over_ddim50_unguided": round(ratio["unguided"], 3)}
 
 
-@torch.no_grad()
-def ddpm_partial(model, diffusion, labels, shape, num_steps, guidance, device, precision, seed):
-    """The first ``num_steps`` of DDPM ancestral sampling (Algorithm 2 of Ho et al.), from t = T-1 down."""
-    g = torch.Generator(device).manual_seed(seed)
-    x = torch.randn(shape, generator=g, device=device)
-    with autocast(device, precision):
-        for t in range(diffusion.timesteps - 1, diffusion.timesteps - 1 - num_steps, -1):
-            x, _ = diffusion.p_sample(model, x, t, labels, guidance, model.num_classes, g)
-    return x
+class _StepsDone(Exception):
+    """Raised by sample_steps' callback once the steps being timed have run."""
+
+
+def sample_steps(model, diffusion, labels, device, precision, cfg, *, seed, num_steps=None):
+    """A sampling run through diffusion.generate (so Diffusion.sample, the one sampler): all of it, or its
+    first ``num_steps`` steps only (from t = T-1 down; the per-step callback stops it there)."""
+    def stop(step_index, total, x0_estimate):
+        if step_index + 1 >= num_steps:
+            raise _StepsDone
+    try:
+        generate(model, diffusion, labels, device, precision, cfg, seed=seed,
+                 callback=stop if num_steps is not None else None)
+    except _StepsDone:
+        pass
 
 
 # -------------------------------------------------------------------- targets
 
 def evaluate_targets(res):
-    head = res["train"]["runs"][res["train"]["headline"]]
-    values = {
-        "train_fp32_peak_fraction": head["fp32_peak_fraction"],
-        "lora_step_ratio": res["lora"]["step_ratio"],
-        "lora_opt_state_ratio": res["lora"]["opt_state_ratio"],
-        "merged_over_base": res["inference"]["merged_over_base"],
-        "unmerged_over_base": res["inference"]["unmerged_over_base"],
-        "ddpm_over_ddim50": res["sampling"]["ddpm_over_ddim50_guided"],
-        "data_wait_share": head["data_wait_share"],
-    }
+    """Every target whose section ran, with its value, pass or fail."""
+    values = {}
+    if "train" in res:
+        head = res["train"]["runs"][res["train"]["headline"]]
+        values.update(train_fp32_peak_fraction=head["fp32_peak_fraction"], data_wait_share=head["data_wait_share"])
+    if "lora" in res:
+        values.update(lora_step_ratio=res["lora"]["step_ratio"], lora_opt_state_ratio=res["lora"]["opt_state_ratio"])
+    if "inference" in res:
+        values.update(merged_over_base=res["inference"]["merged_over_base"],
+                      unmerged_over_base=res["inference"]["unmerged_over_base"])
+    if "sampling" in res:
+        values.update(ddpm_over_ddim50=res["sampling"]["ddpm_over_ddim50_guided"])
     ops = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
     return [{"name": name, "what": what, "value": values[name], "op": op, "threshold": thr,
-             "pass": bool(ops[op](values[name], thr))} for name, what, op, thr in TARGETS]
+             "pass": bool(ops[op](values[name], thr))} for name, what, op, thr in TARGETS if name in values]
 
 
 # ---------------------------------------------------------------------- table
@@ -638,60 +655,64 @@ def markdown_table(res):
     def mem(d, prefix=""):
         return f"{d[prefix + 'mem_peak_mb']:,.0f} MB (+{d[prefix + 'mem_delta_mb']:,.0f})"
 
-    pk = res["peak"]
-    n = pk["matmul_size"]
-    for kind in ("fp32", "tf32", "bf16", "fp16"):
-        if pk.get(f"{kind}_gflops") is not None:
-            row(f"matmul {kind} {n}x{n}", "", f"{pk[f'{kind}_gflops']:,.1f} GFLOP/s")
-    tr = res["train"]
-    for name, r in tr["runs"].items():
-        label = f"train step {name}" + (" (auto)" if name == tr["precision_used"] else "")
-        head = name == tr["headline"]
-        row(label, _fmt_ms(r["step_ms"]),
-            f"{r['images_per_s']:,.1f} img/s, {r['achieved_gflops']:,.1f} GFLOP/s = "
-            f"{100 * r['peak_fraction']:.1f}% of {r['peak_key']} peak, "
-            f"{100 * r['fp32_peak_fraction']:.1f}% of fp32 peak",
-            mem(r), "train_fp32_peak_fraction" if head else None)
-        row(f"  data wait ({name})", _fmt_ms(r["data_ms"]), f"{100 * r['data_wait_share']:.2f}% of the step", "",
-            "data_wait_share" if head else None)
-    if tr["compile"]:
-        cp = tr["compile"]
-        row("  torch.compile", "", f"{cp['speedup']:.2f}x eager ({'kept' if cp['kept'] else 'not kept'}; "
-            f"first call {cp['first_call_s']:.0f} s)")
-    lo = res["lora"]
-    row(f"full fine-tune step ({lo['precision']})", _fmt_ms(lo["full_step_ms"]), "", mem(lo, "full_"))
-    row(f"LoRA fine-tune step (r={lo['r']}, {','.join(lo['targets'])})", _fmt_ms(lo["step_ms"]),
-        f"{lo['step_ratio']:.2f}x full", mem(lo), "lora_step_ratio")
-    row("LoRA AdamW state", _fmt_bytes(lo["opt_state_bytes"]),
-        f"{100 * lo['opt_state_ratio']:.2f}% of full ({_fmt_bytes(lo['full_opt_state_bytes'])}); "
-        f"{lo['trainable_params']:,} of {lo['total_params']:,} parameters trained", "", "lora_opt_state_ratio")
-    inf = res["inference"]
-    row(f"forward base (batch {inf['batch_size']}, {inf['precision']})", _fmt_ms(inf["base_ms"]), "",
-        mem(inf, "base_"))
-    row("forward LoRA unmerged", _fmt_ms(inf["unmerged_ms"]), f"{inf['unmerged_over_base']:.3f}x base",
-        mem(inf, "unmerged_"), "unmerged_over_base")
-    row("forward LoRA merged", _fmt_ms(inf["merged_ms"]),
-        f"{inf['merged_over_base']:.3f}x base (max |merged - unmerged| {inf['merged_max_abs_diff']:.1e})",
-        mem(inf, "merged_"), "merged_over_base")
-    sa = res["sampling"]
-    for name, r in sa["runs"].items():
-        for g, w in (("guided", sa["guidance"]), ("unguided", 0.0)):
-            label = f"sample {r['sampler'].upper()}-{r['steps']}, w={w:g}"
-            derived = f"per sample, batch {sa['batch_size']}, {sa['precision']}"
-            if r["extrapolated"]:
-                derived += f"; {r['steps_timed']} of {r['steps']} steps timed, extrapolated"
-            target = None
-            if name == "ddim50":
-                derived += f"; DDPM-{sa['T']} / this = {sa[f'ddpm_over_ddim50_{g}']:.1f}x"
-                target = "ddpm_over_ddim50" if g == "guided" else None
-            row(label, _fmt_ms(r[f"{g}_ms_per_sample"]), derived, mem(r, f"{g}_"), target)
+    if "train" in res:
+        pk = res["peak"]
+        n = pk["matmul_size"]
+        for kind in ("fp32", "tf32", "bf16", "fp16"):
+            if pk.get(f"{kind}_gflops") is not None:
+                row(f"matmul {kind} {n}x{n}", "", f"{pk[f'{kind}_gflops']:,.1f} GFLOP/s")
+        tr = res["train"]
+        for name, r in tr["runs"].items():
+            label = f"train step {name}" + (" (auto)" if name == tr["precision_used"] else "")
+            head = name == tr["headline"]
+            row(label, _fmt_ms(r["step_ms"]),
+                f"{r['images_per_s']:,.1f} img/s, {r['achieved_gflops']:,.1f} GFLOP/s = "
+                f"{100 * r['peak_fraction']:.1f}% of {r['peak_key']} peak, "
+                f"{100 * r['fp32_peak_fraction']:.1f}% of fp32 peak",
+                mem(r), "train_fp32_peak_fraction" if head else None)
+            row(f"  data wait ({name})", _fmt_ms(r["data_ms"]), f"{100 * r['data_wait_share']:.2f}% of the step", "",
+                "data_wait_share" if head else None)
+        if tr["compile"]:
+            cp = tr["compile"]
+            row("  torch.compile", "", f"{cp['speedup']:.2f}x eager ({'kept' if cp['kept'] else 'not kept'}; "
+                f"first call {cp['first_call_s']:.0f} s)")
+    if "lora" in res:
+        lo = res["lora"]
+        row(f"full fine-tune step ({lo['precision']})", _fmt_ms(lo["full_step_ms"]), "", mem(lo, "full_"))
+        row(f"LoRA fine-tune step (r={lo['r']}, {','.join(lo['targets'])})", _fmt_ms(lo["step_ms"]),
+            f"{lo['step_ratio']:.2f}x full", mem(lo), "lora_step_ratio")
+        row("LoRA AdamW state", _fmt_bytes(lo["opt_state_bytes"]),
+            f"{100 * lo['opt_state_ratio']:.2f}% of full ({_fmt_bytes(lo['full_opt_state_bytes'])}); "
+            f"{lo['trainable_params']:,} of {lo['total_params']:,} parameters trained", "", "lora_opt_state_ratio")
+    if "inference" in res:
+        inf = res["inference"]
+        row(f"forward base (batch {inf['batch_size']}, {inf['precision']})", _fmt_ms(inf["base_ms"]), "",
+            mem(inf, "base_"))
+        row("forward LoRA unmerged", _fmt_ms(inf["unmerged_ms"]), f"{inf['unmerged_over_base']:.3f}x base",
+            mem(inf, "unmerged_"), "unmerged_over_base")
+        row("forward LoRA merged", _fmt_ms(inf["merged_ms"]),
+            f"{inf['merged_over_base']:.3f}x base (max |merged - unmerged| {inf['merged_max_abs_diff']:.1e})",
+            mem(inf, "merged_"), "merged_over_base")
+    if "sampling" in res:
+        sa = res["sampling"]
+        for name, r in sa["runs"].items():
+            for g, w in (("guided", sa["guidance"]), ("unguided", 0.0)):
+                label = f"sample {r['sampler'].upper()}-{r['steps']}, w={w:g}"
+                derived = f"per sample, batch {sa['batch_size']}, {sa['precision']}"
+                if r["extrapolated"]:
+                    derived += f"; {r['steps_timed']} of {r['steps']} steps timed, extrapolated"
+                target = None
+                if name == "ddim50":
+                    derived += f"; DDPM-{sa['T']} / this = {sa[f'ddpm_over_ddim50_{g}']:.1f}x"
+                    target = "ddpm_over_ddim50" if g == "guided" else None
+                row(label, _fmt_ms(r[f"{g}_ms_per_sample"]), derived, mem(r, f"{g}_"), target)
     passed = sum(t["pass"] for t in res["targets"])
     lines += ["", f"{passed} of {len(res['targets'])} targets met; total {res['total_s']:.0f} s."]
     if res.get("profile"):
         pr = res["profile"]
         gpu = pr["sorted_by"] == "self_device_time"
         total = pr["total_self_device_ms_per_step"] if gpu else pr["total_self_cpu_ms_per_step"]
-        lines += ["", f"Top ops of the training step ({tr['headline']}, torch.profiler) by self "
+        lines += ["", f"Top ops of the training step ({res['train']['headline']}, torch.profiler) by self "
                   f"{'GPU' if gpu else 'CPU'} time, {total:,.1f} ms per step in all:", "",
                   "| op | calls/step | self CPU ms/step | CPU share |"
                   + (" self GPU ms/step | GPU share |" if gpu else ""),
@@ -716,10 +737,34 @@ def log(msg):
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
+def is_bench_json(path):
+    """Whether ``path`` holds a JSON object this script wrote (its version, machine and table)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and {"version", "machine", "table"} <= set(obj)
+
+
+def check_out(args):
+    """Before any timing: --out is a file path that can be written, and replaces only an earlier bench JSON,
+    only with --overwrite (a checkpoint, a folder or another JSON given as --out are left alone)."""
+    check_writable_file(args.out, "--out")
+    check_replace(args.out, "--out", is_bench_json, args.overwrite, "a bench.py JSON")
+
+
 def bench(args, argv):
+    if (args.compile or args.profile) and "train" not in args.sections:
+        raise CLIError(f"--{'compile' if args.compile else 'profile'} times the training step: add train to --sections")
+    rcfg = runtime_from_args(args)  # checked; args.seed holds its value from here on
+    if rcfg.device == "mps":
+        raise CLIError("bench.py measures CPUs and CUDA GPUs (its peaks and memory readings are theirs); "
+                       "pass --device cpu")
+    check_out(args)
     start = time.perf_counter()
-    device = pick_device(args.device)
-    resolve_precision(args.precision, device)  # an impossible choice (fp16 on a CPU) fails before any work
+    device = pick_device(rcfg.device)
+    check_precision(rcfg.precision, device)  # an impossible choice (fp16 on a CPU) fails before any work
     args.matmul_size = args.matmul_size or default_matmul_size(device)
     mcfg = preset_config(ModelConfig, args.preset)
     dcfg = preset_config(DiffusionConfig, args.preset)
@@ -737,12 +782,16 @@ def bench(args, argv):
     y_all = data.labels.to(device)
     model = UNet(mcfg).to(device)
     diffusion = Diffusion.from_config(dcfg).to(device)
-    # auto as train.py resolves it: on CUDA the faster of bf16 and fp32 for this model, timed
-    probe = (precision_probe(model, diffusion, TrainData(x_all, y_all, tcfg.batch_size, args.seed, 0.0,
-                                                         mcfg.num_classes, Dist(), None),
-                             dcfg.timesteps, tcfg.batch_size, device) if device.type == "cuda" else None)
-    precision_auto = resolve_precision("auto", device, probe, log)
-    precision = precision_auto if args.precision == "auto" else args.precision
+
+    def train_data(global_batch, label_drop, gen):
+        return TrainData(images=x_all, labels=y_all, global_batch=global_batch, seed=args.seed, label_drop=label_drop,
+                         null_label=mcfg.num_classes, dist=Dist(), gen=gen)
+
+    # decided once, as train.py decides it: auto on CUDA times this model's training step in both precisions
+    probe = precision_probe(model, diffusion, train_data(tcfg.batch_size, 0.0, None), dcfg.timesteps,
+                            tcfg.batch_size, device)
+    precision = resolve_precision(rcfg.precision, device, probe, log)
+    precision_auto = precision if rcfg.precision == "auto" else None  # what auto chose; None when not asked for
     machine = machine_info(device)
     log(f"{machine['cpu']}, {machine['torch_threads']} thread(s), device {device}"
         f"{' (' + machine['gpu'] + ')' if machine['gpu'] else ''}, precision {precision}, preset {args.preset}, "
@@ -753,46 +802,50 @@ def bench(args, argv):
                       "precision_auto": precision_auto, "repeats": args.repeats,
                       "warmup": args.warmup, "min_time_s": args.min_time, "seed": args.seed, "dataset": data.name,
                       "parameters": count_parameters(model), "model": dataclasses.asdict(mcfg),
-                      "diffusion": dataclasses.asdict(dcfg), "lora": dataclasses.asdict(lcfg)},
+                      "diffusion": dataclasses.asdict(dcfg), "lora": dataclasses.asdict(lcfg),
+                      "sections": args.sections},
            "memory_kind": memory_kind(device)}
 
-    log(f"matmul peak ({args.matmul_size}x{args.matmul_size}) and training step, batch {tcfg.batch_size}, "
-        f"{precision} and fp32{' and compiled' if args.compile else ''}")
     gen = torch.Generator().manual_seed(args.seed + 1)
-    data_fn = make_data_fn(TrainData(x_all, y_all, tcfg.batch_size, args.seed, tcfg.label_drop, mcfg.num_classes,
-                                     Dist(), gen), device, dcfg.timesteps)
-    base_state = copy.deepcopy(model.state_dict())
-    res["peak"], res["train"], head_step = bench_train(model, diffusion, data_fn, tcfg, device, precision, args)
-    if args.profile:
-        log("profiling the training step")
-        res["profile"] = profile_step(head_step, device)
-    del head_step
-    model.load_state_dict(base_state)  # the later sections start from the same initial weights
+    if "train" in args.sections:
+        log(f"matmul peak ({args.matmul_size}x{args.matmul_size}) and training step, batch {tcfg.batch_size}, "
+            f"{precision} and fp32{' and compiled' if args.compile else ''}")
+        data_fn = make_data_fn(train_data(tcfg.batch_size, tcfg.label_drop, gen), device, dcfg.timesteps)
+        base_state = copy.deepcopy(model.state_dict())
+        res["peak"], res["train"], head_step = bench_train(model, diffusion, data_fn, tcfg, device, precision, args)
+        if args.profile:
+            log("profiling the training step")
+            res["profile"] = profile_step(head_step, device)
+        del head_step
+        model.load_state_dict(base_state)  # the later sections start from the same initial weights
 
-    log(f"LoRA vs full fine-tune, batch {lcfg.lora_batch_size}")
-    lora_data = make_data_fn(TrainData(x_all, y_all, lcfg.lora_batch_size, args.seed, tcfg.label_drop,
-                                       mcfg.num_classes, Dist(), gen), device, dcfg.timesteps)
-    res["lora"] = bench_lora(model, diffusion, lora_data(), lcfg, device, precision, args)
+    if "lora" in args.sections:
+        log(f"LoRA vs full fine-tune, batch {lcfg.lora_batch_size}")
+        lora_data = make_data_fn(train_data(lcfg.lora_batch_size, tcfg.label_drop, gen), device, dcfg.timesteps)
+        res["lora"] = bench_lora(model, diffusion, lora_data(), lcfg, device, precision, args)
 
-    infer_batch = args.infer_batch or 2 * args.sample_batch
-    log(f"inference forward, batch {infer_batch}")
-    model.eval()
-    unmerged, merged = lora_models(model, lcfg, args.seed)
-    g = torch.Generator().manual_seed(args.seed + 3)
-    inputs = (torch.randn(infer_batch, mcfg.in_channels, mcfg.img_size, mcfg.img_size, generator=g).to(device),
-              torch.randint(0, dcfg.timesteps, (infer_batch,), generator=g).to(device),
-              torch.randint(0, mcfg.num_classes + 1, (infer_batch,), generator=g).to(device))
-    res["inference"] = bench_inference({"base": model, "unmerged": unmerged, "merged": merged}, inputs, device,
-                                       precision, args)
-    del unmerged, merged
+    if "inference" in args.sections:
+        infer_batch = args.infer_batch or 2 * args.sample_batch
+        log(f"inference forward, batch {infer_batch}")
+        model.eval()
+        unmerged, merged = lora_models(model, lcfg, args.seed)
+        g = torch.Generator().manual_seed(args.seed + 3)
+        inputs = (torch.randn(infer_batch, mcfg.in_channels, mcfg.img_size, mcfg.img_size, generator=g).to(device),
+                  torch.randint(0, dcfg.timesteps, (infer_batch,), generator=g).to(device),
+                  torch.randint(0, mcfg.num_classes + 1, (infer_batch,), generator=g).to(device))
+        res["inference"] = bench_inference({"base": model, "unmerged": unmerged, "merged": merged}, inputs, device,
+                                           precision, args)
+        del unmerged, merged
 
-    log(f"sampling, batch {args.sample_batch}, T={dcfg.timesteps}")
-    res["sampling"] = bench_sampling(model, diffusion, scfg, device, precision, args)
+    if "sampling" in args.sections:
+        log(f"sampling, batch {args.sample_batch}, T={dcfg.timesteps}")
+        res["sampling"] = bench_sampling(model, diffusion, scfg, device, precision, args)
 
     res["targets"] = evaluate_targets(res)
     res["total_s"] = round(time.perf_counter() - start, 2)
     table = markdown_table(res)
     res["table"] = table
+    remove_stale_temps(os.path.dirname(os.path.abspath(args.out)), log)
     write_json(args.out, res)
     print(table)
     log(f"done in {res['total_s']:.0f} s; JSON in {args.out}")

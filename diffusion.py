@@ -1,5 +1,8 @@
 """DDPM forward process, training loss and two samplers, with classifier-free guidance.
 
+``Diffusion.sample`` is the one sampler: denoise.py, evaluate.py, train.py's grids and bench.py all go
+through it (``generate`` wraps it with a seed, a precision and uint8 output).
+
 Names follow the papers:
   Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models" (DDPM): linear betas,
       q_sample (eq. 4), the epsilon loss, the ancestral sampler p_sample (Algorithm 2);
@@ -118,7 +121,7 @@ class Diffusion(nn.Module):
         return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
 
     @torch.no_grad()
-    def p_sample(self, model, x, t, labels, guidance, null_label, generator=None):
+    def p_sample(self, model, x, t, labels, guidance, null_label, *, generator=None):
         """One step of Algorithm 2 (Ho et al.), with the predicted x0 clipped to [-1, 1] (not x_t)."""
         eps = self.predict_eps(model, x, t, labels, guidance, null_label)
         x0 = self._x0_from_eps(x, t, eps).clamp(-1, 1)
@@ -129,7 +132,7 @@ class Diffusion(nn.Module):
         return mean + (0.5 * self.posterior_log_variance_clipped[t]).exp() * noise, x0
 
     @torch.no_grad()
-    def ddim_step(self, model, x, t, t_prev, labels, guidance, null_label, eta=0.0, generator=None):
+    def ddim_step(self, model, x, t, t_prev, labels, guidance, null_label, *, eta=0.0, generator=None):
         """x_t -> x_{t_prev} by eq. 12 of Song et al. 2021; t_prev = -1 means the final x0."""
         eps = self.predict_eps(model, x, t, labels, guidance, null_label)
         x0 = self._x0_from_eps(x, t, eps).clamp(-1, 1)
@@ -152,12 +155,20 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, model, labels, shape, *, sampler="ddim", steps=50, eta=0.0, guidance=0.0,
-               guidance_interval=(0.0, 1.0), null_label=None, generator=None, num_frames=0, progress=None):
+               guidance_interval=(0.0, 1.0), null_label=None, generator=None, num_frames=0, progress=None,
+               callback=None):
         """Generate images for ``labels``; returns (x0, frames).
 
         frames is a list of ``num_frames`` snapshots of x_t from pure noise to the result, for the
         denoising-process figure (empty when num_frames is 0). ``generator`` makes it reproducible.
         ``guidance`` applies at the steps with lo <= t / T <= hi for ``guidance_interval`` (lo, hi).
+
+        ``callback(step_index, num_steps, x0_estimate)``, when given, runs after each of the
+        ``num_steps`` steps (step_index 0..num_steps-1) with that step's clipped estimate of the final
+        image, (B, C, H, W) in [-1, 1]: a page can show the digit as it forms. It must not change the
+        tensor in place; it changes nothing else, so the samples are the same with it as without, and
+        the last estimate is the result. An exception it raises stops the sampling there (bench.py
+        times the first steps of DDPM so).
         """
         lo, hi = guidance_interval
         device = self.betas.device
@@ -176,10 +187,12 @@ class Diffusion(nn.Module):
         for i, t in enumerate(progress(ts) if progress else ts):
             w = guidance if lo * self.timesteps <= t <= hi * self.timesteps else 0.0
             if sampler == "ddpm":
-                x, _ = self.p_sample(model, x, t, labels, w, null_label, generator)
+                x, x0 = self.p_sample(model, x, t, labels, w, null_label, generator=generator)
             else:
                 t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-                x, _ = self.ddim_step(model, x, t, t_prev, labels, w, null_label, eta, generator)
+                x, x0 = self.ddim_step(model, x, t, t_prev, labels, w, null_label, eta=eta, generator=generator)
+            if callback is not None:
+                callback(i, len(ts), x0)
             if i in keep:
                 frames.append(x.clamp(-1, 1).clone())
         return x.clamp(-1, 1), frames
@@ -187,9 +200,10 @@ class Diffusion(nn.Module):
 
 @torch.no_grad()
 def generate(model, diffusion, labels, device, precision="fp32", cfg=None, *, seed=0, data_size=None, num_frames=0,
-             progress=None):
+             progress=None, callback=None):
     """Sample one image per label in ``precision`` with ``cfg`` (a SampleConfig: sampler, steps, eta, guidance;
-    the defaults when None); returns (uint8 images (N, H, W), list of uint8 frames).
+    the defaults when None) through ``Diffusion.sample``; returns (uint8 images (N, H, W), list of uint8 frames).
+    ``callback`` is Diffusion.sample's: it sees each step's x0 estimate in the model's range, not uint8.
 
     A torch.Generator seeded with ``seed`` makes the result the same on every run; images are
     resized back to ``data_size`` (the data set's side) when the model works at another size."""
@@ -200,5 +214,5 @@ def generate(model, diffusion, labels, device, precision="fp32", cfg=None, *, se
     with autocast(device, precision):
         x, frames = diffusion.sample(model, labels, shape, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
                                      guidance=cfg.guidance, guidance_interval=cfg.guidance_interval, generator=g,
-                                     num_frames=num_frames, progress=progress)
+                                     num_frames=num_frames, progress=progress, callback=callback)
     return to_uint8(x, data_size), [to_uint8(f, data_size) for f in frames]

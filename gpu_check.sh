@@ -102,100 +102,59 @@ else
     note "data: $DATASET -> $DS"
 fi
 
-# -------------------------------------------------------------- 3. bench
-BENCH_JSON="$WORK/bench_$SMALL.json"
-rm -f "$BENCH_JSON"
-read -r -a EXTRA <<<"$BENCH_ARGS"
-((COMPILE)) && EXTRA+=(--compile)
-timeout "$(limit 150 $((TEST_RESERVE + 240)))" "$PY" bench.py --device "$DEVICE" --preset "$SMALL" --dataset "$DS" \
-    --repeats 3 --out "$BENCH_JSON" ${EXTRA[@]+"${EXTRA[@]}"} >"$LOGS/bench.log" 2>&1
-RC=$?
-BENCH=$("$PY" - "$BENCH_JSON" 2>>"$LOGS/bench.log" <<'EOF'
+# ------------------------------------------------------- 3., 4. bench.py
+# bench_digest JSON: one line of what a bench.py JSON holds, section by section
+bench_digest() {
+    "$PY" - "$1" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-pk, tr, inf = r["peak"], r["train"], r["inference"]
-peaks = ", ".join(f"{k} {pk[k + '_gflops'] / 1e3:,.1f}" for k in ("fp32", "tf32", "bf16", "fp16")
-                  if pk.get(k + "_gflops") is not None)
-steps = ", ".join(f"{name} {run['step_ms']:.1f} ms" for name, run in tr["runs"].items())
-compiled = ""
-if tr["compile"]:
-    c = tr["compile"]
-    compiled = f"; torch.compile {c['speedup']:.2f}x eager, first call {c['first_call_s']:.0f} s"
-print(f"matmul peak {pk['matmul_size']}^3 (TFLOP/s): {peaks} | {r['config']['preset']} train step "
-      f"(batch {tr['batch_size']}): {steps}; precision auto -> {r['config']['precision_auto']}{compiled} | "
-      f"LoRA forward (batch {inf['batch_size']}, {inf['precision']}): unmerged {inf['unmerged_over_base']:.3f}x "
-      f"base (target <= 1.10), merged {inf['merged_over_base']:.3f}x (target <= 1.02)")
+c, parts = r["config"], []
+if "train" in r:
+    pk, tr = r["peak"], r["train"]
+    peaks = ", ".join(f"{k} {pk[k + '_gflops'] / 1e3:,.1f}" for k in ("fp32", "tf32", "bf16", "fp16")
+                      if pk.get(k + "_gflops") is not None)
+    parts.append(f"matmul peak {pk['matmul_size']}^3 (TFLOP/s): {peaks}")
+    steps = "; ".join(f"{name} {run['step_ms']:.1f} ms = {run['images_per_s']:,.0f} images/s, "
+                      f"{run['achieved_gflops'] / 1e3:,.2f} TFLOP/s = {100 * run['peak_fraction']:.1f}% of the "
+                      f"{run['peak_key']} peak, memory {run['mem_peak_mb']:,.0f} MB"
+                      for name, run in tr["runs"].items())
+    compiled = ""
+    if tr["compile"]:
+        cc = tr["compile"]
+        compiled = f"; torch.compile {cc['speedup']:.2f}x eager, first call {cc['first_call_s']:.0f} s"
+    parts.append(f"{c['preset']} train step ({c['parameters'] / 1e6:.2f} M parameters, batch {tr['batch_size']}, "
+                 f"{tr['flops_per_step'] / tr['batch_size'] / 1e9:.2f} GFLOP per image, {c['dataset']}): {steps}; "
+                 f"precision auto -> {c['precision_auto']}{compiled}")
+if "inference" in r:
+    inf = r["inference"]
+    parts.append(f"LoRA forward (batch {inf['batch_size']}, {inf['precision']}): unmerged "
+                 f"{inf['unmerged_over_base']:.3f}x base (target <= 1.10), merged {inf['merged_over_base']:.3f}x "
+                 "(target <= 1.02)")
+print(" | ".join(parts))
 EOF
-)
-if [ "$RC" -eq 0 ] && [ -n "$BENCH" ]; then
-    note "bench: $BENCH"
-else
-    fail "bench: exit $RC (124: timed out); see bench.log: $(tail_of "$LOGS/bench.log")"
-fi
+}
 
-# -------------------------------------------------------------- 4. speed
-timeout "$(limit 120 $((TEST_RESERVE + 200)))" "$PY" - "$DS" "$DEVICE" "$BIG" "$BENCH_JSON" >"$LOGS/speed.log" 2>&1 <<'EOF'
-import copy, json, sys, time
-import torch
-from bench import count_train_flops, sync
-from config import DiffusionConfig, ModelConfig, TrainConfig, preset_config
-from dataset import load_dataset, to_model_range
-from diffusion import Diffusion
-from runtime import Dist, enable_tf32, resolve_precision
-from trainer import Hooks, Loop, TrainData, ema_update, fit, make_optimizer, precision_probe
-from unet import UNet, count_parameters
-
-ds, dev, preset, bench_json = sys.argv[1], torch.device(sys.argv[2]), sys.argv[3], sys.argv[4]
-enable_tf32(dev)  # as train.py does
-mc, dc, tc = (preset_config(c, preset) for c in (ModelConfig, DiffusionConfig, TrainConfig))
-data = load_dataset(ds, "train", "data", download=False, log=lambda *a: None)
-torch.manual_seed(0)
-model = UNet(mc).to(dev)
-ema = copy.deepcopy(model).requires_grad_(False)
-diffusion = Diffusion.from_config(dc).to(dev)
-opt = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, dev)
-train_data = TrainData(to_model_range(data.images, mc.img_size).to(dev), data.labels.to(dev), tc.batch_size, tc.seed,
-                       tc.label_drop, mc.num_classes, Dist(), torch.Generator().manual_seed(1))
-# precision auto as train.py resolves it
-precision = resolve_precision("auto", dev, precision_probe(model, diffusion, train_data, dc.timesteps, tc.batch_size,
-                                                           dev), log=print)
-hooks = Hooks(on_epoch_end=lambda e, s, last: None, on_interrupt=lambda e, s: None,
-              after_step=lambda s: ema_update(ema, model, tc.ema_decay, s))
-
-def steps(a, b):  # train.py's loop, with the per-epoch checkpoint and samples left out
-    fit(model, opt, diffusion, train_data, Loop(b, lambda s: tc.lr, tc.grad_clip, dev, precision, desc="speed"), a, hooks)
-
-warm, timed = 10, 50
-steps(0, warm)
-sync(dev)
-t0 = time.perf_counter()
-steps(warm, warm + timed)
-sync(dev)
-dt = (time.perf_counter() - t0) / timed
-x0, labels = train_data.images[:tc.batch_size], train_data.labels[:tc.batch_size]
-t = torch.randint(0, dc.timesteps, (len(labels),), device=dev)
-flops = count_train_flops(model, diffusion, (x0, labels, t, torch.randn_like(x0)))  # the same in every precision
-achieved = flops / dt / 1e9
-try:
-    peak = json.load(open(bench_json))["peak"]
-except (OSError, ValueError, KeyError):  # stage 3 failed: no measured peak to compare with
-    peak = {}
-share = ", ".join(f"{100 * achieved / peak[k + '_gflops']:.1f}% of the measured {k} peak" for k in ("bf16", "tf32")
-                  if peak.get(k + "_gflops"))
-mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if dev.type == "cuda" else ""
-print(f"{preset} preset, {count_parameters(model) / 1e6:.1f} M parameters: {tc.batch_size / dt:,.0f} images/s "
-      f"({1e3 * dt:.1f} ms per step of batch {tc.batch_size}, {precision}, {data.name}{mem}); "
-      f"{flops / tc.batch_size / 1e9:.2f} GFLOP per image per step -> {achieved / 1e3:,.1f} TFLOP/s"
-      + (f" = {share}" if share else ""))
-EOF
-RC=$?
-SPEED=$(grep 'images/s' "$LOGS/speed.log" | tail -n 1)
-if [ "$RC" -eq 0 ] && [ -n "$SPEED" ]; then
-    AUTO=$(grep -m 1 'precision auto' "$LOGS/speed.log")
-    note "speed: ${AUTO:+$AUTO; }$SPEED"
-else
-    fail "speed: exit $RC (124: timed out); see speed.log: $(tail_of "$LOGS/speed.log")"
-fi
+# run_bench NAME CAP RESERVE [bench.py flags...]: bench.py -> $WORK/NAME.json and NAME.log, noted as one line
+read -r -a BENCH_EXTRA <<<"$BENCH_ARGS"
+run_bench() {
+    local name=$1 cap=$2 reserve=$3 json="$WORK/$1.json" rc digest
+    shift 3
+    rm -f "$json"
+    timeout "$(limit "$cap" "$reserve")" "$PY" bench.py --device "$DEVICE" --dataset "$DS" --repeats 3 --out "$json" \
+        "$@" ${BENCH_EXTRA[@]+"${BENCH_EXTRA[@]}"} >"$LOGS/$name.log" 2>&1
+    rc=$?
+    digest=$(bench_digest "$json" 2>>"$LOGS/$name.log")
+    if [ "$rc" -eq 0 ] && [ -n "$digest" ]; then
+        note "$name: $digest"
+    else
+        fail "$name: exit $rc (124: timed out); see $name.log: $(tail_of "$LOGS/$name.log")"
+    fi
+}
+COMPILE_FLAG=()
+((COMPILE)) && COMPILE_FLAG=(--compile)
+run_bench bench 150 $((TEST_RESERVE + 240)) --preset "$SMALL" ${COMPILE_FLAG[@]+"${COMPILE_FLAG[@]}"}
+# the training step trainer.fit runs, on the big preset: no copy of the loop here, bench.py times the trainer's own
+run_bench speed 120 $((TEST_RESERVE + 200)) --preset "$BIG" --sections train
 
 # ---------------------------------------- 5., 6. train, then evaluate
 # train_and_score NAME PRESET STEPS CAP [train.py flags...]: train, evaluate, note accuracy vs seconds

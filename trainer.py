@@ -1,8 +1,11 @@
 """The training loop that train.py and lora_finetune.py share: data order, noise, one optimizer step, EMA.
 
-    data = TrainData(images, labels, global_batch, seed, label_drop, null_label, dist_info, gen)
-    loop = Loop(max_steps, lr_fn, grad_clip, device, precision, desc="train", resume_hint=..., lr_flag="--lr")
-    step, loss = fit(fwd_model, opt, diffusion, data, loop, step, Hooks(on_epoch_end, on_interrupt, after_step))
+    data = TrainData(images=..., labels=..., global_batch=..., seed=..., label_drop=..., null_label=...,
+                     dist=..., gen=...)
+    settings = FitSettings(max_steps=..., lr_fn=..., grad_clip=..., device=..., precision=..., desc="train", ...)
+    step, loss = fit(fwd_model, opt, diffusion, data, settings, step, Hooks(on_epoch_end, on_interrupt, after_step))
+
+One optimizer step lives in one place, ``make_train_step``: fit calls it, bench.py times it.
 
 Ctrl-C (SIGINT) never cuts a step in half: it sets a flag, the step in progress finishes, and the
 loop stops at the boundary, saves through ``on_interrupt`` and exits with 130. The state saved
@@ -31,6 +34,7 @@ from runtime import Dist, all_reduce_mean, autocast, broadcast_object, wall_time
 
 # the LoRA warm-up: a tenth of the fine-tune, at most this many steps (enough for AdamW's moments to settle)
 LORA_WARMUP_MAX_STEPS = 50
+LORA_GRAD_CLIP = 1.0  # max gradient norm of the LoRA tensors, as for the base model
 
 
 class TrainingDiverged(UserError):
@@ -62,7 +66,7 @@ def epoch_batches(n, global_batch, epoch, seed, dist_info):
     perm[k*B:(k+1)*B] and rank r takes every world-th element of it, so the ranks together see
     exactly the batches a single process would, and each rank a different shard every epoch.
     The last incomplete batch is dropped."""
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    g = torch.Generator().manual_seed((seed * 100003 + epoch) % 2 ** 64)  # a 64-bit seed for any --seed
     perm = torch.randperm(n, generator=g)
     steps = n // global_batch
     return [perm[k * global_batch:(k + 1) * global_batch][dist_info.rank::dist_info.world] for k in range(steps)]
@@ -82,7 +86,7 @@ def draw_batch_noise(gen, global_batch, timesteps, label_drop, shape, dist_info,
     return t[sl], noise[sl], drop[sl]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class TrainData:
     """The data side of a run: what is drawn from, how, and by which rank."""
     images: torch.Tensor  # (N, C, S, S) in [-1, 1], on the training device
@@ -161,6 +165,24 @@ def optimizer_step(fwd_model, opt, scaler, diffusion, batch, device, precision, 
     return loss
 
 
+def make_train_step(fwd_model, opt, diffusion, *, lr_fn, grad_clip, device, precision, after_step=None):
+    """The training step: ``train_step(batch, step) -> loss`` (a tensor, not synced).
+
+    It sets the learning rate ``lr_fn(step)``, runs ``optimizer_step`` (with a GradScaler of its
+    own, active in fp16 only) and then ``after_step(step)`` (the EMA update). ``fit`` calls it once
+    per batch; bench.py times the same function, so what it measures is what training runs."""
+    scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+
+    def train_step(batch, step):
+        for group in opt.param_groups:
+            group["lr"] = lr_fn(step)
+        loss = optimizer_step(fwd_model, opt, scaler, diffusion, batch, device, precision, grad_clip)
+        if after_step is not None:
+            after_step(step)
+        return loss
+    return train_step
+
+
 def probe_batch(data, timesteps, batch_size, device):
     """``data``'s first ``batch_size`` images and labels with t and noise from a generator of their own, so
     that timing a step (precision_probe, steps_for_budget) leaves the run's random streams alone."""
@@ -185,26 +207,26 @@ def precision_probe(model, diffusion, data, timesteps, batch_size, device):
     return probe
 
 
-def steps_for_budget(minutes, model, diffusion, data, timesteps, batch_size, device, precision, warmup=1,
+def steps_for_budget(minutes, model, diffusion, data, *, batch_size, device, precision, grad_clip=0.0, warmup=1,
                      repeats=3, timer=None):
     """How many optimizer steps fit in ``minutes``: (steps, seconds per step).
 
-    A step is timed on a copy of ``model`` with its own AdamW (forward, backward and the update, the
-    work of a real step on this device and precision): ``warmup`` untimed, the median of ``repeats``.
-    The run itself is untouched: not its weights, not its optimizer, not its random streams. What the
-    loop does besides the steps (the per-epoch checkpoint and sample grid) is not counted.
-    ``timer(fn, device)`` returns the seconds of one call (replaced in tests)."""
+    A step is timed on a copy of ``model`` with its own AdamW, through ``make_train_step`` (forward,
+    backward, clipping at ``grad_clip`` and the update: a real step on this device and precision):
+    ``warmup`` untimed, the median of ``repeats``. The run itself is untouched: not its weights, not
+    its optimizer, not its random streams. What the loop does besides the steps (the per-epoch
+    checkpoint and sample grid) is not counted. ``timer(fn, device)`` returns the seconds of one
+    call (replaced in tests)."""
     timer = timer or wall_time
     twin = copy.deepcopy(model).train()
-    opt = make_optimizer(twin.parameters(), 1e-12, 0.0, device)  # a real update of the copy, of no size
-    x0, labels, t, noise = probe_batch(data, timesteps, batch_size, device)
+    opt = make_optimizer(twin.parameters(), 1e-12, 0.0, device)
+    # a real update of the copy, of no size
+    train_step = make_train_step(twin, opt, diffusion, lr_fn=lambda s: 1e-12, grad_clip=grad_clip, device=device,
+                                 precision=precision)
+    batch = probe_batch(data, diffusion.timesteps, batch_size, device)
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            loss = diffusion.loss(twin, x0, labels, t, noise)
-        loss.backward()
-        opt.step()
+        train_step(batch, 0)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for _ in range(warmup):
@@ -215,9 +237,9 @@ def steps_for_budget(minutes, model, diffusion, data, timesteps, batch_size, dev
 
 # ------------------------------------------------------------------------ loop
 
-@dataclasses.dataclass
-class Loop:
-    """How the loop runs: its length, schedule, clipping, device and precision, and what it tells the user."""
+@dataclasses.dataclass(kw_only=True)
+class FitSettings:
+    """How ``fit`` runs: its length, schedule, clipping, device and precision, and what it tells the user."""
     max_steps: int
     lr_fn: Callable[[int], float]  # step -> learning rate
     grad_clip: float  # max gradient norm; 0 turns clipping off
@@ -234,6 +256,9 @@ class Hooks:
     on_epoch_end: Callable[[int, int, bool], None]  # (epoch, step, last): save, sample
     on_interrupt: Callable[[int, int], None]  # (epoch, step): save at the step boundary after Ctrl-C
     after_step: Optional[Callable[[int], None]] = None  # (step index): the EMA update
+    # (steps done, loss of that step over all ranks, its lr), on every rank once the loss is known to be
+    # finite: the loss log and previews (it runs before a Ctrl-C stop, so what it logs is what is saved)
+    after_log: Optional[Callable[[int, float, float], None]] = None
 
 
 class _StopAtBoundary:
@@ -266,36 +291,32 @@ class _Stop(Exception):
     pass
 
 
-def fit(fwd_model, opt, diffusion, data, loop, step, hooks):
-    """Train from ``step`` to ``loop.max_steps`` over epochs of ``epoch_batches``; returns (step, running loss).
+def fit(fwd_model, opt, diffusion, data, settings, step, hooks):
+    """Train from ``step`` to ``settings.max_steps`` over epochs of ``epoch_batches``; returns (step, running loss).
 
     Calls ``hooks.on_epoch_end(epoch, step, last)`` after each epoch (epochs count from 1) and at
     the end. On Ctrl-C the current step finishes, ``hooks.on_interrupt(epoch, step)`` saves, and the
     process exits with 130. A loss that is not finite raises TrainingDiverged before the next
     save, so the last good checkpoint is never overwritten by NaN weights (the loss is
     all-reduced, and so is the stop request: every rank stops at the same step)."""
-    device, dist_info = loop.device, data.dist
+    device, dist_info = settings.device, data.dist
     n, steps_per_epoch = len(data.labels), data.steps_per_epoch
-    scaler = torch.amp.GradScaler(device.type, enabled=(loop.precision == "fp16"))
+    train_step = make_train_step(fwd_model, opt, diffusion, lr_fn=settings.lr_fn, grad_clip=settings.grad_clip,
+                                 device=device, precision=settings.precision, after_step=hooks.after_step)
     bar = None
     if dist_info.main:
         from tqdm import tqdm
-        bar = tqdm(total=loop.max_steps, initial=step, desc=loop.desc, dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(total=settings.max_steps, initial=step, desc=settings.desc, dynamic_ncols=True, mininterval=1.0)
     running = float("nan")
     fwd_model.train()
     stop = _StopAtBoundary()
     try:
         with stop:
-            while step < loop.max_steps:
+            while step < settings.max_steps:
                 epoch, first = divmod(step, steps_per_epoch)
                 for idx in epoch_batches(n, data.global_batch, epoch, data.seed, dist_info)[first:]:
                     batch = data.batch(idx, diffusion.timesteps, device)
-                    for group in opt.param_groups:
-                        group["lr"] = loop.lr_fn(step)
-                    loss = optimizer_step(fwd_model, opt, scaler, diffusion, batch, device, loop.precision,
-                                          loop.grad_clip)
-                    if hooks.after_step is not None:
-                        hooks.after_step(step)
+                    loss = train_step(batch, step)
                     step += 1
                     # the loss of the global batch (as one process would log it) and whether any rank was
                     # interrupted, in one all-reduce
@@ -305,19 +326,22 @@ def fit(fwd_model, opt, diffusion, data, loop, step, hooks):
                     lv, stop_now = both[0].item(), both[1].item() > 0
                     if not math.isfinite(lv):
                         raise TrainingDiverged(
-                            f"{loop.desc}: the loss became {lv} at step {step} (lr {loop.lr_fn(step - 1):.2e}): "
+                            f"{settings.desc}: the loss became {lv} at step {step} "
+                            f"(lr {settings.lr_fn(step - 1):.2e}): "
                             f"training diverged. Nothing was saved after the last checkpoint, if any. Lower "
-                            f"{loop.lr_flag} or keep --grad-clip on, then start again or continue from that "
-                            f"checkpoint with: {loop.resume_hint}")
+                            f"{settings.lr_flag} or keep --grad-clip on, then start again or continue from that "
+                            f"checkpoint with: {settings.resume_hint}")
                     running = lv if running != running else 0.98 * running + 0.02 * lv
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{running:.4f}", lr=f"{loop.lr_fn(step - 1):.2e}", epoch=epoch + 1)
+                        bar.set_postfix(loss=f"{running:.4f}", lr=f"{settings.lr_fn(step - 1):.2e}", epoch=epoch + 1)
+                    if hooks.after_log is not None:
+                        hooks.after_log(step, lv, settings.lr_fn(step - 1))
                     if stop_now:
                         raise _Stop
-                    if step >= loop.max_steps:
+                    if step >= settings.max_steps:
                         break
-                last = step >= loop.max_steps
+                last = step >= settings.max_steps
                 if step % steps_per_epoch == 0 or last:
                     hooks.on_epoch_end(step // steps_per_epoch, step, last)
                 if stop.requested and not last:  # Ctrl-C while saving or sampling: stop here
@@ -327,15 +351,15 @@ def fit(fwd_model, opt, diffusion, data, loop, step, hooks):
             bar.close()
         hooks.on_interrupt(step // steps_per_epoch, step)
         if dist_info.main:  # only rank 0 saved, so only rank 0 says so
-            print(f"\ninterrupted at step {step}; saved; continue with: {loop.resume_hint}", file=sys.stderr)
+            print(f"\ninterrupted at step {step}; saved; continue with: {settings.resume_hint}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
         if dist_info.main:
-            if loop.checkpoint and os.path.exists(loop.checkpoint):
+            if settings.checkpoint and os.path.exists(settings.checkpoint):
                 print(f"\ninterrupted inside step {step + 1}: nothing saved since the last checkpoint; continue from "
-                      f"it with: {loop.resume_hint}", file=sys.stderr)
+                      f"it with: {settings.resume_hint}", file=sys.stderr)
             else:
                 print(f"\ninterrupted inside step {step + 1}, before anything was saved: start the run again",
                       file=sys.stderr)

@@ -155,11 +155,25 @@ def test_table_lists_every_section(tiny_run):
         assert text in table
 
 
+def test_sections_measure_only_what_is_asked(tmp_path):
+    out = tmp_path / "train.json"
+    res = bench.main(["--preset", "tiny", "--repeats", "1", "--device", "cpu", "--out", str(out), "--sections",
+                      "train", "--matmul-size", "256", "--min-time", "0"])
+    js = json.loads(out.read_text())
+    assert js == json.loads(json.dumps(res))
+    assert js["config"]["sections"] == ["train"]
+    assert {"peak", "train"} <= set(js) and not {"lora", "inference", "sampling"} & set(js)
+    assert [t["name"] for t in js["targets"]] == ["train_fp32_peak_fraction", "data_wait_share"]
+    assert "train step" in js["table"] and "LoRA" not in js["table"] and "DDIM" not in js["table"]
+    assert "2 targets met" in js["table"] or "of 2 targets met" in js["table"]
+
+
 # ----------------------------------------------------------------- bad flags
 
 @pytest.mark.parametrize("argv", [["--repeats", "0"], ["--repeats", "x"], ["--device", "tpu"], ["--preset", "huge"],
                                   ["--warmup", "0"], ["--min-time", "-1"], ["--no-such-flag"],
-                                  ["--precision", "fp16", "--device", "cpu"]])
+                                  ["--precision", "fp16", "--device", "cpu"], ["--sections", "train,gpu"],
+                                  ["--sections", ""], ["--sections", "lora", "--profile"]])
 def test_bad_flags_exit_2(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv + ["--out", str(tmp_path / "b.json")])
@@ -267,3 +281,65 @@ def test_cuda_timing_uses_events_around_the_calls(monkeypatch):
     assert seconds == 0.0125
     assert log == ["sync", "new start", "new end", "record start", "call", "call", "call", "record end",
                    "synchronize end", "elapsed start->end"]
+
+
+# ------------------------------------------------- the trainer's step, the one sampler
+
+def test_bench_step_is_the_step_fit_runs():
+    """bench times trainer.make_train_step, the function trainer.fit calls: three bench steps leave the weights,
+    the optimizer state and the after_step (EMA) calls exactly where three steps of fit leave them."""
+    import trainer
+    from runtime import Dist
+
+    cpu = torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(32, 1, 28, 28, generator=g) * 2 - 1, torch.arange(32) % 10
+    diffusion = Diffusion(timesteps=50)
+
+    def data():
+        return trainer.TrainData(images=images, labels=labels, global_batch=8, seed=0, label_drop=0.2, null_label=10,
+                                 dist=Dist(), gen=torch.Generator().manual_seed(1))
+
+    runs = {}
+    for how in ("fit", "bench"):
+        torch.manual_seed(0)
+        model = UNet(preset_config(ModelConfig, "tiny"))
+        opt = trainer.make_optimizer(model.parameters(), 1e-3, 0.0, cpu)
+        calls = []
+        if how == "fit":
+            settings = trainer.FitSettings(max_steps=3, lr_fn=lambda s: 1e-3, grad_clip=1.0, device=cpu,
+                                           precision="fp32", desc="fit")
+            hooks = trainer.Hooks(on_epoch_end=lambda *a: None, on_interrupt=lambda *a: None, after_step=calls.append)
+            assert trainer.fit(model, opt, diffusion, data(), settings, 0, hooks)[0] == 3
+        else:
+            model.train()
+            step, data_s = bench.make_step(model, opt, diffusion, bench.make_data_fn(data(), cpu, 50), lr=1e-3,
+                                           grad_clip=1.0, device=cpu, precision="fp32", after_step=calls.append)
+            for _ in range(3):
+                step()
+            assert len(data_s) == 3 and all(s > 0 for s in data_s)
+        runs[how] = model.state_dict(), opt.state_dict()["state"], calls
+    (w_fit, opt_fit, calls_fit), (w_bench, opt_bench, calls_bench) = runs["fit"], runs["bench"]
+    assert calls_fit == calls_bench == [0, 1, 2]
+    assert all(torch.equal(w_fit[k], w_bench[k]) for k in w_fit)
+    assert all(torch.equal(opt_fit[i][k], opt_bench[i][k]) for i in opt_fit for k in opt_fit[i])
+    assert not all(torch.equal(w_fit[k], v) for k, v in UNet(preset_config(ModelConfig, "tiny")).state_dict().items())
+
+
+@pytest.mark.parametrize("sampler,num_steps,expected", [
+    ("ddpm", 4, [49, 48, 47, 46]),  # the first steps of DDPM, from t = T-1 down, stopped by the callback
+    ("ddpm", None, list(range(49, -1, -1))),
+    ("ddim", None, [49, 37, 24, 12, 0]),  # Diffusion.ddim_timesteps(5) of T = 50
+])
+def test_sample_steps_runs_the_sampler_for_the_steps_timed(sampler, num_steps, expected):
+    from config import SampleConfig
+
+    torch.manual_seed(0)
+    model = UNet(preset_config(ModelConfig, "tiny")).eval()
+    diffusion = Diffusion(timesteps=50)
+    assert diffusion.ddim_timesteps(5) == [49, 37, 24, 12, 0]
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((len(args[0]), args[1][0].item())))
+    bench.sample_steps(model, diffusion, torch.arange(3), torch.device("cpu"), "fp32",
+                       SampleConfig(sampler=sampler, steps=5, guidance=2.0), seed=0, num_steps=num_steps)
+    assert seen == [(6, t) for t in expected]  # one guided forward (2 x 3 images) per step

@@ -206,7 +206,8 @@ def test_ddp_one_step_equals_single_process(single_run, ddp_run):
 @pytest.mark.slow
 def test_ddp_only_rank0_writes_and_prints(single_run, ddp_run):
     (s_out, _), (d_out, logs) = single_run, ddp_run
-    assert files_under(d_out) == files_under(s_out) == ["ckpt.pt", "config.json", os.path.join("samples", "final.png")]
+    assert files_under(d_out) == files_under(s_out) == ["ckpt.pt", "config.json", "loss.csv", "loss_curve.png",
+                                                        os.path.join("samples", "final.png")]
     assert logs[0]["stdout"].count("train:") >= 3
     assert "2 process(es) x batch 8 = global batch 16, lr 0.002" in logs[0]["stdout"]
     assert "it/s" in logs[0]["stderr"]  # rank 0's progress bar
@@ -271,32 +272,31 @@ def lora_runs(single_run, tmp_path_factory):
 
 
 def assert_adapters_close(a, b, atol=1e-5):
-    assert list(a["lora"]) == list(b["lora"])
-    for k in a["lora"]:
-        torch.testing.assert_close(b["lora"][k], a["lora"][k], rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
+    assert list(a.tensors) == list(b.tensors)
+    for k in a.tensors:
+        torch.testing.assert_close(b.tensors[k], a.tensors[k], rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.mark.slow
 def test_lora_ddp_one_step_equals_single_process(lora_runs):
     _, (s_dir, s_text), (d_dir, logs) = lora_runs
     single, multi = load_training_state(s_dir / "lora"), load_training_state(d_dir / "lora")
-    assert single["step"] == multi["step"] == 1
-    assert load_adapter(s_dir / "lora")["base_fingerprint"] == load_adapter(d_dir / "lora")["base_fingerprint"]
-    assert set(single) == set(multi)
+    assert single.step == multi.step == 1
+    assert load_adapter(s_dir / "lora").base_fingerprint == load_adapter(d_dir / "lora").base_fingerprint
     assert_adapters_close(load_adapter(s_dir / "lora"), load_adapter(d_dir / "lora"))
     assert_adapters_close(single, multi)
-    for i, st in single["optimizer"]["state"].items():  # the LoRA gradients (Adam's exp_avg)
-        torch.testing.assert_close(multi["optimizer"]["state"][i]["exp_avg"], st["exp_avg"], rtol=1e-4, atol=1e-9)
+    for i, st in single.optimizer["state"].items():  # the LoRA gradients (Adam's exp_avg)
+        torch.testing.assert_close(multi.optimizer["state"][i]["exp_avg"], st["exp_avg"], rtol=1e-4, atol=1e-9)
     # B starts at zero, so A gets no gradient on the first step; B must have moved
-    assert any(v.abs().max() > 0 for k, v in multi["lora"].items() if k.endswith("lora_b"))
+    assert any(v.abs().max() > 0 for k, v in multi.tensors.items() if k.endswith("lora_B"))
     assert abs(final_loss(logs[0]["stdout"], "loss") - final_loss(s_text, "loss")) <= 2e-4
 
 
 @pytest.mark.slow
 def test_lora_ddp_only_rank0_writes_and_adapter_samples(lora_runs, tmp_path):
     base, _, (d_dir, logs) = lora_runs
-    assert files_under(d_dir) == ["lora/adapter_config.json", "lora/adapter_model.safetensors",
-                                  "lora/training_state.pt"]
+    assert files_under(d_dir) == ["lora/adapter_config.json", "lora/adapter_model.safetensors", "lora/loss.csv",
+                                  "lora/loss_curve.png", "lora/previews/step_0001.png", "lora/training_state.pt"]
     assert "2 process(es) x batch 8 = global batch 16" in logs[0]["stdout"]
     assert logs[1]["stdout"] == "", f"rank 1 printed:\n{logs[1]['stdout']}"
     assert not re.search(r"lora|it/s|\d+%\|", logs[1]["stderr"]), f"rank 1 printed:\n{logs[1]['stderr']}"
@@ -316,5 +316,5 @@ def test_lora_ddp_resume_continues_from_saved_step(lora_runs, tmp_path):
     straight = tmp_path / "straight"
     run_inprocess(lora_finetune.main, lora_args(base, straight, 2))
     a, b = load_training_state(resumed), load_training_state(straight)
-    assert a["step"] == b["step"] == 2
+    assert a.step == b.step == 2
     assert_adapters_close(b, a)
