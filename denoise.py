@@ -3,7 +3,7 @@
     python denoise.py                              # labels 0..9 from out/ckpt.pt (EMA weights)
     python denoise.py --labels 3,3,7 --n-per-label 4 --sampler ddpm --guidance 3
     python denoise.py --lora --merge               # + the adapter in out/lora/, merged into the weights
-    python denoise.py --lora --lora-scale 0.5      # half the adapter's effect, unmerged
+    python denoise.py --lora --lora-weight 0.5     # half the adapter's effect, unmerged
     python denoise.py --lora out/italic:0.8 --lora out/bold:0.5   # two adapters, each at its own weight
 
 Writes, in --out-dir (default out/), with NAME = samples (or lora_samples with --lora):
@@ -11,7 +11,7 @@ Writes, in --out-dir (default out/), with NAME = samples (or lora_samples with -
                        noise -> digit across columns
     NAME.png           a grid of the final samples, one column per label
     NAME.npz           images (uint8, N x 28 x 28 at the data set's resolution) and labels (N)
-    lora_scale_sweep.png   with --lora: LoRA scale 0 -> 1 across columns, one row per label
+    lora_weight_sweep.png  with --lora: LoRA weight 0 -> 1 across columns, one row per label
 """
 from __future__ import annotations
 
@@ -21,19 +21,17 @@ import os
 import numpy as np
 import torch
 
-from adapter import DEFAULT_ADAPTER, attach_adapters, load_adapters
-from checkpoint import load_for_sampling
-from files import atomic_write, check_writable_dir
-from config import SampleConfig
-from cli import HelpFormatter, add_config_args, config_from_args, finite_float
+from adapter import LEGACY_DEFAULT_ADAPTER, attach_adapters, load_adapters, parse_lora_spec, set_weights
+from checkpoint import load_pipeline
+from files import atomic_write, check_apart, check_replace, check_writable_dir, remove_stale_temps
+from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, WEIGHT_RANGE, SampleConfig
+from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, path_arg,
+                 runtime_from_args)
 from errors import CLIError, run_main
 from dataset import save_grid
 from diffusion import generate
-from lora import merge_lora, set_lora_scale
-from runtime import add_runtime_args, pick_device, resolve_precision
-
-DEFAULT_LORA = DEFAULT_ADAPTER
-
+from lora import merge_lora
+from runtime import pick_device, resolve_precision
 
 def parse_labels(text, num_classes):
     """'0..9' (a range), '3,3,7' (a list) or a mix: '0..2,7'. Every label must be in 0..num_classes-1."""
@@ -55,26 +53,38 @@ def parse_labels(text, num_classes):
     return labels
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default=os.path.join("out", "ckpt.pt"), help="base checkpoint from train.py")
-    p.add_argument("--out-dir", default="out", help="where the pictures and the .npz go")
-    p.add_argument("--name", default=None, help="file name stem (default samples, or lora_samples with --lora)")
-    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (better) or raw weights")
-    p.add_argument("--labels", default="0..9", help="labels to draw: 0..9, 3,3,7 or 0..2,7")
-    p.add_argument("--n-per-label", type=int, default=1, help="samples per label")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same pictures")
-    add_runtime_args(p)
-    p.add_argument("--frames", type=int, default=10, help="columns of the denoising-process figure")
-    p.add_argument("--show", action="store_true", help="also open the figures in a window")
-    p.add_argument("--lora", nargs="?", const=DEFAULT_LORA, default=None, action="append", metavar="PATH[:WEIGHT]",
-                   help=f"apply a LoRA adapter (default {DEFAULT_LORA}) at WEIGHT (default 1); repeat for several")
-    p.add_argument("--merge", action="store_true", help="merge the adapter into the weights (needs --lora)")
-    p.add_argument("--lora-scale", type=finite_float, default=1.0, help="strength of the adapter: 0 off, 1 as trained")
-    p.add_argument("--force", action="store_true", help="load an adapter trained on another base checkpoint")
+def build_parser():
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    model, lora, sampling, out = p.group("model"), p.group("LoRA"), p.group("sampling"), p.group("output")
+    model.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg, help="base checkpoint from train.py")
+    out.add_argument("--out-dir", default=DEFAULT_OUT_DIR, type=path_arg, help="where the pictures and the .npz go")
+    out.add_argument("--name", default=None, type=path_arg,
+                     help="file name stem (default samples, or lora_samples with --lora)")
+    model.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (better) or raw weights")
+    sampling.add_argument("--labels", default="0..9", help="labels to draw: 0..9, 3,3,7 or 0..2,7")
+    # all samples go through the model as one batch: more than 1000 per label (10,000 images) is a typo
+    sampling.add_argument("--n-per-label", type=bounded(int, gt=0, le=1000), default=1, help="samples per label")
+    out.add_argument("--frames", type=bounded(int, ge=0, le=100), default=10,
+                     help="columns of the denoising-process figure (0: no figure)")
+    out.add_argument("--show", action="store_true", help="also open the figures in a window")
+    lora.add_argument("--lora", nargs="?", const=DEFAULT_ADAPTER, default=None, action="append",
+                      metavar="PATH[:WEIGHT]",
+                      help=f"apply a LoRA adapter (default {DEFAULT_ADAPTER}) at WEIGHT (default 1); repeat for several")
+    lora.add_argument("--merge", action="store_true", help="merge the adapter into the weights (needs --lora)")
+    weight = bounded(float, ge=WEIGHT_RANGE[0], le=WEIGHT_RANGE[1])
+    lora.add_argument("--lora-weight", type=weight, default=1.0,
+                   help="strength of the adapters, times each one's own WEIGHT: 0 off, 1 as trained")
+    # the flag's name before "weight" became the one word for an adapter's strength: old commands still run
+    lora.add_argument("--lora-scale", dest="lora_weight", type=weight, default=argparse.SUPPRESS,
+                      help=argparse.SUPPRESS)
+    lora.add_argument("--force", action="store_true", help="load an adapter trained on another base checkpoint")
     add_config_args(p, SampleConfig)
-    return p.parse_args(argv)
+    add_runtime_args(p)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 PROCESS_MAX_ROWS = 20  # rows of the denoising-process figure: matplotlib takes seconds per hundred axes
@@ -121,17 +131,38 @@ def main(argv=None):
     return run_main(run, parse_args(argv))
 
 
+def check_outputs(args):
+    """Before anything is read: --out-dir can be written, no file written is --ckpt or inside an --lora adapter,
+    and none of them holds a file of another kind (a picture's name holding a checkpoint is left alone)."""
+    check_writable_dir(args.out_dir, "--out-dir")
+    name = args.name or ("lora_samples" if args.lora else "samples")
+    outputs = [(f"{name}.png", "png"), (f"{name}.npz", "npz")]
+    if args.frames > 0:
+        outputs.append((f"{name}_process.png", "png"))
+    if args.lora:
+        outputs.append(("lora_weight_sweep.png", "png"))
+    inputs = [("--ckpt", args.ckpt)]
+    for spec in args.lora or []:
+        path = parse_lora_spec(spec)[0]
+        inputs.append(("--lora", path))
+        if path == DEFAULT_ADAPTER:
+            inputs.append(("--lora", LEGACY_DEFAULT_ADAPTER))  # what it falls back to
+    paths = [("--out-dir", os.path.join(args.out_dir, f)) for f, _ in outputs]
+    check_apart(paths, inputs, "pass another --out-dir or --name")
+    for (_, path), (_, kind) in zip(paths, outputs):
+        check_replace(path, "--out-dir", (kind,), None, f"a {'picture' if kind == 'png' else 'samples .npz'}")
+
+
 def run(args):
     scfg = config_from_args(args, SampleConfig)
-    if args.n_per_label <= 0 or args.frames < 0:
-        raise CLIError("--n-per-label must be > 0 and --frames >= 0")
+    rcfg = runtime_from_args(args)
     if args.merge and not args.lora:
         raise CLIError("--merge needs --lora (there is no adapter to merge)")
-    if args.lora_scale < 0:
-        raise CLIError(f"--lora-scale must be >= 0, got {args.lora_scale}")
-    check_writable_dir(args.out_dir, "--out-dir")
-    device = pick_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    if args.lora_weight < 0:
+        raise CLIError(f"--lora-weight must be >= 0, got {args.lora_weight}")
+    check_outputs(args)
+    device = pick_device(rcfg.device)
+    precision = resolve_precision(rcfg.precision, device)  # sampling: the rule, never timed (same seed, same pictures)
     # the flags are checked above; the labels and step count need the model, so they are checked
     # right after loading it, before anything samples or writes
     adapter = load_adapters(args.lora, device) if args.lora else None
@@ -140,7 +171,7 @@ def run(args):
         if adapter is not None:
             attach_adapters(model, adapter, fingerprint, force=args.force)
 
-    pipe = load_for_sampling(args.ckpt, device, args.weights, attach)
+    pipe = load_pipeline(args.ckpt, device, args.weights, attach)
     model, diffusion = pipe.model, pipe.diffusion
     labels = parse_labels(args.labels, model.num_classes)
     if scfg.sampler == "ddim" and scfg.steps > diffusion.timesteps:
@@ -148,23 +179,24 @@ def run(args):
     name = args.name or ("lora_samples" if adapter else "samples")
     out = args.out_dir
     os.makedirs(out, exist_ok=True)
-    common = dict(device=device, precision=precision, cfg=scfg, seed=args.seed, data_size=pipe.data_size)
+    remove_stale_temps(out)  # what a killed run left half-written there
+    common = dict(device=device, precision=precision, cfg=scfg, seed=rcfg.seed, data_size=pipe.data_size)
     written = []
 
     if adapter is not None:
-        # the scale sweep runs on the unmerged model, where the scale is a runtime knob
+        # the weight sweep runs on the unmerged model, where the weight is a runtime knob
         scales = [0.0, 0.25, 0.5, 0.75, 1.0]
         sweep_labels = torch.tensor(sorted(set(labels)))
         cols = []
         for s in scales:
-            set_lora_scale(model, s)
+            set_weights(model, adapter, s)
             imgs, _ = generate(model, diffusion, sweep_labels, **common)
             cols.append(imgs)
         grid = torch.stack(cols, dim=1).flatten(0, 1)  # (labels x scales, H, W): row per label
-        path = os.path.join(out, "lora_scale_sweep.png")
+        path = os.path.join(out, "lora_weight_sweep.png")
         save_grid(grid, path, nrow=len(scales))
         written.append(path)
-        set_lora_scale(model, args.lora_scale)
+        set_weights(model, adapter, args.lora_weight)
         if args.merge:
             merge_lora(model)
 
@@ -191,7 +223,7 @@ def run(args):
         written.append(proc_path)
     lora_note = ""
     if adapter is not None:
-        lora_note = f", LoRA {', '.join(args.lora)} (scale {args.lora_scale}{', merged' if args.merge else ''})"
+        lora_note = f", LoRA {', '.join(args.lora)} (weight {args.lora_weight}{', merged' if args.merge else ''})"
     steps = scfg.steps if scfg.sampler == "ddim" else diffusion.timesteps
     print(f"denoise: {len(label_t)} samples, {scfg.sampler} {steps} steps, guidance {scfg.guidance}{lora_note}; "
           f"wrote {', '.join(written)}")

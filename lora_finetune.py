@@ -3,6 +3,8 @@
     python lora_finetune.py                        # italic digits on top of out/ckpt.pt -> out/lora/
     python lora_finetune.py --style bold --r 8 --alpha 8 --targets Wq,Wk,Wv,Wo --out out/bold
     python lora_finetune.py --style none           # the tutorial's setting: same data, no visible change
+    python lora_finetune.py --data my_digits       # your own digits, my_digits/0..9/*.png (or an .npz) -> out/lora/
+    python lora_finetune.py --style "font:DejaVu Serif Bold"   # a font's digits (an unknown name lists them)
     python lora_finetune.py --resume               # carry on from out/lora/ (its training_state.pt)
     python lora_finetune.py --full                 # every weight (at lr 3e-4) instead -> out/full.pt, a base checkpoint
     torchrun --nproc_per_node=2 lora_finetune.py   # only the LoRA parameters are synchronised
@@ -11,11 +13,12 @@ The adapter is a folder in PEFT's layout (adapter.py): adapter_model.safetensors
 lora_ tensors and, in its header, the fingerprint of the base weights it was trained on, beside
 adapter_config.json (r, alpha, targets): tens of KB next to a base checkpoint of tens of MB.
 The optimizer state and RNG for --resume go into training_state.pt beside them, never into the
-shared file. ``python denoise.py --lora --merge`` uses it.
+shared file. ``python denoise.py --lora --merge`` uses it. Beside it, as it trains: loss.csv (a row per
+step), previews/step_NNNN.png (the base against the adapter on the same noise, --preview-every), and
+loss_curve.png at the end (with --full: out/full_loss.csv and so on).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shlex
@@ -23,42 +26,62 @@ import time
 
 import torch
 
-from adapter import DEFAULT_ADAPTER, STATE_NAME, adapter_size, check_output_folder, load_adapter, load_training_state, save_adapter
-from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_for_sampling, save_checkpoint
-from files import check_writable_dir, check_writable_file, same_file
-from config import LoraConfig, TrainConfig
-from cli import HelpFormatter, add_config_args, add_preset_arg, config_from_args
+from adapter import (STATE_NAME, Adapter, TrainingState, adapter_from_model, adapter_size, add_adapter_layers,
+                     apply_adapter, check_output_folder, load_adapter, load_training_state, write_adapter)
+from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_pipeline, save_checkpoint
+from files import (check_apart, check_replace, check_writable_dir, check_writable_file, remove_stale_temps,
+                   same_thing)
+from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, STEPS_MAX, LoraConfig, TrainConfig, saved_runtime
+from cli import (ArgumentParser, add_config_args, add_preset_arg, add_runtime_args, bounded, config_from_args,
+                 path_arg, runtime_from_args)
 from errors import CLIError, run_main
-from dataset import apply_style, ink, slant, to_model_range
-from lora import add_lora, apply_adapter, mark_only_lora_as_trainable
-from runtime import (cleanup_distributed, enable_tf32, per_rank_batch, rank0_logger, resolve_precision,
-                     setup_distributed, wrap_ddp)
-from trainer import Hooks, Loop, TrainData, fit, load_dataset_distributed, lora_lr_at, make_optimizer
+from dataset import apply_style, to_model_range
+from logs import (PREVIEW_DIR, TENSORBOARD_DIR, TENSORBOARD_HINT, LogPaths, LossLog, Previews, fork_rng,
+                  loss_curve_png, require_tensorboard)
+from lora import mark_only_lora_as_trainable
+from metrics import ink, slant
+from styles import DATA_PREVIEW_NAME, load_style_data, save_training_preview, sized_steps, training_set
+from runtime import (check_precision, cleanup_distributed, enable_tf32, per_rank_batch, rank0_logger,
+                     resolve_precision, setup_distributed, wrap_ddp)
+from trainer import (LORA_GRAD_CLIP, FitSettings, Hooks, TrainData, fit, load_dataset_distributed, lora_lr_at,
+                     make_optimizer, precision_probe)
 
 # the training flags that make sense for a fine-tune (the rest come from LoraConfig)
-SHARED_TRAIN_FLAGS = ("dataset", "data_dir", "seed", "device", "precision", "label_drop", "batch_scope")
-FULL_DEFAULT = os.path.join("out", "full.pt")
+SHARED_TRAIN_FLAGS = ("dataset", "data_dir", "label_drop", "batch_scope")
+FULL_DEFAULT = os.path.join(DEFAULT_OUT_DIR, "full.pt")
 # --full's learning rate when --lora-lr is not given: 600 steps of it, t drawn from all of T, moved the slant 92%
 # of the way to real italic digits (README, "Levers measured")
 FULL_LR = 3e-4
-LORA_GRAD_CLIP = 1.0  # max gradient norm of the LoRA tensors, as for the base model
+PREVIEW_EVERY = 50  # six previews over the default 300 steps
+
+
+def build_parser():
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_preset_arg(p)
+    model, lora, out = p.group("model"), p.group("LoRA"), p.group("output")
+    model.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg, help="base checkpoint from train.py")
+    out.add_argument("--out", default=None, type=path_arg, help=f"the adapter folder (default {DEFAULT_ADAPTER}; "
+                     f"with --full {FULL_DEFAULT})")
+    lora.add_argument("--full", action="store_true", help="fine-tune every weight instead of an adapter and write a "
+                      "base checkpoint (what lora_tools.py extract takes)")
+    model.add_argument("--weights", default="ema", choices=["ema", "model"], help="base weights to adapt")
+    lora.add_argument("--resume", nargs="?", const="", default=None, metavar="ADAPTER",  # "": --out's, as bare
+                      help="continue from ADAPTER (default: --out) at its saved step")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace the adapter (or --full checkpoint) already at --out instead of refusing")
+    out.add_argument("--preview-every", type=bounded(int, ge=0, le=STEPS_MAX), default=PREVIEW_EVERY, metavar="N",
+                     help="every N steps, a grid of the base against the adapter on the same noise in "
+                     f"OUT/{PREVIEW_DIR}/ (0: none)")
+    out.add_argument("--tensorboard", action="store_true",
+                     help=f"also write TensorBoard events to OUT/{TENSORBOARD_DIR} (needs: {TENSORBOARD_HINT})")
+    add_config_args(p, LoraConfig)
+    add_config_args(p, TrainConfig, skip=[f for f in TrainConfig.__dataclass_fields__ if f not in SHARED_TRAIN_FLAGS])
+    add_runtime_args(p)
+    return p
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    add_preset_arg(p)
-    p.add_argument("--ckpt", default=os.path.join("out", "ckpt.pt"), help="base checkpoint from train.py")
-    p.add_argument("--out", default=None, help=f"the adapter folder (default {DEFAULT_ADAPTER}; with --full "
-                   f"{FULL_DEFAULT})")
-    p.add_argument("--full", action="store_true", help="fine-tune every weight instead of an adapter and write a "
-                   "base checkpoint (what lora_tools.py extract takes)")
-    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="base weights to adapt")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="ADAPTER",
-                   help="continue from ADAPTER (default: --out) at its saved step")
-    add_config_args(p, LoraConfig)
-    add_config_args(p, TrainConfig, skip=[f for f in TrainConfig.__dataclass_fields__ if f not in SHARED_TRAIN_FLAGS])
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def lora_steps_range(fractions, timesteps):
@@ -70,31 +93,37 @@ def lora_steps_range(fractions, timesteps):
     return lo, hi
 
 
-def check_resume_flags(args, adapter):
-    for name in ("r", "alpha", "targets", "style"):
+def check_resume_flags(args, adapter, state):
+    saved = {"r": adapter.r, "alpha": adapter.alpha, "style": adapter.style,
+             "targets": list(state.config.get("targets") or adapter.targets or [])}  # as given, e.g. Wq,Wk,Wv
+    for name, value in saved.items():
         given = getattr(args, name)
-        saved = adapter["targets"] if name == "targets" else adapter.get(name, adapter.get("config", {}).get(name))
-        if given is not None and (list(given) if name == "targets" else given) != saved:
-            raise CLIError(f"--{name} {given} contradicts adapter {adapter['path']!r} (trained with {saved}); "
+        if given is not None and (list(given) if name == "targets" else given) != value:
+            raise CLIError(f"--{name} {given} contradicts adapter {adapter.path!r} (trained with {value}); "
                            "drop the flag to resume, or write a new adapter with --out")
 
 
 def check_out(args):
-    """Before any work: --out can be written, and is neither the base it reads nor a file of another kind."""
+    """Before any work: --out can be written, is none of the files it reads, holds nothing of another kind, and
+    replaces an earlier result only with --overwrite (or when it continues the very adapter it resumes)."""
+    resume = None if args.resume is None else (args.resume or args.out)
+    in_place = resume is not None and same_thing(resume, args.out)
+    inputs = [("--ckpt", args.ckpt)] + ([] if in_place else [("--resume", resume)])
     if args.full:
         check_writable_file(args.out, "--out")
-        if same_file(args.out, args.ckpt):
-            raise CLIError(f"--out {args.out!r} is the base checkpoint --ckpt reads; a fine-tune never writes over "
-                           "its input: pass another --out")
+        check_apart([("--out", args.out)], inputs, "pass another --out")
         if os.path.exists(args.out):
             try:
                 load_checkpoint(args.out)
             except CheckpointError as e:
                 raise CLIError(f"--out {args.out!r} holds something other than a base checkpoint, so it is left as "
                                f"it is ({e}); pass another --out") from None
+            check_replace(args.out, "--out", ("checkpoint",), args.overwrite, "a base checkpoint")
     else:
         check_output_folder(args.out)
         check_writable_dir(args.out, "--out")
+        check_apart([("--out", args.out)], inputs, "pass another --out")
+        check_replace(args.out, "--out", ("adapter folder",), None if in_place else args.overwrite, "an adapter")
 
 
 def resume_hint(args):
@@ -106,46 +135,86 @@ def resume_hint(args):
             f"--out {shlex.quote(args.out)}")
 
 
+def load_own_data(args, lcfg, resuming, log):
+    """--data or --style font:NAME: the style data, read and checked before any model is built; the settings with
+    the style named after it ("data:FOLDER", "font:NAME" as found) and, when --lora-steps is not given, steps
+    sized to it (styles.sized_steps). (lcfg, None) for the transforms of MNIST."""
+    spec = lcfg.data or (lcfg.style if lcfg.style.startswith("font:") else "")
+    if not spec:
+        unused = [f"--{n.replace('_', '-')}" for n in ("augment", "prior_weight") if getattr(args, n) is not None]
+        if unused:
+            raise CLIError(f"{' and '.join(unused)} applies to --data or --style font:NAME, not to --style "
+                           f"{lcfg.style} (a transform of all of MNIST): drop it")
+        return lcfg, None
+    if lcfg.data and args.style is not None and not resuming:
+        raise CLIError(f"--data and --style {args.style} both give the fine-tune's digits; pass one")
+    if lcfg.data:
+        check_apart([("--out", args.out)], [("--data", lcfg.data)], "pass another --out")
+    # a font's pages from seed 0 whatever --seed: the very set `lora_tools.py render-style font:NAME` writes
+    own = load_style_data(spec, seed=0, log=log)
+    steps = lcfg.lora_steps
+    if args.lora_steps is None and not resuming:  # a resumed run keeps the steps it was sized to
+        steps = sized_steps(len(own), lcfg.lora_steps)
+    # the folder's absolute path is saved with the run, so that --resume from another directory finds it
+    data = os.path.abspath(lcfg.data) if lcfg.data else ""
+    return dataclasses.replace(lcfg, style=own.name, lora_steps=steps, data=data), own
+
+
 def main(argv=None):
     return run_main(finetune, parse_args(argv), cleanup_distributed)
 
 
 def finetune(args):
-    adapter = None
+    adapter = state = None
     if args.full and args.resume is not None:
         raise CLIError("--full cannot --resume: a full fine-tune is short; run it again")
+    if args.preview_every < 0:
+        raise CLIError(f"--preview-every must be >= 0 (0: no previews), got {args.preview_every}")
+    if args.tensorboard:
+        require_tensorboard()
     args.out = args.out or (FULL_DEFAULT if args.full else DEFAULT_ADAPTER)
     check_out(args)
     if args.resume is not None:
         adapter = load_adapter(args.resume or args.out)
         state = load_training_state(args.resume or args.out)
         # the state's own copy of the tensors: always the ones its optimizer state belongs to
-        adapter = dict(adapter, lora=state["lora"], **{k: state[k] for k in ("optimizer", "rng", "step")})
-        check_resume_flags(args, adapter)
+        adapter = adapter.replace(tensors=state.tensors)
+        check_resume_flags(args, adapter, state)
         # the adapter's own settings, not the preset's; flags given now (say --lora-steps) still win
-        lcfg = config_from_args(args, LoraConfig, saved=state["config"])
-        tcfg = config_from_args(args, TrainConfig, saved=state["train_config"])
+        lcfg = config_from_args(args, LoraConfig, saved=state.config)
+        tcfg = config_from_args(args, TrainConfig, saved=state.train_config)
+        rcfg = runtime_from_args(args, saved=saved_runtime(None, state.train_config))  # saved beside tcfg's
     else:
         lcfg = config_from_args(args, LoraConfig, args.preset)
         tcfg = config_from_args(args, TrainConfig, args.preset)
+        rcfg = runtime_from_args(args)
         if args.full and args.lora_lr is None:  # LoRA's rate would wreck every weight at once
             lcfg = dataclasses.replace(lcfg, lora_lr=FULL_LR)
-    dist_info, device = setup_distributed(tcfg.device)
-    precision = resolve_precision(tcfg.precision, device)
+    dist_info, device = setup_distributed(rcfg.device)
+    check_precision(rcfg.precision, device)
     enable_tf32(device)
     log = rank0_logger(dist_info)
+    lcfg, own = load_own_data(args, lcfg, adapter is not None, log)
+    if dist_info.main:  # what a killed run left half-written beside --out (rank 0 alone writes there)
+        remove_stale_temps(os.path.dirname(os.path.abspath(args.out)), log)
+
+    # the adapter being trained: its settings (rank, alpha, targets...) travel in this one object to the file
+    spec = adapter.replace(base_path=args.ckpt, base_name=os.path.basename(args.ckpt)) if adapter else None
 
     def attach(model, fingerprint):
+        nonlocal spec
         if args.full:
             return
         if adapter is not None:
-            apply_adapter(model, adapter, fingerprint, force_flag=None)  # no --force here: resume on its own base
+            # no --force here: resume on its own base; the file then names the modules it adapts
+            spec.targets = list(apply_adapter(model, adapter, fingerprint, force_flag=None))
         else:
             # seeded: A's random init is the same on every run, so torchrun and one process agree
-            torch.manual_seed(tcfg.seed)
-            add_lora(model, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.lora_dropout)
+            torch.manual_seed(rcfg.seed)
+            spec = Adapter.new(lcfg, fingerprint, base_path=args.ckpt)
+            add_adapter_layers(model, spec)
 
-    pipe = load_for_sampling(args.ckpt, device, args.weights, attach)
+    pipe = load_pipeline(args.ckpt, device, args.weights, attach)
     model, diffusion, fingerprint = pipe.model, pipe.diffusion, pipe.fingerprint
     if args.full:
         model.requires_grad_(True)
@@ -160,19 +229,28 @@ def finetune(args):
         raise CLIError(f"{data.name} has {len(data.classes)} classes, the base model {model.num_classes}")
     if global_batch > len(data):
         raise CLIError(f"batch {global_batch} is larger than the {len(data)} images; lower --lora-batch-size")
-    styled = apply_style(data.images, lcfg.style)
+    if own is None:
+        styled, labels = apply_style(data.images, lcfg.style), data.labels
+    else:
+        own_set = training_set(own, data.images, data.labels, augment_mode=lcfg.augment,
+                               prior_weight=lcfg.prior_weight, min_size=global_batch, seed=rcfg.seed)
+        styled, labels = own_set.images, own_set.labels
+        log(f"lora: trains on {own_set.summary(lcfg.prior_weight)}")
     train_data = TrainData(images=to_model_range(styled, model.cfg.img_size).to(device),
-                           labels=data.labels.to(device), global_batch=global_batch, seed=tcfg.seed,
+                           labels=labels.to(device), global_batch=global_batch, seed=rcfg.seed,
                            label_drop=tcfg.label_drop, null_label=model.num_classes, dist=dist_info,
-                           gen=torch.Generator().manual_seed(tcfg.seed + 2),
+                           gen=torch.Generator().manual_seed(rcfg.seed + 2),
                            t_range=lora_steps_range(lcfg.lora_t_range, diffusion.timesteps))
     step = 0
     if adapter is not None:
-        opt.load_state_dict(adapter["optimizer"])
-        train_data.gen.set_state(adapter["rng"]["noise"])
-        if "torch" in adapter["rng"]:
-            torch.set_rng_state(adapter["rng"]["torch"])
-        step = adapter["step"]
+        opt.load_state_dict(state.optimizer)
+        train_data.gen.set_state(state.rng["noise"])
+        if "torch" in state.rng:
+            torch.set_rng_state(state.rng["torch"])
+        step = state.step
+    # decided once, as in train.py: auto on CUDA times this fine-tune's step in both precisions, rank 0 decides
+    probe = precision_probe(model, diffusion, train_data, diffusion.timesteps, local_batch, device)
+    precision = resolve_precision(rcfg.precision, device, probe, log, dist_info)
     # DDP all-reduces the gradients of the LoRA tensors only; the frozen base is ignored
     fwd_model = wrap_ddp(model, dist_info, device, frozen_ignored=True)
 
@@ -195,25 +273,64 @@ def finetune(args):
                              "step": step, "epoch": epoch, "config": pipe.ckpt["config"], "data_size": pipe.data_size,
                              "fine_tune": {"base_fingerprint": fingerprint, "style": lcfg.style,
                                            "config": dataclasses.asdict(lcfg)}}, args.out)
+            write_data_preview()
             return
-        save_adapter(args.out, model, lcfg.r, lcfg.alpha, lcfg.targets, fingerprint, style=lcfg.style,
-                     dropout=lcfg.lora_dropout,
-                     training_state={"optimizer": opt.state_dict(), "step": step, "epoch": epoch,
-                                     "rng": {"noise": train_data.gen.get_state(), "torch": torch.get_rng_state()},
-                                     "config": dataclasses.asdict(lcfg), "train_config": dataclasses.asdict(tcfg),
-                                     "base_config": pipe.ckpt["config"], "data_size": pipe.data_size})
+        trained = adapter_from_model(model, spec)
+        write_adapter(args.out, trained, TrainingState(
+            trained.tensors, opt.state_dict(), {"noise": train_data.gen.get_state(), "torch": torch.get_rng_state()},
+            step, epoch=epoch, config=dataclasses.asdict(lcfg),
+            # the runtime settings (seed, device, precision) beside the training ones, where they always were
+            train_config={**dataclasses.asdict(tcfg), **dataclasses.asdict(rcfg)},
+            base_config=pipe.ckpt["config"], data_size=pipe.data_size))
+        write_data_preview()
+
+    preview_path = (f"{os.path.splitext(args.out)[0]}_{DATA_PREVIEW_NAME}" if args.full
+                    else os.path.join(args.out, DATA_PREVIEW_NAME))
+
+    def write_data_preview():
+        # with the first save, so that a run stopped before it leaves no folder holding a preview alone
+        if own is not None and preview_path not in previews_written:
+            save_training_preview(preview_path, own, own_set, lcfg.prior_weight)
+            previews_written.add(preview_path)
+    previews_written = set()
 
     start = time.time()
-    loop = Loop(max_steps=lcfg.lora_steps, lr_fn=lambda s: lora_lr_at(s, lcfg), grad_clip=LORA_GRAD_CLIP,
-                device=device, precision=precision, desc="lora",
-                resume_hint=resume_hint(args),
-                lr_flag="--lora-lr", checkpoint="" if args.full else os.path.join(args.out, STATE_NAME))
+    settings = FitSettings(max_steps=lcfg.lora_steps, lr_fn=lambda s: lora_lr_at(s, lcfg), grad_clip=LORA_GRAD_CLIP,
+                           device=device, precision=precision, desc="lora",
+                           resume_hint=resume_hint(args),
+                           lr_flag="--lora-lr", checkpoint="" if args.full else os.path.join(args.out, STATE_NAME))
     hooks = Hooks(on_epoch_end=lambda e, s, last: save(e, s), on_interrupt=save)
-    step, running = fit(fwd_model, opt, diffusion, train_data, loop, step, hooks)
+    paths = LogPaths.of(args.out, folder=not args.full)
+    loss_log = previews = None
+    if dist_info.main:  # the loss log and previews beside the adapter; rank 0 alone writes there
+        resume_step = step if adapter is not None else None
+        loss_log = LossLog(paths.csv, global_batch, resume_step=resume_step,
+                           tensorboard_dir=paths.tensorboard if args.tensorboard else None)
+        if args.preview_every:
+            with fork_rng(device):  # building the frozen base's copy draws its init from the run's stream
+                base = load_pipeline(args.ckpt, device, args.weights).model
+            previews = Previews(base, diffusion, paths.previews, every=args.preview_every, max_steps=lcfg.lora_steps,
+                                device=device, precision=precision, data_size=pipe.data_size, seed=rcfg.seed,
+                                name="full" if args.full else "adapter", resume_step=resume_step)
+            del base
+
+        def after_log(s, loss, lr):
+            loss_log.step(s, loss, lr)
+            if previews is not None:
+                previews.step(model, s, loss)
+        hooks.after_log = after_log
+    try:
+        step, running = fit(fwd_model, opt, diffusion, train_data, settings, step, hooks)
+    finally:
+        if loss_log is not None:
+            loss_log.close()
+    curve = loss_curve_png(paths.csv, paths.curve, f"lora_finetune.py: style {lcfg.style}, r={lcfg.r}, "
+                           f"targets {','.join(lcfg.targets)}, lr {lcfg.lora_lr}") if dist_info.main else None
     size = adapter_size(args.out) if dist_info.main else 0
     log(f"lora: done, {step} steps in {(time.time() - start) / 60:.1f} min, loss {running:.4f}; "
         f"{'full fine-tune' if args.full else 'adapter'} "
-        f"{args.out} ({size / 1024:.0f} KB, base checkpoint {os.path.getsize(args.ckpt) / 2**20:.1f} MB)")
+        f"{args.out} ({size / 1024:.0f} KB, base checkpoint {os.path.getsize(args.ckpt) / 2**20:.1f} MB)"
+        + (f"; loss log {paths.csv} and {curve}" if curve else ""))
     return args.out
 
 

@@ -10,11 +10,12 @@
 Writes out/ckpt.pt (model, EMA, optimizer, step, epoch, RNG state and the full config; a plain
 dict that loads with weights_only=True) at the end of every epoch (--save-every) and on Ctrl-C,
 a sample grid per epoch (--sample-every) under out/samples/, and out/config.json with the first
-checkpoint (a run that fails before it leaves an earlier run's config.json as it was).
+checkpoint (a run that fails before it leaves an earlier run's config.json as it was). The loss goes
+to out/loss.csv as it trains (step, loss, lr, images/s; a resumed run continues it), drawn as
+out/loss_curve.png at the end; --tensorboard also writes TensorBoard events to out/tensorboard/.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import os
@@ -25,33 +26,46 @@ import time
 import torch
 
 from checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_state_strict, save_checkpoint
-from files import atomic_write, check_writable_dir, same_file, write_json
-from config import DiffusionConfig, ModelConfig, SampleConfig, TrainConfig, config_dict, from_saved, preset_config, saved_value
-from cli import HelpFormatter, add_config_args, add_preset_arg, config_from_args
+from files import (atomic_write, check_apart, check_replace, check_writable_dir, remove_stale_temps, same_file,
+                   write_json)
+from config import (CKPT_NAME, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig, config_dict, from_saved,
+                    preset_config, saved_runtime, saved_value)
+from cli import (ArgumentParser, add_config_args, add_config_file_arg, add_preset_arg, add_runtime_args,
+                 config_file_note, config_from_args, runtime_from_args)
 from errors import CLIError, run_main
 from dataset import save_grid, to_model_range
+from logs import LOSS_CSV, LOSS_CURVE, TENSORBOARD_DIR, TENSORBOARD_HINT, LossLog, loss_curve_png, require_tensorboard
 from diffusion import Diffusion, generate
-from runtime import (broadcast_object, cleanup_distributed, enable_tf32, per_rank_batch, rank0_logger,
-                     resolve_precision, setup_distributed, wrap_ddp)
-from trainer import (Hooks, Loop, TrainData, ema_update, fit, load_dataset_distributed, lr_at, make_optimizer,
+from runtime import (broadcast_object, check_precision, cleanup_distributed, enable_tf32, per_rank_batch,
+                     rank0_logger, resolve_precision, setup_distributed, wrap_ddp)
+from trainer import (FitSettings, Hooks, TrainData, ema_update, fit, load_dataset_distributed, lr_at, make_optimizer,
                      precision_probe, steps_for_budget)
 from unet import UNet, count_parameters
 
 
 # ------------------------------------------------------------------------ main
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+def build_parser():
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_preset_arg(p)
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
-                   help="continue from CKPT (default OUT_DIR/ckpt.pt) at its saved step")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh even though OUT_DIR already holds a checkpoint, replacing it")
+    add_config_file_arg(p)
+    training, out = p.group("training"), p.group("output")
+    # no path_arg: argparse passes the bare flag's "" through the type too, and "" means OUT_DIR/ckpt.pt here
+    training.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                          help="continue from CKPT (default OUT_DIR/ckpt.pt) at its saved step")
+    out.add_argument("--overwrite", action="store_true",
+                     help="start afresh even though OUT_DIR already holds a checkpoint, replacing it")
+    out.add_argument("--tensorboard", action="store_true",
+                     help=f"also write TensorBoard events to OUT_DIR/{TENSORBOARD_DIR} (needs: {TENSORBOARD_HINT})")
     add_config_args(p, ModelConfig)
     add_config_args(p, DiffusionConfig)
     add_config_args(p, TrainConfig)
-    return p.parse_args(argv)
+    add_runtime_args(p)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def check_resume_flags(args, ckpt, path):
@@ -71,16 +85,23 @@ def main(argv=None):
 
 def train(args):
     """Parse the settings, build the model, data and optimizer, run the loop, save; returns the checkpoint path."""
-    tcfg, mcfg, dcfg, ckpt, resume_path = resolve_configs(args)
+    if args.tensorboard:
+        require_tensorboard()
+    tcfg, mcfg, dcfg, rcfg, ckpt, resume_path = resolve_configs(args)
     check_out_dir(tcfg.out_dir, resume_path, args.overwrite)
-    dist_info, device = setup_distributed(tcfg.device)
-    precision = resolve_precision(tcfg.precision, device)
+    dist_info, device = setup_distributed(rcfg.device)
+    check_precision(rcfg.precision, device)
     enable_tf32(device)
     log = rank0_logger(dist_info)
+    if config_file_note(args):
+        log(f"train: {config_file_note(args)}")
+    if dist_info.main:  # what a killed run left half-written (a checkpoint, config.json, a grid)
+        for folder in (tcfg.out_dir, os.path.join(tcfg.out_dir, "samples")):
+            remove_stale_temps(folder, log)
     local_batch, global_batch = per_rank_batch(tcfg.batch_size, tcfg.batch_scope, dist_info.world)
 
     # ---- data: the whole set in memory, on the device (no data wait)
-    torch.manual_seed(tcfg.seed)
+    torch.manual_seed(rcfg.seed)
     data = load_dataset_distributed(tcfg.dataset, "train", tcfg.data_dir, dist_info, log)
     if mcfg.num_classes != len(data.classes):
         raise CLIError(f"--num-classes {mcfg.num_classes} but {data.name} has {len(data.classes)} classes")
@@ -88,9 +109,9 @@ def train(args):
         raise CLIError(f"batch {global_batch} is larger than the {len(data)} training images; lower --batch-size")
     data_size = data.images.shape[-1]
     train_data = TrainData(images=to_model_range(data.images, mcfg.img_size).to(device),
-                           labels=data.labels.to(device), global_batch=global_batch, seed=tcfg.seed,
+                           labels=data.labels.to(device), global_batch=global_batch, seed=rcfg.seed,
                            label_drop=tcfg.label_drop, null_label=mcfg.num_classes, dist=dist_info,
-                           gen=torch.Generator().manual_seed(tcfg.seed + 1))  # noise, timesteps, label drop
+                           gen=torch.Generator().manual_seed(rcfg.seed + 1))  # noise, timesteps, label drop
 
     # ---- model, EMA, optimizer (and their saved state on --resume)
     model = UNet(mcfg).to(device)
@@ -107,19 +128,19 @@ def train(args):
             torch.set_rng_state(ckpt["rng"]["torch"])
         step = ckpt["step"]
         prior_seconds = ckpt.get("train_seconds", 0.0)
-    if tcfg.precision == "auto" and device.type == "cuda":  # the faster on this model and GPU; rank 0 decides
-        probe = precision_probe(model, diffusion, train_data, dcfg.timesteps, local_batch, device)
-        precision = broadcast_object(resolve_precision("auto", device, probe, log), dist_info)
+    # decided once, as in every script: auto on CUDA times this model's step in both precisions, rank 0 decides
+    probe = precision_probe(model, diffusion, train_data, dcfg.timesteps, local_batch, device)
+    precision = resolve_precision(rcfg.precision, device, probe, log, dist_info)
     if tcfg.time_budget and ckpt is None:
-        tcfg = size_to_budget(tcfg, model, diffusion, train_data, dcfg.timesteps, local_batch, device, precision,
-                              dist_info, log)
+        tcfg = size_to_budget(tcfg, model, diffusion, train_data, batch_size=local_batch, device=device,
+                              precision=precision, dist_info=dist_info, log=log)
     fwd_model = wrap_ddp(model, dist_info, device)
     if tcfg.compile:
         fwd_model = torch.compile(fwd_model)
 
     out_dir = tcfg.out_dir
-    cfg_all = config_dict(mcfg, dcfg, tcfg)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    cfg_all = config_dict(mcfg, dcfg, tcfg, rcfg)
+    ckpt_path = os.path.join(out_dir, CKPT_NAME)
     resume_hint = f"python train.py --resume {shlex.quote(ckpt_path)} --out-dir {shlex.quote(out_dir)}"
     log(f"train: {data.name} ({len(data)} images, {data_size}x{data_size} -> {mcfg.img_size}), device {device}, "
         f"{precision}, {count_parameters(model) / 1e6:.2f}M parameters, preset {args.preset}")
@@ -151,27 +172,42 @@ def train(args):
         if last or epoch % tcfg.save_every == 0:
             save(epoch, step)
         if dist_info.main and (last or (tcfg.sample_every and epoch % tcfg.sample_every == 0)):
-            sample_grid(ema, diffusion, mcfg.num_classes, device, precision, tcfg.seed, data_size,
+            sample_grid(ema, diffusion, mcfg.num_classes, device, precision, rcfg.seed, data_size,
                         os.path.join(out_dir, "samples", "final.png" if last else f"epoch_{epoch:04d}.png"),
                         rows=4 if last else 1, steps=min(20, dcfg.timesteps))
 
-    loop = Loop(max_steps=tcfg.max_steps, lr_fn=lambda s: lr_at(s, tcfg), grad_clip=tcfg.grad_clip, device=device,
-                precision=precision, desc="train", resume_hint=resume_hint, lr_flag="--lr", checkpoint=ckpt_path)
+    settings = FitSettings(max_steps=tcfg.max_steps, lr_fn=lambda s: lr_at(s, tcfg), grad_clip=tcfg.grad_clip,
+                           device=device, precision=precision, desc="train", resume_hint=resume_hint, lr_flag="--lr",
+                           checkpoint=ckpt_path)
     hooks = Hooks(on_epoch_end=on_epoch_end, on_interrupt=save,
                   after_step=lambda s: ema_update(ema, model, tcfg.ema_decay, s))
-    step, running = fit(fwd_model, opt, diffusion, train_data, loop, step, hooks)
+    # the loss log: a row per step, flushed as it goes; a resumed run drops the rows after its checkpoint's step
+    loss_log = LossLog(os.path.join(out_dir, LOSS_CSV), global_batch, resume_step=step if ckpt is not None else None,
+                       tensorboard_dir=os.path.join(out_dir, TENSORBOARD_DIR) if args.tensorboard else None
+                       ) if dist_info.main else None
+    if loss_log is not None:
+        hooks.after_log = lambda s, loss, lr: loss_log.step(s, loss, lr)
+    try:
+        step, running = fit(fwd_model, opt, diffusion, train_data, settings, step, hooks)
+    finally:
+        if loss_log is not None:
+            loss_log.close()
+    curve = loss_curve_png(os.path.join(out_dir, LOSS_CSV), os.path.join(out_dir, LOSS_CURVE),
+                           f"train.py: {data.name}, preset {args.preset}, batch {global_batch}, lr {tcfg.lr}"
+                           ) if dist_info.main else None
     log(f"train: done, {step} steps in {(time.time() - start) / 60:.1f} min, final loss {running:.4f}; "
-        f"checkpoint {ckpt_path}, samples in {os.path.join(out_dir, 'samples')}")
+        f"checkpoint {ckpt_path}, samples in {os.path.join(out_dir, 'samples')}, loss log "
+        f"{os.path.join(out_dir, LOSS_CSV)}" + (f" and {curve}" if curve else ""))
     return ckpt_path
 
 
-def size_to_budget(tcfg, model, diffusion, data, timesteps, local_batch, device, precision, dist_info, log):
+def size_to_budget(tcfg, model, diffusion, data, *, batch_size, device, precision, dist_info, log):
     """``tcfg`` with ``max_steps`` = the steps that fit in ``--time-budget`` minutes at a step timed now.
 
     Rank 0's count is the one every rank uses. The count goes into the checkpoint's config like any
     --max-steps, so ``--resume`` carries on with it and ``--max-steps N`` repeats the run exactly."""
-    steps, seconds = steps_for_budget(tcfg.time_budget, model, diffusion, data, timesteps, local_batch, device,
-                                      precision)
+    steps, seconds = steps_for_budget(tcfg.time_budget, model, diffusion, data, batch_size=batch_size, device=device,
+                                      precision=precision, grad_clip=tcfg.grad_clip)
     steps = broadcast_object(steps, dist_info)
     if steps < 1:
         raise CLIError(f"--time-budget {tcfg.time_budget:g} minutes fits no training step: one takes {seconds:.2f} s "
@@ -182,10 +218,23 @@ def size_to_budget(tcfg, model, diffusion, data, timesteps, local_batch, device,
 
 
 def check_out_dir(out_dir, resume_path, overwrite):
-    """Before any work: the folder can be written, and a fresh run does not replace another run's checkpoint."""
+    """Before any work: the folder can be written, no file it writes is the checkpoint it resumes (other than
+    ckpt.pt itself, which a resumed run continues), none holds a file of another kind, and a fresh run does not
+    replace another run's checkpoint."""
     check_writable_dir(out_dir, "--out-dir")
-    existing = os.path.join(out_dir, "ckpt.pt")
-    if overwrite or not os.path.exists(existing) or resume_path is not None and same_file(resume_path, existing):
+    existing = os.path.join(out_dir, CKPT_NAME)
+    samples = os.path.join(out_dir, "samples")
+    in_place = resume_path is not None and same_file(resume_path, existing)
+    outputs = [("--out-dir", os.path.join(out_dir, name)) for name in ("config.json", "samples", LOSS_CSV, LOSS_CURVE)]
+    check_apart(outputs + ([] if in_place else [("--out-dir", existing)]), [("--resume", resume_path)],
+                "resume it from another --out-dir, or copy it elsewhere first")
+    check_replace(existing, "--out-dir", ("checkpoint",), None, "a checkpoint")
+    check_replace(os.path.join(out_dir, "config.json"), "--out-dir", ("json",), None, "a run's config.json")
+    if os.path.isdir(samples):
+        for name in sorted(os.listdir(samples)):
+            if name == "final.png" or name.startswith("epoch_") and name.endswith(".png"):
+                check_replace(os.path.join(samples, name), "--out-dir", ("png",), None, "a sample grid")
+    if overwrite or not os.path.exists(existing) or in_place:
         return
     if resume_path is None:
         raise CLIError(f"{existing!r} already exists: continue that run with python train.py --resume "
@@ -198,7 +247,8 @@ def check_out_dir(out_dir, resume_path, overwrite):
 def resolve_configs(args):
     """The run's configs: from the preset and flags, or on --resume from the checkpoint (flags still win).
 
-    Returns (train, model, diffusion configs, the checkpoint or None, its path or None)."""
+    Returns (train, model, diffusion, runtime configs, the checkpoint or None, its path or None). A checkpoint
+    saved before RuntimeConfig existed holds device, precision and seed in its train settings."""
     if args.time_budget:
         if args.resume is not None:
             raise CLIError("--time-budget sizes a new run; a resumed run keeps the steps it was given "
@@ -206,10 +256,18 @@ def resolve_configs(args):
         if args.max_steps is not None:
             raise CLIError("--time-budget and --max-steps both set the number of steps: give one of them")
     if args.resume is None:
-        return (config_from_args(args, TrainConfig, args.preset), config_from_args(args, ModelConfig, args.preset),
-                config_from_args(args, DiffusionConfig, args.preset), None, None)
+        tcfg = config_from_args(args, TrainConfig, args.preset)
+        if args.time_budget is None and {"time_budget", "max_steps"} <= set(getattr(args, "_from_file", {})
+                                                                             .get("train", {})):
+            # a written config.json: its max_steps are the steps its budget chose, so the run repeats exactly
+            tcfg = dataclasses.replace(tcfg, time_budget=0.0)
+        return (tcfg, config_from_args(args, ModelConfig, args.preset),
+                config_from_args(args, DiffusionConfig, args.preset), runtime_from_args(args), None, None)
+    if args.config:
+        raise CLIError("--resume carries on with the checkpoint's own settings; --config starts a new run "
+                       "from a file's: give one of them")
     out_dir = args.out_dir or preset_config(TrainConfig, args.preset).out_dir
-    resume_path = args.resume or os.path.join(out_dir, "ckpt.pt")
+    resume_path = args.resume or os.path.join(out_dir, CKPT_NAME)
     ckpt = load_checkpoint(resume_path)
     if not (isinstance(ckpt["config"].get("train"), dict) and isinstance(ckpt.get("optimizer"), dict)
             and isinstance(ckpt.get("rng"), dict) and isinstance(ckpt["rng"].get("noise"), torch.Tensor)):
@@ -219,10 +277,11 @@ def resolve_configs(args):
     saved = ckpt["config"]
     # the run's own settings, not the preset's; training flags given now (say --max-steps) still win
     return (config_from_args(args, TrainConfig, saved=saved["train"]), from_saved(ModelConfig, saved["model"]),
-            from_saved(DiffusionConfig, saved["diffusion"]), ckpt, resume_path)
+            from_saved(DiffusionConfig, saved["diffusion"]),
+            runtime_from_args(args, saved=saved_runtime(saved.get("runtime"), saved["train"])), ckpt, resume_path)
 
 
-def sample_grid(ema, diffusion, num_classes, device, precision, seed, data_size, path, rows, steps):
+def sample_grid(ema, diffusion, num_classes, device, precision, seed, data_size, path, *, rows, steps):
     """A grid of EMA samples, one column per label, ``rows`` rows: the run's progress at a glance."""
     ema.eval()
     labels = torch.arange(num_classes).repeat(rows)

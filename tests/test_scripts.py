@@ -112,14 +112,14 @@ def test_bad_input_does_not_touch_existing_outputs(tiny_ckpt, tmp_path, capsys):
 def test_denoise_with_adapter_merged_and_unmerged_agree(tiny_ckpt, tiny_adapter, tmp_path):
     written = run_denoise(tiny_ckpt, tmp_path / "merged", "--lora", tiny_adapter, "--merge", "--frames", "0",
                           "--precision", "fp32")
-    assert {os.path.basename(p) for p in written} == {"lora_scale_sweep.png", "lora_samples.png",
+    assert {os.path.basename(p) for p in written} == {"lora_weight_sweep.png", "lora_samples.png",
                                                       "lora_samples.npz"}
     run_denoise(tiny_ckpt, tmp_path / "unmerged", "--lora", tiny_adapter, "--frames", "0", "--precision", "fp32")
     with np.load(tmp_path / "merged" / "lora_samples.npz") as m, np.load(tmp_path / "unmerged" / "lora_samples.npz") as u:
         # fp32 merge changes only rounding: at most one grey level on a few pixels
         assert np.abs(m["images"].astype(int) - u["images"].astype(int)).max() <= 2
-    with Image.open(tmp_path / "merged" / "lora_scale_sweep.png") as im:
-        assert im.size == grid_size(5, 10)  # scales 0, .25, .5, .75, 1 across, one row per label
+    with Image.open(tmp_path / "merged" / "lora_weight_sweep.png") as im:
+        assert im.size == grid_size(5, 10)  # weights 0, .25, .5, .75, 1 across, one row per label
 
 
 # ------------------------------------------------------------------ a run that diverges
@@ -146,17 +146,19 @@ def test_diverged_training_stops_before_overwriting_the_checkpoint(tiny_ckpt, tm
     assert f"continue from that checkpoint with: python train.py --resume {ckpt} --out-dir {tmp_path}" in err
     # and what describes the good run still does: config.json is written with a checkpoint, not at start-up
     assert (tmp_path / "config.json").read_bytes() == config_before
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "config.json"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "config.json", "loss.csv"]  # + the steps before it diverged
 
 
 def test_diverged_lora_stops_before_overwriting_the_adapter(tiny_ckpt, tiny_adapter, tmp_path, capsys):
     adapter = tmp_path / "lora"
     shutil.copytree(tiny_adapter, adapter)
-    before = {n: (adapter / n).read_bytes() for n in os.listdir(adapter)}
+    def adapter_files():  # the adapter itself, not the loss log and previews beside it
+        return {n: (adapter / n).read_bytes() for n in os.listdir(adapter) if n.startswith(("adapter_", "training_"))}
+    before = adapter_files()
     expect_diverged(lora_finetune.main, ["--ckpt", tiny_ckpt, "--resume", str(adapter), "--out", str(adapter),
                                          "--lora-lr", "1e10", "--lora-steps", "12", "--device", "cpu",
                                          "--precision", "fp32"], capsys, "--lora-lr")
-    assert {n: (adapter / n).read_bytes() for n in os.listdir(adapter)} == before
+    assert adapter_files() == before and len(before) == 3
     assert sorted(os.listdir(tmp_path)) == ["lora"]
 
 
@@ -173,8 +175,11 @@ def test_help_gives_each_default_once_and_never_none(script, capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "default: None" not in out
     if script == "train":
-        assert "--max-steps MAX_STEPS (default 1000) --time-budget" in out
-        assert "--warmup-steps WARMUP_STEPS (default 100)" in out
+        # each flag: its reason, its range, then its default, once
+        assert "--max-steps MAX_STEPS optimizer steps in all; an epoch is one pass over the data; 1..1000000000 " \
+               "(default 1000) --time-budget" in out
+        assert "--warmup-steps WARMUP_STEPS linear warm-up, then cosine decay (Loshchilov & Hutter 2017); " \
+               "0..1000000000 (default 100)" in out
 
 
 # ------------------------------------------------------------------ bad command lines
@@ -273,7 +278,8 @@ def test_time_budget_sizes_the_run_from_a_timed_step(tmp_path, monkeypatch, caps
     (["--sampler", "euler"], "sampler must be one of ddim, ddpm"),
     (["--merge"], "--merge needs --lora"),
     (["--n-per-label", "0"], "--n-per-label must be > 0"),
-    (["--lora-scale", "-1"], "--lora-scale must be >= 0"),
+    (["--lora-weight", "-1"], "--lora-weight must be >= 0"),
+    (["--lora-scale", "-1"], "--lora-weight must be >= 0"),  # the flag's old name still runs
 ])
 def test_denoise_bad_arguments_exit_2(tiny_ckpt, tmp_path, capsys, args, message):
     err = expect_exit_2(denoise.main, ["--ckpt", str(tiny_ckpt), "--out-dir", str(tmp_path / "out"), *args], capsys)
@@ -303,7 +309,7 @@ def test_denoise_bad_adapters_exit_2(tiny_ckpt, tiny_adapter, tmp_path, capsys):
     assert "not a LoRA adapter" in err
     # an adapter trained on another base: refused, unless --force
     other_path = tmp_path / "other"
-    write_adapter(other_path, dict(load_adapter(tiny_adapter), base_fingerprint="0123456789abcdef"))
+    write_adapter(other_path, load_adapter(tiny_adapter).replace(base_fingerprint="0123456789abcdef"))
     err = expect_exit_2(denoise.main, base + ["--lora", str(other_path)], capsys)
     assert "trained on base 0123456789abcdef" in err and "--force" in err
     assert not (tmp_path / "out" / "lora_samples.png").exists()
@@ -334,7 +340,7 @@ def test_train_lora_denoise_pipeline(tmp_path):
     proc = run_script("denoise.py", "--steps", "5", "--lora", "--merge", cwd=tmp_path)
     check_ok(proc)
     assert "merged" in proc.stdout
-    for name, size in (("lora_samples.png", grid_size(10, 1)), ("lora_scale_sweep.png", grid_size(5, 10))):
+    for name, size in (("lora_samples.png", grid_size(10, 1)), ("lora_weight_sweep.png", grid_size(5, 10))):
         with Image.open(out / name) as im:
             assert im.size == size
     with Image.open(out / "lora_samples_process.png") as im:
@@ -344,7 +350,7 @@ def test_train_lora_denoise_pipeline(tmp_path):
         assert npz["labels"].tolist() == list(range(10))
     base = torch.load(ckpt, map_location="cpu", weights_only=True)
     adapter = load_adapter(out / "lora")
-    assert adapter["base_fingerprint"] == state_fingerprint(base["ema"])
+    assert adapter.base_fingerprint == state_fingerprint(base["ema"])
     assert adapter_size(out / "lora") * 5 < os.path.getsize(ckpt)
     # the base pipeline too, from the defaults' point of view: out/ under the working directory
     check_ok(run_script("denoise.py", "--steps", "5", "--frames", "0", cwd=tmp_path))
@@ -374,7 +380,7 @@ def test_scripts_import_without_side_effects(tmp_path):
     assert proc.stdout == "" and os.listdir(tmp_path) == []
 
 
-SCRIPTS = ("train", "lora_finetune", "denoise", "evaluate", "bench", "lora_tools")
+SCRIPTS = ("train", "lora_finetune", "denoise", "evaluate", "bench", "lora_tools", "app")
 
 
 def test_no_module_imports_a_script():
