@@ -11,7 +11,7 @@ Writes, in --out-dir (default out/), with NAME = samples (or lora_samples with -
                        noise -> digit across columns
     NAME.png           a grid of the final samples, one column per label
     NAME.npz           images (uint8, N x 28 x 28 at the data set's resolution) and labels (N)
-    lora_weight_sweep.png  with --lora: LoRA weight 0 -> 1 across columns, one row per label
+    lora_weight_sweep.png  with --lora: a row per LoRA weight 0 -> 1, a column per label, labelled
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, con
 from errors import CLIError, run_main
 from dataset import save_grid
 from diffusion import generate
+from logs import preview_png
 from lora import merge_lora
 from runtime import pick_device, resolve_precision
 
@@ -192,9 +193,11 @@ def run(args):
             set_weights(model, adapter, s)
             imgs, _ = generate(model, diffusion, sweep_labels, **common)
             cols.append(imgs)
-        grid = torch.stack(cols, dim=1).flatten(0, 1)  # (labels x scales, H, W): row per label
+        # a picture for people (labelled, 3x nearest-neighbour): a row per weight, a column per label
         path = os.path.join(out, "lora_weight_sweep.png")
-        save_grid(grid, path, nrow=len(scales))
+        preview_png({f"weight {s:g}": imgs for s, imgs in zip(scales, cols)}, sweep_labels.tolist(), path,
+                    f"{', '.join(args.lora)}: weight 0 to 1 on the same noise ({scfg.sampler}-{scfg.steps}, "
+                    f"guidance {scfg.guidance:g}, seed {rcfg.seed})")
         written.append(path)
         set_weights(model, adapter, args.lora_weight)
         if args.merge:

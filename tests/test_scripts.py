@@ -19,6 +19,7 @@ import lora_finetune
 import train
 from adapter import adapter_size, load_adapter, write_adapter
 from checkpoint import state_fingerprint
+from logs import preview_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TILE = 28 + 2  # save_grid: a 28x28 digit plus 2 pixels of padding
@@ -119,7 +120,7 @@ def test_denoise_with_adapter_merged_and_unmerged_agree(tiny_ckpt, tiny_adapter,
         # fp32 merge changes only rounding: at most one grey level on a few pixels
         assert np.abs(m["images"].astype(int) - u["images"].astype(int)).max() <= 2
     with Image.open(tmp_path / "merged" / "lora_weight_sweep.png") as im:
-        assert im.size == grid_size(5, 10)  # weights 0, .25, .5, .75, 1 across, one row per label
+        assert im.size == preview_size(5, 10)  # a row per weight 0, .25, .5, .75, 1, a column per label
 
 
 # ------------------------------------------------------------------ a run that diverges
@@ -340,7 +341,7 @@ def test_train_lora_denoise_pipeline(tmp_path):
     proc = run_script("denoise.py", "--steps", "5", "--lora", "--merge", cwd=tmp_path)
     check_ok(proc)
     assert "merged" in proc.stdout
-    for name, size in (("lora_samples.png", grid_size(10, 1)), ("lora_weight_sweep.png", grid_size(5, 10))):
+    for name, size in (("lora_samples.png", grid_size(10, 1)), ("lora_weight_sweep.png", preview_size(5, 10))):
         with Image.open(out / name) as im:
             assert im.size == size
     with Image.open(out / "lora_samples_process.png") as im:
