@@ -31,7 +31,7 @@ import torch
 
 from config import DiffusionConfig, ModelConfig, from_saved
 from errors import UserError
-from files import atomic_write
+from files import atomic_write, file_kind
 from diffusion import Diffusion
 from lora import BaseMismatch, LoraError
 from unet import UNet
@@ -143,6 +143,9 @@ def load_checkpoint(path, map_location="cpu", kind="base"):
         hint = "train one first: python train.py" if kind == "base" else "fine-tune one first: python lora_finetune.py"
         raise CheckpointError(f"{noun} {path!r} not found; {hint}")
     if os.path.isdir(path):
+        if kind == "base" and file_kind(path) == "adapter folder":
+            raise CheckpointError(f"{path!r} is a LoRA adapter folder, not a base checkpoint: pass it with --lora, "
+                                  "and the base it was trained on (a ckpt.pt) with --ckpt")
         raise CheckpointError(f"{noun} {path!r} is a folder, not a checkpoint file")
     problem = _zip_problem(path)
     if problem:
@@ -168,7 +171,9 @@ def load_checkpoint(path, map_location="cpu", kind="base"):
             raise CheckpointError(f"{path!r} is corrupt: content hash differs (the file changed after it was "
                                   "written); re-create it or use another copy")
     if ckpt.get("kind") != kind:
-        raise CheckpointError(f"{path!r} is not a {noun} (found {ckpt.get('kind')!r})")
+        found = {"base": "a base checkpoint (what --ckpt takes)", "lora": "a LoRA adapter (what --lora takes)"}.get(
+            ckpt.get("kind"), repr(ckpt.get("kind")))
+        raise CheckpointError(f"{path!r} is not a {noun}: it is {found}")
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path!r} has format version {ckpt.get('version')!r}, this code reads "
                               f"{CHECKPOINT_VERSION}")

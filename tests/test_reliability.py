@@ -156,7 +156,7 @@ def test_evaluate_never_writes_its_classifier_over_another_file(files, tmp_path,
     monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: pytest.fail("classifier training started"))
     npz = tmp_path / "s.npz"
     np.savez(npz, images=np.zeros((10, 28, 28), np.uint8), labels=np.arange(10))
-    for given, message in ((files / "ckpt.pt", "not a classifier checkpoint (found 'base')"),
+    for given, message in ((files / "ckpt.pt", "not a classifier checkpoint: it is a base checkpoint (what --ckpt takes)"),
                            (files / "bad.pt", "truncated or corrupt"), (files / "notes.txt", "truncated or corrupt")):
         before = given.read_bytes()
         line = expect_clean_exit_2(evaluate.main, ["--samples", npz, "--dataset", "mnist-5k", "--classifier", given,

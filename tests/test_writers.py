@@ -416,3 +416,17 @@ def test_a_folder_holding_only_a_stopped_fine_tunes_logs_counts_as_its_adapter_f
     assert file_kind(str(logs)) == "adapter folder"
     (logs / "notes.txt").write_text("mine")
     assert file_kind(str(logs)) == "folder"
+
+
+def test_a_base_and_an_adapter_given_for_each_other_are_named_with_the_flag_that_fits(tiny_ckpt, tiny_adapter,
+                                                                                      tmp_path, capsys):
+    import denoise
+    for argv, expected in (
+            (["--ckpt", str(tiny_adapter)], "is a LoRA adapter folder, not a base checkpoint: pass it with --lora"),
+            (["--ckpt", str(tiny_ckpt), "--lora", str(tiny_ckpt)],
+             "is not a LoRA adapter: it is a base checkpoint (what --ckpt takes)")):
+        with pytest.raises(SystemExit) as e:
+            denoise.main([*argv, "--out-dir", str(tmp_path / "out"), "--steps", "2"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and expected in err[0], err
+        assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
