@@ -195,12 +195,18 @@ def tile_grid(images_u8, nrow=10, pad=2):
     return canvas
 
 
-def save_grid(images_u8, path, nrow=10, pad=2):
-    """Tile uint8 images (N, H, W) into one PNG, row-major, ``nrow`` per row, written atomically."""
-    from PIL import Image  # Pillow comes with matplotlib
+def save_grid(images_u8, path, nrow=10, pad=2, text=None):
+    """Tile uint8 images (N, H, W) into one PNG, row-major, ``nrow`` per row, written atomically.
+
+    ``text`` ({key: value}) goes into the PNG as text chunks, readable with Pillow (``Image.open(p).text``),
+    as AUTOMATIC1111 stores a picture's settings under "parameters"."""
+    from PIL import Image, PngImagePlugin  # Pillow comes with matplotlib
 
     canvas = tile_grid(images_u8, nrow, pad)
-    atomic_write(path, lambda tmp: Image.fromarray(canvas.numpy(), mode="L").save(tmp, format="PNG"))
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, str(value))
+    atomic_write(path, lambda tmp: Image.fromarray(canvas.numpy(), mode="L").save(tmp, format="PNG", pnginfo=info))
 
 
 # ---------------------------------------------------------------------- styles

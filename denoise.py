@@ -211,7 +211,14 @@ def run(args):
     grid_path = os.path.join(out, f"{name}.png")
     # one column per label, n_per_label rows
     order = torch.arange(len(label_t)).view(len(labels), args.n_per_label).T.flatten()
-    save_grid(images[order], grid_path, nrow=len(labels))
+    steps = scfg.steps if scfg.sampler == "ddim" else diffusion.timesteps
+    # the settings that drew this picture, in the PNG itself: the same command gives the same picture
+    settings = {"ckpt": args.ckpt, "lora": " ".join(args.lora or []) or "none", "lora_weight": args.lora_weight,
+                "merged": bool(args.merge), "labels": ",".join(map(str, labels)), "n_per_label": args.n_per_label,
+                "seed": rcfg.seed, "sampler": scfg.sampler, "steps": steps, "guidance": scfg.guidance,
+                "eta": scfg.eta, "precision": precision}
+    text = {"parameters": ", ".join(f"{k}: {v}" for k, v in settings.items()), **settings}
+    save_grid(images[order], grid_path, nrow=len(labels), text=text)
     npz_path = os.path.join(out, f"{name}.npz")
 
     def write_npz(tmp):
@@ -227,7 +234,6 @@ def run(args):
     lora_note = ""
     if adapter is not None:
         lora_note = f", LoRA {', '.join(args.lora)} (weight {args.lora_weight}{', merged' if args.merge else ''})"
-    steps = scfg.steps if scfg.sampler == "ddim" else diffusion.timesteps
     print(f"denoise: {len(label_t)} samples, {scfg.sampler} {steps} steps, guidance {scfg.guidance}{lora_note}; "
           f"wrote {', '.join(written)}")
     return written

@@ -399,3 +399,13 @@ def test_no_module_imports_a_script():
                         else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
             offenders += [f"{name} imports {m}" for m in imported if m.split(".")[0] in SCRIPTS]
     assert not offenders, offenders
+
+
+def test_denoise_png_carries_its_settings_as_text(tiny_ckpt, tiny_adapter, tmp_path):
+    run_denoise(tiny_ckpt, tmp_path, "--lora", f"{tiny_adapter}:0.5", "--labels", "3,7", "--seed", "5",
+                "--guidance", "1.5", "--frames", "0", "--precision", "fp32")
+    with Image.open(tmp_path / "lora_samples.png") as im:
+        text = dict(im.text)
+    assert text["ckpt"] == str(tiny_ckpt) and text["lora"] == f"{tiny_adapter}:0.5"
+    assert (text["seed"], text["labels"], text["guidance"], text["steps"]) == ("5", "3,7", "1.5", "5")
+    assert "seed: 5" in text["parameters"] and "sampler: ddim" in text["parameters"]
