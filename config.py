@@ -147,7 +147,7 @@ class ModelConfig:
     # unet.position_code: without it attention, and a LoRA on Wq/Wk/Wv, cannot tell where a token sits (Stable
     # Diffusion has none; checkpoints saved before this setting existed have none: SAVED_BEFORE)
     pos_emb: bool = setting(True, "arch sd: add a fixed 2-D sine position code to every transformer block's "
-                            "tokens (README, \"Levers measured\", says what it changed)")
+                            "tokens (experiments/cpu_levers says what it changed)")
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -241,7 +241,7 @@ class SampleConfig:
                          why="above 1 the noise added outgrows the schedule and the images go black")
     guidance: float = setting(2.0, "classifier-free guidance w (Ho & Salimans 2022): eps_c + w*(eps_c - eps_u); "
                               "0 = off", ge=0.0, le=100.0, why="far above 10 every pixel saturates to 0 or 255")
-    # Kynkaanniemi et al. 2024; the README's "Levers measured" gives what it did here (it cost accuracy)
+    # Kynkaanniemi et al. 2024; experiments/sampler_guidance gives what it did here (it cost accuracy)
     guidance_interval: tuple = setting((0.0, 1.0), "guide only the steps with lo <= t/T <= hi; the steps outside "
                                        "it run the conditional half alone", ge=0.0, le=1.0)
 
@@ -270,7 +270,7 @@ class RuntimeConfig:
 # The fine-tune's default t range for each style (fractions of T). A slant is decided at middle noise, and
 # t from 0..0.8 gave it no more slant but a larger distance to real italic digits; a bold adapter never
 # trained at the least noisy steps speckles its strokes there (88.6% accuracy against 94.2% with them).
-# README, "Levers measured"
+# experiments/lora_studies
 STYLE_T_RANGE = {"italic": (0.2, 0.8), "none": (0.2, 0.8), "bold": (0.0, 0.8),
                  # a user's own digits (--data, font:NAME) can change anything from the layout (decided at high
                  # noise) to the stroke (low noise, as bold showed); not measured here, so every step, as DreamBooth
@@ -292,7 +292,7 @@ class LoraConfig:
     style: str = setting("italic", "the fine-tuning digits: none, italic or bold (transforms of MNIST), or "
                          "font:NAME (a font's digits, e.g. font:DejaVu Serif Bold; an unknown NAME lists them)")
     lora_steps: int = setting(300, "optimizer steps of the fine-tune", gt=0, le=STEPS_MAX)
-    lora_lr: float = setting(1e-2, "LoRA learning rate (AdamW, constant after warm-up); README, \"Levers measured\"",
+    lora_lr: float = setting(1e-2, "LoRA learning rate (AdamW, constant after warm-up); experiments/lora_studies",
                              gt=0.0, le=1e10, why="far above 1 a run diverges at once (and stops, saying so); "
                              "beyond, a typo")
     lora_batch_size: int = setting(128, "global batch for the fine-tune", gt=0, le=BATCH_MAX)
@@ -342,7 +342,7 @@ PRESETS: dict[str, dict[type, dict]] = {
                           pos_emb=False),
         DiffusionConfig: dict(min_snr_gamma=0.0),
         # DDPM's own optimiser (Adam 2e-4, warm-up, clipping 1.0, EMA 0.9999), not the tutorial's
-        # Adam 1e-3, which collapses this model: the README's "Measured on a GPU" says how it was seen
+        # Adam 1e-3, which collapses this model: experiments/tutorial_gpu says how it was seen
         TrainConfig: dict(batch_size=400, lr=2e-4, max_steps=30000, warmup_steps=1000, min_lr_ratio=1.0,
                           ema_decay=0.9999, sample_every=10, save_every=10),  # a checkpoint is 0.54 GB here
         # the tutorial's rank 8 on its nine cross-attentions' Wq, Wk, Wv; alpha = r keeps this project's

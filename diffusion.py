@@ -34,7 +34,7 @@ def cosine_betas(timesteps, s=0.008, max_beta=0.999):
     """Nichol & Dhariwal 2021, eq. 17: abar(t) = cos^2((t/T + s) / (1 + s) * pi/2), betas clipped at 0.999.
 
     The linear schedule leaves a 28x28 image almost pure noise for the last third of the steps; this
-    one destroys it evenly (on the fast preset that did not pay: README, "Levers measured")."""
+    one destroys it evenly (on the fast preset that did not pay: experiments/cpu_levers)."""
     f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + s) / (1 + s) * torch.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
 

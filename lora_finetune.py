@@ -50,7 +50,7 @@ from trainer import (LORA_GRAD_CLIP, FitSettings, Hooks, TrainData, fit, load_da
 SHARED_TRAIN_FLAGS = ("dataset", "data_dir", "label_drop", "batch_scope")
 FULL_DEFAULT = os.path.join(DEFAULT_OUT_DIR, "full.pt")
 # --full's learning rate when --lora-lr is not given: 600 steps of it, t drawn from all of T, moved the slant 92%
-# of the way to real italic digits (README, "Levers measured")
+# of the way to real italic digits (experiments/cpu_levers)
 FULL_LR = 3e-4
 PREVIEW_EVERY = 50  # six previews over the default 300 steps
 
