@@ -195,6 +195,19 @@ def tile_grid(images_u8, nrow=10, pad=2):
     return canvas
 
 
+def check_labels(path, labels, count, num_classes, error):
+    """The labels of an .npz of digits (denoise.py's, or a user's style set): ``count`` whole numbers in
+    0..num_classes-1 (num_classes None: not known yet, only >= 0); ``error`` is the caller's UserError class."""
+    if labels.shape != (count,):
+        raise error(f"{path!r}: labels have shape {labels.shape}, expected ({count},)")
+    # only real numbers, and nothing a cast would change: NaN, fractions, imaginary parts, strings
+    if labels.dtype.kind not in "iu":
+        raise error(f"{path!r}: labels must be integers, found dtype {labels.dtype}")
+    if labels.min() < 0 or num_classes is not None and labels.max() >= num_classes:
+        raise error(f"{path!r}: labels must be in 0..{'C-1' if num_classes is None else num_classes - 1}, found "
+                    f"{labels.min()}..{labels.max()}")
+
+
 def save_grid(images_u8, path, nrow=10, pad=2, text=None):
     """Tile uint8 images (N, H, W) into one PNG, row-major, ``nrow`` per row, written atomically.
 

@@ -57,7 +57,7 @@ from config import (BATCH_MAX, DATASETS, DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_
 from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, path_arg,
                  runtime_from_args)
 from errors import CLIError, run_main
-from dataset import MNIST_CLASSES, apply_style, load_dataset
+from dataset import MNIST_CLASSES, apply_style, check_labels, load_dataset
 from diffusion import generate
 from metrics import (STYLE_SHARE_MAX_REAL, STYLE_SHARE_MIN_STYLE, classify, frechet_distance, get_classifier, ink,
                      slant, style_share, train_style_share)
@@ -291,14 +291,7 @@ def load_npz(path, num_classes=None, size=None):
         raise CLIError(f"{path!r}: images have shape {images.shape}, expected {expected}")
     if len(images) == 0:
         raise CLIError(f"{path!r} holds no samples; there is nothing to score")
-    if labels.shape != (len(images),):
-        raise CLIError(f"{path!r}: labels have shape {labels.shape}, expected ({len(images)},)")
-    # only real numbers, and nothing a cast would change: NaN, fractions, imaginary parts, strings
-    if labels.dtype.kind not in "iu":
-        raise CLIError(f"{path!r}: labels must be integers, found dtype {labels.dtype}")
-    if labels.min() < 0 or num_classes is not None and labels.max() >= num_classes:
-        raise CLIError(f"{path!r}: labels must be in 0..{'C-1' if num_classes is None else num_classes - 1}, found "
-                       f"{labels.min()}..{labels.max()}")
+    check_labels(path, labels, len(images), num_classes, CLIError)
     if images.dtype != np.uint8:
         if images.dtype.kind not in "iuf":
             raise CLIError(f"{path!r}: images must be uint8 in 0..255, found dtype {images.dtype}")

@@ -103,14 +103,19 @@ def truncate(delta, rank, name):
     return a.float().contiguous(), b.float().contiguous(), float(s[:rank].pow(2).sum()), float(s.pow(2).sum())
 
 
-def report_kept(kept, total, what):
-    """The share of the update's Frobenius norm kept, overall and for the worst layer."""
+def low_rank(deltas, rank, what):
+    """Every update of ``deltas`` ({module: update}) cut to rank k by SVD: ({M.lora_A: A, M.lora_B: B}, the share
+    of the updates' Frobenius norm kept, their total squared norm). Prints the share, overall and for the worst
+    layer, under ``what``."""
+    tensors, kept, total = {}, {}, {}
+    for m, d in deltas.items():
+        tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"], kept[m], total[m] = truncate(d, rank, m)
     overall = math.sqrt(sum(kept.values()) / max(sum(total.values()), 1e-30))
     worst = min(kept, key=lambda m: kept[m] / max(total[m], 1e-30))
     share = math.sqrt(kept[worst] / max(total[worst], 1e-30))
     print(f"{what}: kept {100 * overall:.2f}% of the update's Frobenius norm "
           f"(lowest layer {worst}: {100 * share:.2f}%)")
-    return overall
+    return tensors, overall, sum(total.values())
 
 
 def check_rank(rank):
@@ -172,7 +177,7 @@ def cmd_merge(args):
         check_same_base(adapters)
     adapters = [resolved(a, args.ckpt) for a in adapters]
     modules = sorted({m for a in adapters for m in a.modules})
-    tensors, kept, total = {}, {}, {}
+    tensors = {}
     if args.mode == "cat":
         # [A_1 .. A_n] and [w_1 s_1 B_1 .. w_n s_n B_n] stacked along the rank: the product is the
         # weighted sum of the updates exactly; alpha = rank makes the file's own scale 1
@@ -194,16 +199,13 @@ def cmd_merge(args):
         for ad in adapters:
             for m, d in ad.delta_weights().items():
                 sums[m] = sums.get(m, 0) + ad.weight * d
-        for m in modules:
-            tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"], kept[m], total[m] = truncate(sums[m], args.rank, m)
+        tensors = low_rank({m: sums[m] for m in modules}, args.rank, f"merge --mode svd --rank {args.rank}")[0]
         rank = args.rank
     styles = "+".join(str(a.style) for a in adapters)
     first = adapters[0]
     style = first.style if len({a.style for a in adapters}) == 1 else None  # a mix is no one style of the list
     merged = Adapter(tensors, rank, float(rank), targets=modules, style=style, base_fingerprint=first.base_fingerprint,
                      base_path=first.base_path, base_name=first.base_name)
-    if args.mode == "svd":
-        report_kept(kept, total, f"merge --mode svd --rank {rank}")
     written = write_any(args.out, merged)
     print(f"merge: {len(adapters)} adapters ({', '.join(args.adapters)}; styles {styles}) -> {written}, rank {rank}, "
           f"{adapter_size(written):,} bytes")
@@ -217,12 +219,10 @@ def cmd_resize(args):
     if args.rank > ad.r:
         raise LoraError(f"--rank {args.rank} is larger than the adapter's rank {ad.r}; resize only lowers it")
     scale = ad.alpha / ad.r
-    tensors, kept, total = {}, {}, {}
-    for m, d in ad.delta_weights().items():
-        tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"], kept[m], total[m] = truncate(d / scale, args.rank, m)
+    tensors = low_rank({m: d / scale for m, d in ad.delta_weights().items()}, args.rank,
+                       f"resize {ad.r} -> {args.rank}")[0]
     # alpha / r stays what it was, so the update keeps its strength: alpha' = alpha * k / r (as kohya)
     out = ad.replace(tensors=tensors, r=args.rank, alpha=scale * args.rank, path=None, format="peft", notes=[])
-    report_kept(kept, total, f"resize {ad.r} -> {args.rank}")
     written = write_any(args.out, out)
     print(f"resize: {args.src} rank {ad.r} alpha {ad.alpha:g} -> {written} rank {args.rank} alpha "
           f"{out.alpha:g}, {adapter_size(args.src):,} -> {adapter_size(written):,} bytes")
@@ -244,19 +244,17 @@ def cmd_extract(args):
                         "pass the base it started from, or --force")
     names = resolve_targets(base, args.targets)  # Linear and Conv2d layers: a conv's update is factored as one
     b_state, t_state = base.state_dict(), tuned.state_dict()
-    tensors, kept, total = {}, {}, {}
-    for n in names:
-        delta = t_state[f"{n}.weight"].float() - b_state[f"{n}.weight"].float()
-        tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"], kept[n], total[n] = truncate(delta, args.rank, n)
+    tensors, overall, targeted_sq = low_rank(
+        {n: t_state[f"{n}.weight"].float() - b_state[f"{n}.weight"].float() for n in names}, args.rank,
+        f"extract rank {args.rank} from {len(names)} layers")
     targeted = {f"{n}.weight" for n in names}
     rest = sum((t_state[k].float() - b_state[k].float()).pow(2).sum().item() for k in b_state
                if k not in targeted and b_state[k].is_floating_point())
     style = tuned_ckpt.get("fine_tune", {}).get("style")
     out = Adapter(tensors, args.rank, float(args.rank), targets=names, style=style, base_fingerprint=fingerprint,
                   base_path=args.base, base_name=os.path.basename(args.base))
-    overall = report_kept(kept, total, f"extract rank {args.rank} from {len(names)} layers")
-    all_change = math.sqrt(sum(total.values()) + rest)
-    print(f"extract: the targeted weights hold {100 * math.sqrt(sum(total.values())) / max(all_change, 1e-30):.1f}% "
+    all_change = math.sqrt(targeted_sq + rest)
+    print(f"extract: the targeted weights hold {100 * math.sqrt(targeted_sq) / max(all_change, 1e-30):.1f}% "
           "of the fine-tune's whole change (Frobenius norm over every tensor); the rest is not in the adapter")
     written = write_any(args.out, out)
     print(f"extract: {args.tuned} - {args.base} -> {written}, rank {args.rank}, {adapter_size(written):,} bytes")

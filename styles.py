@@ -29,6 +29,7 @@ import zlib
 import numpy as np
 import torch
 
+from dataset import check_labels
 from errors import UserError
 from files import atomic_write
 
@@ -342,12 +343,7 @@ def _load_npz(path):
                              "image files into a folder of 0..9 subfolders and pass the folder)")
     if len(images) == 0:
         raise StyleDataError(f"{path!r} holds no images; {fix}")
-    if labels.shape != (len(images),):
-        raise StyleDataError(f"{path!r}: labels have shape {labels.shape}, expected ({len(images)},); {fix}")
-    if labels.dtype.kind not in "iu":
-        raise StyleDataError(f"{path!r}: labels have dtype {labels.dtype}; they must be integers 0..9")
-    if labels.min() < 0 or labels.max() >= NUM_LABELS:
-        raise StyleDataError(f"{path!r}: labels must be in 0..9, found {labels.min()}..{labels.max()}")
+    check_labels(path, labels, len(images), NUM_LABELS, StyleDataError)
     out, inverted = [], 0
     for i, img in enumerate(images):
         g = img.astype(np.float32) / 255.0
