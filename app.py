@@ -1110,6 +1110,9 @@ def build_parser():
     page.add_argument("--port", type=bounded(int, ge=1, le=65535), default=DEFAULT_PORT, help="port to listen on")
     page.add_argument("--share", action="store_true",
                       help="also ask gradio.live for a public link (off: nothing leaves this machine)")
+    page.add_argument("--bench", action="store_true",
+                      help="time the page's first grid of 10 digits and a weight-slider redraw, print them as JSON "
+                           "and exit, serving nothing (the figures the README gives)")
     add_preset_arg(p)  # the page's sampler defaults and the fine-tune's settings
     add_runtime_args(p)  # --seed: the page's first seed
     return p
@@ -1130,6 +1133,12 @@ def serve(args, block=True):
     studio = Studio(args.ckpt, args.out_dir, args.lora_dir or [], device=device, precision=precision,
                     weights=args.weights, preset=args.preset, seed=rcfg.seed)
     studio.finetune_precision = rcfg.precision  # as asked: on CUDA, auto times the fine-tune's step
+    if args.bench:
+        try:
+            print(json.dumps({"device": str(device), "precision": precision, **bench_entry(studio)}))
+        finally:
+            studio.close()
+        return None
     offline_env(args.out_dir)
     try:
         import gradio  # noqa: F401 -- only here, so the functions above work without it

@@ -610,3 +610,13 @@ def test_page_fine_tune_lists_the_adapter_and_closing_the_page_stops_it(server, 
             assert not os.path.exists(f"/proc/{child}") or _zombie(child)
         finally:
             browser.close()
+
+
+def test_bench_times_the_first_grid_and_a_redraw_and_serves_nothing(tiny_ckpt, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert app.main(["--ckpt", str(tiny_ckpt), "--out-dir", str(out_dir), "--preset", "tiny", "--device", "cpu",
+                     "--precision", "fp32", "--bench"]) is None
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["first_grid_s"] > 0 and figures["redraw_s"] > 0 and figures["precision"] == "fp32"
+    assert not os.path.exists(out_dir / "app")  # nothing written: no grids, no uploads folder
