@@ -32,8 +32,8 @@ from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, loa
 from files import (check_apart, check_replace, check_writable_dir, check_writable_file, remove_stale_temps,
                    same_thing)
 from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, STEPS_MAX, LoraConfig, TrainConfig, saved_runtime
-from cli import (ArgumentParser, add_config_args, add_preset_arg, add_runtime_args, bounded, config_from_args,
-                 path_arg, runtime_from_args)
+from cli import (ArgumentParser, add_config_args, add_config_file_arg, add_preset_arg, add_runtime_args, bounded,
+                 config_file_note, config_from_args, path_arg, runtime_from_args)
 from errors import CLIError, run_main
 from dataset import apply_style, to_model_range
 from logs import (PREVIEW_DIR, TENSORBOARD_DIR, TENSORBOARD_HINT, LogPaths, LossLog, Previews, fork_rng,
@@ -58,6 +58,7 @@ PREVIEW_EVERY = 50  # six previews over the default 300 steps
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_preset_arg(p)
+    add_config_file_arg(p)  # its [lora], [train] and [runtime] sections
     model, lora, out = p.group("model"), p.group("LoRA"), p.group("output")
     model.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg, help="base checkpoint from train.py")
     out.add_argument("--out", default=None, type=path_arg, help=f"the adapter folder (default {DEFAULT_ADAPTER}; "
@@ -168,6 +169,9 @@ def finetune(args):
     adapter = state = None
     if args.full and args.resume is not None:
         raise CLIError("--full cannot --resume: a full fine-tune is short; run it again")
+    if args.config and args.resume is not None:
+        raise CLIError("--resume carries on with the adapter's own settings; --config starts a new fine-tune "
+                       "(drop one of them)")
     if args.preview_every < 0:
         raise CLIError(f"--preview-every must be >= 0 (0: no previews), got {args.preview_every}")
     if args.tensorboard:
@@ -254,6 +258,8 @@ def finetune(args):
     # DDP all-reduces the gradients of the LoRA tensors only; the frozen base is ignored
     fwd_model = wrap_ddp(model, dist_info, device, frozen_ignored=True)
 
+    if config_file_note(args):
+        log(f"lora: {config_file_note(args)}")
     log(f"lora: base {args.ckpt} [{args.weights}] (fingerprint {fingerprint}), targets {list(lcfg.targets)}, "
         f"r={lcfg.r}, alpha={lcfg.alpha}, style {lcfg.style}")
     log(f"lora: trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%); "

@@ -409,3 +409,22 @@ def test_denoise_png_carries_its_settings_as_text(tiny_ckpt, tiny_adapter, tmp_p
     assert text["ckpt"] == str(tiny_ckpt) and text["lora"] == f"{tiny_adapter}:0.5"
     assert (text["seed"], text["labels"], text["guidance"], text["steps"]) == ("5", "3,7", "1.5", "5")
     assert "seed: 5" in text["parameters"] and "sampler: ddim" in text["parameters"]
+
+
+def test_lora_finetune_config_file_is_the_same_fine_tune_as_its_flags(tiny_ckpt, tmp_path, capsys):
+    toml = tmp_path / "style.toml"
+    toml.write_text('[lora]\nr = 1\nalpha = 1.0\nlora_steps = 2\n\n[runtime]\nseed = 3\nprecision = "fp32"\n')
+    common = ["--preset", "tiny", "--ckpt", str(tiny_ckpt), "--preview-every", "0"]
+    lora_finetune.main([*common, "--config", str(toml), "--out", str(tmp_path / "from_file")])
+    assert "settings from" in capsys.readouterr().out
+    lora_finetune.main([*common, "--r", "1", "--alpha", "1", "--lora-steps", "2", "--seed", "3", "--precision",
+                        "fp32", "--out", str(tmp_path / "from_flags")])
+    a, b = load_adapter(str(tmp_path / "from_file")), load_adapter(str(tmp_path / "from_flags"))
+    assert a.r == 1 and set(a.tensors) == set(b.tensors)
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    # a flag given beside the file wins over it
+    lora_finetune.main([*common, "--config", str(toml), "--r", "2", "--out", str(tmp_path / "flag_wins")])
+    assert load_adapter(str(tmp_path / "flag_wins")).r == 2
+    err = expect_exit_2(lora_finetune.main, [*common, "--config", str(toml), "--resume", str(tmp_path / "from_file")],
+                        capsys)
+    assert "--config starts a new fine-tune" in err
