@@ -255,11 +255,6 @@ def test_upload_limits(tmp_path, monkeypatch):
         app.read_uploads([str(tmp_path / "bomb.zip")])
 
 
-def needs_styles():
-    if not os.path.exists(os.path.join(ROOT, "styles.py")):
-        pytest.skip("styles.py (preprocess_image, save_preview) is not in this tree yet")
-
-
 def digit_files(folder, count=8):
     """PNG digits drawn dark on light, as a phone photo or a scan gives them, labelled by folder and by name."""
     rng = np.random.default_rng(0)
@@ -277,7 +272,6 @@ def digit_files(folder, count=8):
 
 
 def test_a_sketch_becomes_a_digit():
-    needs_styles()
     canvas = np.zeros((280, 280, 4), np.uint8)  # the Sketchpad's layers: transparent, a black stroke drawn on it
     assert app.sketch_to_image({"composite": canvas}) is None  # nothing drawn
     canvas[60:220, 130:150] = (0, 0, 0, 255)
@@ -287,7 +281,6 @@ def test_a_sketch_becomes_a_digit():
 
 
 def test_uploads_become_training_data(studio, tmp_path):
-    needs_styles()
     files = digit_files(tmp_path)
     sketch = np.full((80, 80), 255, np.uint8)
     sketch[20:60, 30:50] = 0
@@ -361,17 +354,8 @@ def test_finetune_progress_is_read_from_its_log(tmp_path):
     assert st["done"] and st["ok"] and (st["step"], st["steps"], st["loss"]) == (3, 3, 0.3234)
 
 
-def finetune_has_data_flag():
-    import lora_finetune
-
-    return "--data" in open(lora_finetune.__file__).read()
-
-
 @pytest.mark.slow
 def test_finetune_from_uploads_writes_a_loadable_adapter(studio, tmp_path):
-    needs_styles()
-    if not finetune_has_data_flag():
-        pytest.skip("lora_finetune.py --data is not in this tree yet")
     up = app.read_uploads(digit_files(tmp_path))
     job = app.start_finetune(studio, up, "mine", steps=2)
     job.thread.join(300)
@@ -581,7 +565,6 @@ def test_page_end_to_end_in_chromium(server, studio, tmp_path):
 @pytest.mark.slow
 def test_page_fine_tune_lists_the_adapter_and_closing_the_page_stops_it(server, tmp_path):
     sync_playwright, chromium = find_browser()
-    needs_styles()
     files = digit_files(tmp_path)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=BROWSER_ARGS)
