@@ -24,6 +24,7 @@ from config import SampleConfig
 from diffusion import generate
 from errors import CLIError
 from files import atomic_write
+from styles import PREVIEW_PAD, PREVIEW_SCALE, label_font  # one look for every picture for people
 
 LOSS_CSV = "loss.csv"
 LOSS_CURVE = "loss_curve.png"
@@ -31,8 +32,6 @@ PREVIEW_DIR = "previews"
 TENSORBOARD_DIR = "tensorboard"
 CSV_FIELDS = ("step", "loss", "lr", "images_per_s")
 TENSORBOARD_HINT = "pip install tensorboard"
-PREVIEW_SCALE = 3  # 28-pixel digits drawn 84 pixels wide, nearest-neighbour: readable at a glance
-PREVIEW_PAD = 4
 PREVIEW_LEFT = 96  # room for the row names
 PREVIEW_TOP = 56  # room for the title and the column labels
 PREVIEW_STEPS = 10  # DDIM steps of a preview: enough to read the digits, a fraction of a training step's cost
@@ -169,16 +168,6 @@ def preview_size(num_rows, num_cols, side=28):
     return PREVIEW_LEFT + num_cols * cell + PREVIEW_PAD, PREVIEW_TOP + num_rows * cell + PREVIEW_PAD
 
 
-def _font(size):
-    from PIL import ImageFont
-    try:
-        from matplotlib import font_manager  # DejaVu Sans comes with matplotlib, so the text is the same everywhere
-
-        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
-    except (ImportError, OSError, ValueError):  # no matplotlib font: Pillow's own bitmap font
-        return ImageFont.load_default()
-
-
 def preview_png(rows, labels, path, title):
     """A grid a person reads at a glance: one row per entry of ``rows`` ({name: uint8 (C, H, W)}), one
     column per label, each image upscaled PREVIEW_SCALE times nearest-neighbour, the row names on the
@@ -191,7 +180,7 @@ def preview_png(rows, labels, path, title):
     cell = side * PREVIEW_SCALE + PREVIEW_PAD
     canvas = Image.new("L", (width, height), 255)
     draw = ImageDraw.Draw(canvas)
-    font, small = _font(15), _font(13)
+    font, small = label_font(15), label_font(13)
     draw.text((PREVIEW_PAD, 6), title, fill=0, font=font)
     for c, label in enumerate(labels):
         text = str(int(label))

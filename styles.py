@@ -557,11 +557,18 @@ def preview_size(num_rows, num_cols=PREVIEW_PER_ROW):
             PREVIEW_TITLE_HEIGHT + num_rows * cell + PREVIEW_PAD)
 
 
+def label_font(size):
+    """DejaVu Sans at ``size`` pixels, from matplotlib's own fonts: the text of every picture for people."""
+    from PIL import ImageFont
+
+    return ImageFont.truetype(os.path.join(_font_dir(), "DejaVuSans.ttf"), size)
+
+
 def save_preview(images, labels, path, *, title="", notes=None, per_row=PREVIEW_PER_ROW):
     """A PNG of what the model trains on: a row per label (the first ``per_row`` of its images), the label
     and ``notes[label]`` (e.g. "12 images", "MNIST") at the left, ``title`` on top; digits upscaled
     PREVIEW_SCALE times, nearest-neighbour. Written atomically. Returns its (width, height)."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     images = torch.as_tensor(images)
     labels = torch.as_tensor(labels)
@@ -569,8 +576,7 @@ def save_preview(images, labels, path, *, title="", notes=None, per_row=PREVIEW_
     width, height = preview_size(len(rows), per_row)
     canvas = Image.new("L", (width, height), 40)
     draw = ImageDraw.Draw(canvas)
-    font_path = os.path.join(_font_dir(), "DejaVuSans.ttf")
-    big, small = ImageFont.truetype(font_path, 28), ImageFont.truetype(font_path, 13)
+    big, small = label_font(28), label_font(13)
     draw.text((PREVIEW_PAD, PREVIEW_TITLE_HEIGHT // 2), title, fill=255, font=small, anchor="lm")
     cell = SIZE * PREVIEW_SCALE + PREVIEW_PAD
     for r, label in enumerate(rows):
