@@ -322,6 +322,14 @@ def _zombie(pid):
         return True
 
 
+def _gone(pid, timeout, poll):
+    """Whether process ``pid`` has ended (or is a zombie) within ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while os.path.exists(f"/proc/{pid}") and not _zombie(pid) and time.time() < deadline:
+        time.sleep(poll)
+    return not os.path.exists(f"/proc/{pid}") or _zombie(pid)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_finetune_child_dies_with_the_server(tmp_path):
     """kill -9 of the server (no atexit, no page) still ends the fine-tune it started."""
@@ -334,10 +342,7 @@ def test_finetune_child_dies_with_the_server(tmp_path):
         assert os.path.exists(f"/proc/{child}")
         server.send_signal(signal.SIGKILL)
         server.wait(10)
-        deadline = time.time() + 10
-        while os.path.exists(f"/proc/{child}") and not _zombie(child) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not os.path.exists(f"/proc/{child}") or _zombie(child)
+        assert _gone(child, 10, 0.1)
     finally:
         server.kill()
         server.wait()
@@ -587,10 +592,7 @@ def test_page_fine_tune_lists_the_adapter_and_closing_the_page_stops_it(server, 
             page.locator("#style_msg").get_by_text("app/adapters/long").wait_for(timeout=60_000)
             (child,) = server.children()
             page.close()
-            deadline = time.time() + 120
-            while os.path.exists(f"/proc/{child}") and not _zombie(child) and time.time() < deadline:
-                time.sleep(0.5)
-            assert not os.path.exists(f"/proc/{child}") or _zombie(child)
+            assert _gone(child, 120, 0.5)
         finally:
             browser.close()
 
