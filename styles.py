@@ -595,7 +595,8 @@ def save_preview(images, labels, path, *, title="", notes=None, per_row=PREVIEW_
 # ------------------------------------------------------------------ the training set
 
 AUGMENT_CHOICES = ("auto", "on", "off")
-# auto augments a set of fewer images than this: MNIST has ~6,000 a label, a hand-made set tens
+# --augment auto augments a set of fewer images than this: MNIST has ~6,000 a label, a hand-made set tens (the
+# default is off: config.LoraConfig.augment says why)
 AUGMENT_AUTO_BELOW = 1000
 # an augmented set is grown to about this many images (the originals once, the rest random variants): a
 # few thousand draws, so that a fine-tune of hundreds of steps of batch 128 sees each variant a few times
@@ -691,11 +692,18 @@ def training_set(style, prior_images, prior_labels, *, augment_mode, prior_weigh
     keep = torch.isin(prior_labels, torch.tensor(missing, dtype=prior_labels.dtype)) if missing else None
     num_prior = round(prior_weight * len(labels)) if keep is not None and keep.any() else 0
     if num_prior:
-        pool = torch.nonzero(keep).flatten()
         g = torch.Generator().manual_seed(seed + 1)
-        # every real digit once before any twice: whole permutations, as many as needed
-        order = torch.cat([pool[torch.randperm(len(pool), generator=g)]
-                           for _ in range(math.ceil(num_prior / len(pool)))])[:num_prior]
+        present = [c for c in missing if (prior_labels == c).any()]
+        # as many of each missing label (the first few one more), so that a small set's prior misses none;
+        # within a label every real digit once before any twice: whole permutations, as many as needed
+        num_prior = max(num_prior, len(present))
+        order = []
+        for i, c in enumerate(present):
+            pool = torch.nonzero(prior_labels == c).flatten()
+            count = num_prior // len(present) + (i < num_prior % len(present))
+            order.append(torch.cat([pool[torch.randperm(len(pool), generator=g)]
+                                    for _ in range(math.ceil(count / len(pool)))])[:count])
+        order = torch.cat(order)
         images = torch.cat([images, prior_images[order]])
         labels = torch.cat([labels, prior_labels[order]])
     return TrainingSet(images, labels, n * copies, copies, on, missing, missing if num_prior else [])

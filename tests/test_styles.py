@@ -225,6 +225,13 @@ def test_prior_fills_the_missing_labels_at_its_weight():
                 assert (real[real_labels == lab] == img).all((1, 2)).any()
         else:
             assert s.prior_labels == [] and "may drift" in s.summary(weight)
+    # not augmented, ten sevens repeated to a batch of 16: 16 real digits for nine labels, none left out
+    small = styles.training_set(seven, real, real_labels, augment_mode="off", prior_weight=1.0, min_size=16, seed=0)
+    assert not small.augmented and small.num_style == 20 and small.num_prior == 20
+    counts = torch.bincount(small.labels[small.num_style:], minlength=10)
+    assert counts[7] == 0 and counts[small.missing].min() == 2 and counts[small.missing].max() == 3
+    tiny = styles.training_set(seven, real, real_labels, augment_mode="off", prior_weight=0.1, min_size=16, seed=0)
+    assert tiny.num_prior == 9 and sorted(tiny.labels[tiny.num_style:].tolist()) == tiny.missing  # one each at least
     full = styles.training_set(data, real, real_labels, augment_mode="off", prior_weight=1.0, min_size=128, seed=0)
     assert full.num_prior == 0 and not full.augmented and full.copies == 2 and len(full.labels) == 200
     assert "every label given" in full.summary(1.0)
@@ -232,6 +239,9 @@ def test_prior_fills_the_missing_labels_at_its_weight():
 
 def test_augment_auto_is_for_small_sets_and_its_help_says_where():
     from config import LoraConfig
+
+    # off unless asked: augmenting a typeface's 10 or 20 digits a label cost a third of its style share
+    assert LoraConfig().augment == "off" and not styles.augment_on(LoraConfig().augment, 10)
 
     assert styles.augment_on("auto", styles.AUGMENT_AUTO_BELOW - 1)
     assert not styles.augment_on("auto", styles.AUGMENT_AUTO_BELOW)
