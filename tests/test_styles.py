@@ -225,13 +225,22 @@ def test_prior_fills_the_missing_labels_at_its_weight():
                 assert (real[real_labels == lab] == img).all((1, 2)).any()
         else:
             assert s.prior_labels == [] and "may drift" in s.summary(weight)
-    # not augmented, ten sevens repeated to a batch of 16: 16 real digits for nine labels, none left out
+    # not augmented, ten sevens repeated to the pool's size so that the prior brings every real digit, each
+    # missing label alike
     small = styles.training_set(seven, real, real_labels, augment_mode="off", prior_weight=1.0, min_size=16, seed=0)
-    assert not small.augmented and small.num_style == 20 and small.num_prior == 20
+    assert not small.augmented and small.num_style == 10 * small.copies >= styles.AUGMENT_POOL
+    assert torch.equal(small.images[:small.num_style], seven.images.repeat(small.copies, 1, 1))
+    assert small.num_prior == small.num_style
     counts = torch.bincount(small.labels[small.num_style:], minlength=10)
-    assert counts[7] == 0 and counts[small.missing].min() == 2 and counts[small.missing].max() == 3
-    tiny = styles.training_set(seven, real, real_labels, augment_mode="off", prior_weight=0.1, min_size=16, seed=0)
+    assert counts[7] == 0 and counts[small.missing].max() - counts[small.missing].min() <= 1
+    # each of real's 270 digits of those labels at least 15 times: 4100 / 270 = 15.2
+    seen = torch.stack([(real == img).all((1, 2)) for img in small.images[small.num_style:]]).sum(0)
+    assert seen[real_labels != 7].min() >= 15 and seen[real_labels == 7].max() == 0
+    few = styles.StyleData(torch.cat([seven.images] * 50), torch.full((500,), 7), "data:sevens")
+    tiny = styles.training_set(few, real, real_labels, augment_mode="off", prior_weight=0.001, min_size=16, seed=0)
     assert tiny.num_prior == 9 and sorted(tiny.labels[tiny.num_style:].tolist()) == tiny.missing  # one each at least
+    none = styles.training_set(seven, real, real_labels, augment_mode="off", prior_weight=0.0, min_size=16, seed=0)
+    assert none.num_prior == 0 and none.copies == 2  # without a prior, only repeated to the batch
     full = styles.training_set(data, real, real_labels, augment_mode="off", prior_weight=1.0, min_size=128, seed=0)
     assert full.num_prior == 0 and not full.augmented and full.copies == 2 and len(full.labels) == 200
     assert "every label given" in full.summary(1.0)
