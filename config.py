@@ -292,7 +292,7 @@ class LoraConfig:
     style: str = setting("italic", "the fine-tuning digits: none, italic or bold (transforms of MNIST), or "
                          "font:NAME (a font's digits, e.g. font:DejaVu Serif Bold; an unknown NAME lists them)")
     lora_steps: int = setting(300, "optimizer steps of the fine-tune; with --data or a font and no --lora-steps, "
-                              "sized to the set: 300 for 200 images, in proportion, from half to 1.5 times",
+                              "sized to the set: 300 for up to 200 images, more in proportion, at most 1.5 times",
                               gt=0, le=STEPS_MAX)
     lora_lr: float = setting(1e-2, "LoRA learning rate (AdamW, constant after warm-up); experiments/lora_studies",
                              gt=0.0, le=1e10, why="far above 1 a run diverges at once (and stops, saying so); "

@@ -262,9 +262,10 @@ def test_augment_auto_is_for_small_sets_and_its_help_says_where():
 def test_steps_are_sized_to_the_set():
     assert styles.sized_steps(200, 300) == 300  # the preset's steps are for 20 images a label
     assert styles.sized_steps(250, 300) == 375
-    assert styles.sized_steps(10, 300) == 150  # the floor: half
+    assert styles.sized_steps(100, 300) == 300  # the floor: a smaller set needs no fewer steps
+    assert styles.sized_steps(10, 300) == 300
     assert styles.sized_steps(10 ** 5, 300) == 450  # the cap: one and a half times
-    assert styles.sized_steps(10, 4) == 2
+    assert styles.sized_steps(10, 4) == 4
 
 
 def test_preview_is_readable_rows_of_labels(tmp_path):
