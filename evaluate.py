@@ -482,6 +482,11 @@ def run(args):
     if args.samples:  # check the user's file before the (slow, first time) classifier training
         npz = load_npz(args.samples, len(test.classes), test.images.shape[-1])
     style_set = read_style_set(style_spec, test.classes) if style_spec else None  # checked before any training too
+    seen = [a.style for a in adapters or [] if style_set is not None and a.style == style_set.name]
+    if seen:  # the held-out part may be images the adapter trained on: its distance would flatter it
+        print(f"evaluate: note: an adapter was trained on a set also named {seen[0]!r}; if these are those images, "
+              "the distance is to images it saw: score against others (lora_tools.py render-style --seed 1, or a "
+              "fifth of yours kept out of training)")
     classifier, clf_acc = get_classifier(train, test, args.classifier or os.path.join(
         args.data_dir, f"classifier-{train.name}.pt"))
     if style_set is not None:

@@ -269,6 +269,23 @@ def test_cli_adapter_against_a_style_set_reports_the_base_beside_and_an_unreliab
     assert "UNRELIABLE" in printed and "(base " in printed
 
 
+def test_scoring_an_adapter_on_a_set_of_its_own_name_says_the_distance_may_flatter_it(
+        classifier, real, tiny_ckpt, tiny_adapter, tmp_path, capsys):
+    from adapter import load_adapter, write_adapter
+
+    _, _, clf_path = classifier
+    _, test = real
+    spec = _style_npz(tmp_path / "style.npz", test.images, test.labels)
+    own = tmp_path / "own"
+    write_adapter(own, load_adapter(tiny_adapter).replace(style="data:style"))
+    args = ["--ckpt", tiny_ckpt, "--style-data", spec, "--n-per-label", "1", "--steps", "1", "--device", "cpu",
+            "--precision", "fp32", "--dataset", "mnist-5k", "--classifier", clf_path]
+    evaluate.main(args + ["--lora", str(own), "--out-dir", str(tmp_path / "e1")])
+    assert "trained on a set also named 'data:style'" in capsys.readouterr().out
+    evaluate.main(args + ["--lora", tiny_adapter, "--out-dir", str(tmp_path / "e2")])  # an italic adapter: no note
+    assert "also named" not in capsys.readouterr().out
+
+
 def test_bad_style_inputs_exit_2_before_any_training(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: pytest.fail("classifier training started"))
     monkeypatch.setattr(metrics, "train_style_share", lambda *a, **k: pytest.fail("share training started"))
