@@ -709,8 +709,9 @@ def check_weight(value, what):
     return value
 
 
-def parse_lora_spec(spec):
-    """'PATH' or 'PATH:WEIGHT' -> (path, weight). The weight must be a finite number within WEIGHT_RANGE."""
+def parse_lora_spec(spec, flag="--lora"):
+    """'PATH' or 'PATH:WEIGHT' -> (path, weight). The weight must be a finite number within WEIGHT_RANGE; an
+    error names the argument as ``flag`` (lora_tools' positional adapters are no --lora)."""
     spec = str(spec)
     if ":" in spec:
         head, tail = spec.rsplit(":", 1)
@@ -719,17 +720,17 @@ def parse_lora_spec(spec):
         except ValueError:
             if os.path.exists(spec):  # a path with a colon in it
                 return spec, 1.0
-            raise CLIError(f"--lora {spec!r}: the weight {tail!r} is not a number; write PATH or PATH:WEIGHT, "
+            raise CLIError(f"{flag} {spec!r}: the weight {tail!r} is not a number; write PATH or PATH:WEIGHT, "
                            "e.g. out/lora:0.8") from None
-        return head, check_weight(weight, f"--lora {spec!r}")
+        return head, check_weight(weight, f"{flag} {spec!r}")
     return spec, 1.0
 
 
-def load_adapters(specs, map_location="cpu", log=print):
+def load_adapters(specs, map_location="cpu", log=print, flag="--lora"):
     """Parse every --lora PATH[:WEIGHT] first (bad flags fail before any file is read), then load each.
 
     The default path (out/lora) falls back to an old out/lora.pt when only that exists."""
-    parsed = [parse_lora_spec(s) for s in specs]
+    parsed = [parse_lora_spec(s, flag) for s in specs]
     out = []
     for path, weight in parsed:
         if path == DEFAULT_ADAPTER and not os.path.exists(path) and os.path.exists(LEGACY_DEFAULT_ADAPTER):

@@ -375,6 +375,8 @@ def test_adapter_weights_out_of_range_exit_2(tiny_adapter, tiny_ckpt, tmp_path, 
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert "from -10 to 10" in err or "finite number" in err
+    # named as the user wrote it: lora_tools takes its adapters as positional arguments, not --lora
+    assert ("--lora" in err) == (argv[0] == "denoise")
     assert not (tmp_path / "out").exists() and not (tmp_path / "merged").exists()
 
 
