@@ -168,8 +168,8 @@ def cmd_merge(args):
         if args.rank is None:
             raise CLIError("--mode svd needs --rank K")
         check_rank(args.rank)
-    check_output(args.out, [("PATH", parse_lora_spec(a, "adapter")[0]) for a in args.adapters] + [("--ckpt", args.ckpt)],
-                 args.overwrite)
+    check_output(args.out, [("PATH", parse_lora_spec(a, "adapter")[0]) for a in args.adapters]
+                 + [("--ckpt", args.ckpt)], args.overwrite)
     adapters = load_adapters(args.adapters, flag="adapter")
     if len(adapters) < 2:
         raise CLIError("merge needs at least two adapters")
@@ -273,8 +273,8 @@ def cmd_grid(args):
         weights.append(check_weight(value, f"--weights {args.weights}"))
     if len(args.adapters) != 2:
         raise CLIError("grid takes exactly two adapters: the rows' and the columns'")
-    check_output(args.out, [("PATH", parse_lora_spec(a, "adapter")[0]) for a in args.adapters] + [("--ckpt", args.ckpt)],
-                 args.overwrite)
+    check_output(args.out, [("PATH", parse_lora_spec(a, "adapter")[0]) for a in args.adapters]
+                 + [("--ckpt", args.ckpt)], args.overwrite)
     device = pick_device(rcfg.device)
     precision = resolve_precision(rcfg.precision, device)  # sampling: the rule, never timed
     adapters = load_adapters(args.adapters, device, flag="adapter")

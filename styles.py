@@ -686,8 +686,8 @@ def training_set(style, prior_images, prior_labels, *, augment_mode, prior_weigh
     n = len(style)
     on = augment_on(augment_mode, n)
     missing = [c for c in range(NUM_LABELS) if c not in style.present()]
-    keep = torch.isin(prior_labels, torch.tensor(missing, dtype=prior_labels.dtype)) if missing else None
-    with_prior = keep is not None and bool(keep.any()) and prior_weight > 0
+    present = [c for c in missing if (prior_labels == c).any()]  # the missing labels the real digits hold
+    with_prior = bool(present) and prior_weight > 0
     # a prior draws prior_weight times the style part: repeated to AUGMENT_POOL, ten sevens bring thousands of
     # real digits, not a hundred that the fine-tune would learn by heart (the others' distance grew 37% so)
     grow = on or with_prior
@@ -697,7 +697,6 @@ def training_set(style, prior_images, prior_labels, *, augment_mode, prior_weigh
     num_prior = round(prior_weight * len(labels)) if with_prior else 0
     if num_prior:
         g = torch.Generator().manual_seed(seed + 1)
-        present = [c for c in missing if (prior_labels == c).any()]
         # as many of each missing label (the first few one more), so that a small set's prior misses none;
         # within a label every real digit once before any twice: whole permutations, as many as needed
         num_prior = max(num_prior, len(present))

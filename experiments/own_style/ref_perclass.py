@@ -1,5 +1,9 @@
 # per-class accuracy of the reference classifier (evaluate.py's cache) on a real style set; evaluate.py prints only the total
-import sys, torch
+# run from the repository root: python experiments/own_style/ref_perclass.py DIR [DIR ...]
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from dataset import load_dataset
 from metrics import classify, get_classifier
 from styles import load_style_data
