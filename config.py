@@ -184,13 +184,25 @@ class DiffusionConfig:
     beta_start: float = setting(1e-4, "linear schedule start, Ho et al. 2020", gt=0.0, lt=1.0, group="model")
     beta_end: float = setting(0.02, "linear schedule end, Ho et al. 2020", gt=0.0, lt=1.0, group="model")
     min_snr_gamma: float = setting(5.0, "Min-SNR loss weighting (Hang et al. 2023); 0 turns it off (plain MSE on "
-                                   "the noise)", ge=0.0, le=1e4, group="training",
+                                   "the objective's output)", ge=0.0, le=1e4, group="training",
                                    why="above the largest SNR of any schedule here it changes nothing")
+    # diffusion.OBJECTIVES; what a checkpoint without this field used: SAVED_BEFORE
+    objective: str = setting("eps", "what the network predicts: eps (the noise, Ho et al. 2020) | v (Salimans & Ho "
+                             "2022) | edm (Karras et al. 2022's preconditioned denoiser)", choices=("eps", "v", "edm"),
+                             group="model")
+    t_sampling: str = setting("uniform", "the noise levels training draws: uniform over the T steps | lognormal "
+                              "(EDM's log-normal sigma, snapped to the nearest step)", choices=("uniform", "lognormal"),
+                              group="training")
+    zero_terminal_snr: bool = setting(False, "rescale the schedule so its last step is pure noise (Lin et al. 2024); "
+                                      "needs --objective v or edm", group="model")
 
     def __post_init__(self):
         check_settings(self)
         if not self.beta_start < self.beta_end:
             raise ValueError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+        if self.zero_terminal_snr and self.objective == "eps":
+            raise ValueError("zero_terminal_snr needs objective v or edm: at the last step, pure noise, the noise "
+                             "tells nothing of the image; pass --objective v")
 
 
 @dataclass
@@ -234,9 +246,11 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = setting("ddim", "ddim (fast, Song et al. 2021) | ddpm (ancestral, Algorithm 2 of Ho et al. 2020)",
-                           choices=("ddim", "ddpm"))
-    steps: int = setting(50, "denoising steps for ddim (ddpm always uses all T)", gt=0, le=100000)
+    # samplers.SAMPLERS; a test holds the two lists equal
+    sampler: str = setting("ddim", "ddim (Song et al. 2021) | dpmpp-2m (DPM-Solver++, Lu et al. 2022) | heun (EDM, "
+                           "Karras et al. 2022; two evaluations a step) | ddpm (ancestral, Algorithm 2 of Ho et al. "
+                           "2020)", choices=("ddim", "dpmpp-2m", "heun", "ddpm"))
+    steps: int = setting(50, "denoising steps (ddpm always uses all T)", gt=0, le=100000)
     eta: float = setting(0.0, "DDIM noise: 0 deterministic, 1 ~ DDPM", ge=0.0, le=1.0,
                          why="above 1 the noise added outgrows the schedule and the images go black")
     guidance: float = setting(2.0, "classifier-free guidance w (Ho & Salimans 2022): eps_c + w*(eps_c - eps_u); "
@@ -370,6 +384,7 @@ PRESETS: dict[str, dict[type, dict]] = {
 # with: a saved config that lacks the key means this value, not today's default.
 SAVED_BEFORE: dict[type, dict] = {
     ModelConfig: {"pos_emb": False},
+    DiffusionConfig: {"objective": "eps", "t_sampling": "uniform", "zero_terminal_snr": False},
     LoraConfig: {"lora_t_range": (0.0, 1.0)},  # a fine-tune saved before --lora-t-range drew t from every step
 }
 

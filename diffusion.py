@@ -1,19 +1,25 @@
-"""DDPM forward process, training loss and two samplers, with classifier-free guidance.
+"""The DDPM forward process, the training loss for each objective, and sampling with classifier-free guidance.
 
-``Diffusion.sample`` is the one sampler: denoise.py, evaluate.py, train.py's grids and bench.py all go
-through it (``generate`` wraps it with a seed, a precision and uint8 output).
+``Diffusion.sample`` is the one entry to sampling: denoise.py, evaluate.py, train.py's grids and bench.py
+all go through it (``generate`` wraps it with a seed, a precision and uint8 output); the samplers
+themselves are small functions in samplers.py.
 
 Names follow the papers:
   Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models" (DDPM): linear betas,
-      q_sample (eq. 4), the epsilon loss, the ancestral sampler p_sample (Algorithm 2);
+      q_sample (eq. 4), the epsilon loss, the ancestral sampler (Algorithm 2);
   Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models": the cosine schedule;
-  Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models" (DDIM, eq. 12), with eta;
-  Ho & Salimans 2022, "Classifier-Free Diffusion Guidance": eps = eps_c + w (eps_c - eps_u);
+  Salimans & Ho 2022, "Progressive Distillation": v = sqrt(abar) eps - sqrt(1 - abar) x0;
+  Karras et al. 2022, "Elucidating the Design Space" (EDM): the preconditioned denoiser, log-normal noise levels;
+  Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed": zero terminal SNR;
+  Ho & Salimans 2022, "Classifier-Free Diffusion Guidance": out = out_c + w (out_c - out_u);
   Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy".
 
 The schedule is computed in float64 and stored as float32 buffers, so ``.to(device)`` moves it.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 from config import DiffusionConfig, SampleConfig
 from dataset import to_uint8
 from runtime import autocast
+from samplers import SAMPLERS
 
 _DEFAULTS = DiffusionConfig()  # one place for the schedule's defaults: config.py
 
@@ -39,20 +46,92 @@ def cosine_betas(timesteps, s=0.008, max_beta=0.999):
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
 
 
+def rescale_zero_terminal_snr(betas):
+    """Algorithm 1 of Lin et al. 2024: shift and scale sqrt(abar) so that the last step is pure noise (abar_T = 0)
+    and the first keeps its value; returns the new betas. The model then learns, and sampling starts from,
+    the noise the sampler really starts from (the linear schedule leaves sqrt(abar_T) = 0.006 of the image)."""
+    sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab ** 2
+    return 1 - torch.cat([ab[:1], ab[1:] / ab[:-1]])
+
+
 def _extract(a, t, ndim):
     """a[t] shaped (B, 1, 1, 1) to broadcast over images."""
     return a.gather(0, t).view(-1, *([1] * (ndim - 1)))
 
 
+# ------------------------------------------------------------------ objectives
+# What the network's output F stands for. x_t = sqrt(ab) x0 + sqrt(1 - ab) eps, with ab = abar_t. Each
+# objective is four small functions: the factor x_t is scaled by before the network (EDM's c_in), the
+# target F is trained towards, the x0 that an F implies, and how the squared error on F relates to the
+# error on x0 (|F - target|^2 = x0_scale(snr) |x0_hat - x0|^2), which Min-SNR weighting divides out.
+SIGMA_DATA = 0.5  # EDM's sigma_data for images in [-1, 1] (Karras et al. 2022, Table 1)
+
+
+def _edm_d(ab):
+    """(sigma^2 + sigma_data^2) abar, with EDM's sigma^2 = (1 - abar) / abar: finite where abar = 0."""
+    return 1 - ab + SIGMA_DATA ** 2 * ab
+
+
+def _edm_skip(ab):
+    """EDM's c_skip / sqrt(abar): D = _edm_skip x_t + _edm_out F."""
+    return SIGMA_DATA ** 2 * ab.sqrt() / _edm_d(ab)
+
+
+def _edm_out(ab):
+    """EDM's c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2), written in abar."""
+    return SIGMA_DATA * (1 - ab).sqrt() * _edm_d(ab).rsqrt()
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    in_scale: Optional[Callable]  # ab -> the factor x_t is scaled by before the network; None: 1
+    target: Callable  # (x0, eps, ab) -> what F is trained towards
+    to_x0: Callable  # (F, x_t, ab) -> the clean image F implies
+    x0_scale: Callable  # snr -> |F - target|^2 / |x0_hat - x0|^2
+
+
+OBJECTIVES = {
+    # Ho et al. 2020: F is the noise; x0 = (x - sqrt(1 - ab) F) / sqrt(ab), undefined where ab = 0
+    "eps": Objective(None, lambda x0, eps, ab: eps,
+                     lambda f, x, ab: (x - (1 - ab).sqrt() * f) / ab.sqrt(),
+                     lambda snr: snr),
+    # Salimans & Ho 2022, eq. 10: F is v = sqrt(ab) eps - sqrt(1 - ab) x0; x0 = sqrt(ab) x - sqrt(1 - ab) F
+    "v": Objective(None, lambda x0, eps, ab: ab.sqrt() * eps - (1 - ab).sqrt() * x0,
+                   lambda f, x, ab: ab.sqrt() * x - (1 - ab).sqrt() * f,
+                   lambda snr: snr + 1),
+    # Karras et al. 2022, eq. 7 and Table 1: D = c_skip x_hat + c_out F(c_in x_hat), x_hat = x / sqrt(ab);
+    # its loss weight 1 / c_out^2 makes the loss on F unweighted. sigma_data = 1 would be v, with F = -v.
+    "edm": Objective(lambda ab: _edm_d(ab).rsqrt(),
+                     lambda x0, eps, ab: (x0 - _edm_skip(ab) * (ab.sqrt() * x0 + (1 - ab).sqrt() * eps)) / _edm_out(ab),
+                     lambda f, x, ab: _edm_skip(ab) * x + _edm_out(ab) * f,
+                     lambda snr: snr + 1 / SIGMA_DATA ** 2),
+}
+
+# EDM's log-normal training noise levels: ln(sigma) ~ N(-1.2, 1.2^2) (Karras et al. 2022, Table 1)
+LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2
+
+
 class Diffusion(nn.Module):
     def __init__(self, timesteps=_DEFAULTS.timesteps, beta_start=_DEFAULTS.beta_start, beta_end=_DEFAULTS.beta_end,
-                 min_snr_gamma=_DEFAULTS.min_snr_gamma, schedule=_DEFAULTS.schedule):
+                 min_snr_gamma=_DEFAULTS.min_snr_gamma, schedule=_DEFAULTS.schedule, *, objective=_DEFAULTS.objective,
+                 t_sampling=_DEFAULTS.t_sampling, zero_terminal_snr=_DEFAULTS.zero_terminal_snr):
         super().__init__()
         self.timesteps = timesteps
         self.min_snr_gamma = min_snr_gamma
         if schedule not in ("linear", "cosine"):
             raise ValueError(f"unknown schedule {schedule!r}; choose linear or cosine")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose {', '.join(OBJECTIVES)}")
+        if zero_terminal_snr and objective == "eps":
+            raise ValueError("zero terminal SNR needs objective v or edm: at abar = 0 the noise says nothing of x0")
+        self.objective, self.t_sampling = objective, t_sampling
+        self._obj = OBJECTIVES[objective]
         betas = linear_betas(timesteps, beta_start, beta_end) if schedule == "linear" else cosine_betas(timesteps)
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, 0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -64,6 +143,8 @@ class Diffusion(nn.Module):
             sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
             sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
             snr=alphas_cumprod / (1 - alphas_cumprod),
+            # EDM's log sigma, sigma = sqrt((1 - abar) / abar), increasing in t: where log-normal draws land
+            log_sigma=0.5 * (torch.log1p(-alphas_cumprod) - torch.log(alphas_cumprod)),
             posterior_variance=posterior_variance,
             # log of the variance, clipped at t=0 where it is 0 (as in the reference implementation)
             posterior_log_variance_clipped=torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
@@ -75,7 +156,8 @@ class Diffusion(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        return cls(cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.min_snr_gamma, cfg.schedule)
+        return cls(cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.min_snr_gamma, cfg.schedule,
+                   objective=cfg.objective, t_sampling=cfg.t_sampling, zero_terminal_snr=cfg.zero_terminal_snr)
 
     # ------------------------------------------------------------- training
 
@@ -84,73 +166,77 @@ class Diffusion(nn.Module):
         return (_extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
                 + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
 
-    def loss_weight(self, t):
-        """Min-SNR-gamma weight for epsilon prediction: min(SNR, gamma) / SNR (Hang et al. 2023, eq. 8).
+    def draw_t(self, n, generator, lo=0, hi=None):
+        """n training steps t in lo..hi-1: uniform, or EDM's log-normal sigma snapped to the nearest step.
 
-        It down-weights the many low-noise steps whose epsilon is nearly unpredictable, which
-        speeds convergence several-fold in their measurements; gamma = 0 gives plain MSE."""
+        Drawn from ``generator`` alone, so a resumed run draws the same t (its state is saved)."""
+        hi = self.timesteps if hi is None else hi
+        if self.t_sampling == "uniform":
+            return torch.randint(lo, hi, (n,), generator=generator)
+        log_sigma = LOGNORMAL_MEAN + LOGNORMAL_STD * torch.randn(n, generator=generator)
+        t = torch.searchsorted(self.log_sigma.cpu().contiguous(), log_sigma.contiguous())
+        below = (t - 1).clamp(min=0)  # the nearer of the two neighbours in log sigma
+        closer = (log_sigma - self.log_sigma.cpu()[below]).abs() < (self.log_sigma.cpu()[t.clamp(max=self.timesteps - 1)]
+                                                                     - log_sigma).abs()
+        t = torch.where(closer, below, t)
+        return t.clamp(lo, hi - 1)
+
+    def loss_weight(self, t):
+        """Min-SNR-gamma (Hang et al. 2023, eq. 8): the error on x0 weighted min(SNR, gamma), written for this
+        objective's output: min(SNR, gamma) / x0_scale(SNR); for the noise that is min(SNR, gamma) / SNR.
+
+        It down-weights the many low-noise steps whose target is nearly fixed, which speeds convergence
+        several-fold in their measurements; gamma = 0 gives the plain MSE on the objective's output."""
         if self.min_snr_gamma <= 0:
             return torch.ones_like(t, dtype=torch.float32)
         snr = self.snr.gather(0, t)
-        return snr.clamp(max=self.min_snr_gamma) / snr
+        return snr.clamp(max=self.min_snr_gamma) / self._obj.x0_scale(snr)
+
+    def model_output(self, model, x, t, labels):
+        """The network's output F at x_t (scaled by the objective's c_in first, for EDM)."""
+        if self._obj.in_scale is not None:
+            x = x * _extract(self._obj.in_scale(self.alphas_cumprod), t, x.ndim).to(x.dtype)
+        return model(x, t, labels)
 
     def loss(self, model, x0, labels, t, noise):
-        """Weighted MSE between the true and predicted noise, mean over the batch."""
+        """Weighted MSE between the network's output and the objective's target, mean over the batch."""
         x_t = self.q_sample(x0, t, noise)
-        eps = model(x_t, t, labels)
-        per_sample = F.mse_loss(eps.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        out = self.model_output(model, x_t, t, labels)
+        target = self._obj.target(x0, noise, _extract(self.alphas_cumprod, t, x0.ndim))
+        per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * self.loss_weight(t)).mean()
+
+    def to_x0(self, out, x, t):
+        """The clean image the network's output ``out`` implies at x_t, for this objective; t is an int."""
+        return self._obj.to_x0(out, x, self.alphas_cumprod[t])
 
     # ------------------------------------------------------------- sampling
 
-    def predict_eps(self, model, x, t, labels, guidance, null_label):
-        """Noise prediction with classifier-free guidance in one batched forward pass.
+    def guided_output(self, model, x, t, labels, guidance, null_label):
+        """The network's output with classifier-free guidance, in one batched forward pass.
 
-        Conditional and unconditional halves go through the UNet together (2B images), which on
-        every device is cheaper than two calls of B; with guidance 0 only the conditional pass runs."""
+        Conditional and unconditional halves go through the UNet together (2B images), which on every device is
+        cheaper than two calls of B; with guidance 0 only the conditional pass runs. Guidance on the output is
+        guidance on x0, since x0 is affine in the output at a given x_t and t."""
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long) if isinstance(t, int) else t
         if guidance == 0:
-            return model(x, t_batch, labels).float()
+            return self.model_output(model, x, t_batch, labels).float()
         null = torch.full_like(labels, null_label)
-        eps = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([labels, null])).float()
-        eps_c, eps_u = eps.chunk(2)
-        return eps_c + guidance * (eps_c - eps_u)
+        out = self.model_output(model, torch.cat([x, x]), torch.cat([t_batch, t_batch]),
+                                torch.cat([labels, null])).float()
+        out_c, out_u = out.chunk(2)
+        return out_c + guidance * (out_c - out_u)
 
-    def _x0_from_eps(self, x, t, eps):
-        ab = self.alphas_cumprod[t]
-        return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
-
-    @torch.no_grad()
-    def p_sample(self, model, x, t, labels, guidance, null_label, *, generator=None):
-        """One step of Algorithm 2 (Ho et al.), with the predicted x0 clipped to [-1, 1] (not x_t)."""
-        eps = self.predict_eps(model, x, t, labels, guidance, null_label)
-        x0 = self._x0_from_eps(x, t, eps).clamp(-1, 1)
-        mean = self.posterior_mean_coef1[t] * x0 + self.posterior_mean_coef2[t] * x
-        if t == 0:
-            return mean, x0
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return mean + (0.5 * self.posterior_log_variance_clipped[t]).exp() * noise, x0
-
-    @torch.no_grad()
-    def ddim_step(self, model, x, t, t_prev, labels, guidance, null_label, *, eta=0.0, generator=None):
-        """x_t -> x_{t_prev} by eq. 12 of Song et al. 2021; t_prev = -1 means the final x0."""
-        eps = self.predict_eps(model, x, t, labels, guidance, null_label)
-        x0 = self._x0_from_eps(x, t, eps).clamp(-1, 1)
-        if t_prev < 0:
-            return x0, x0
-        ab, ab_prev = self.alphas_cumprod[t], self.alphas_cumprod[t_prev]
-        # the clipped x0 implies a matching eps, so that x_{t_prev} stays consistent with it
-        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-        x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp_min(0).sqrt() * eps
-        if eta > 0:
-            x_prev = x_prev + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return x_prev, x0
+    def sample_timesteps(self, sampler, steps):
+        """The steps a sampler visits, noisiest first: all T for ddpm, else ``steps`` evenly spaced from T-1 to 0
+        (the noisiest step always included: Lin et al.'s "trailing" spacing)."""
+        if sampler == "ddpm":
+            return list(range(self.timesteps - 1, -1, -1))
+        return self.ddim_timesteps(steps)
 
     def ddim_timesteps(self, steps):
         if not 0 < steps <= self.timesteps:
             raise ValueError(f"steps must be in 1..{self.timesteps} (the model's T), got {steps}")
-        # evenly spaced, always including the noisiest step T-1
         return torch.linspace(self.timesteps - 1, 0, steps).round().long().unique_consecutive().tolist()
 
     @torch.no_grad()
@@ -170,31 +256,36 @@ class Diffusion(nn.Module):
         the last estimate is the result. An exception it raises stops the sampling there (bench.py
         times the first steps of DDPM so).
         """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}")
         lo, hi = guidance_interval
         device = self.betas.device
         null_label = model.num_classes if null_label is None else null_label
         x = torch.randn(shape, generator=generator, device=device)
-        if sampler == "ddpm":
-            ts = list(range(self.timesteps - 1, -1, -1))
-        elif sampler == "ddim":
-            ts = self.ddim_timesteps(steps)
-        else:
-            raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+        ts = self.sample_timesteps(sampler, steps)
+
+        def denoise(x_t, t):  # the guided, clipped estimate of x0 at step t
+            w = guidance if lo * self.timesteps <= t <= hi * self.timesteps else 0.0
+            return self.to_x0(self.guided_output(model, x_t, t, labels, w, null_label), x_t, t).clamp(-1, 1)
+
         keep = set()
         if num_frames > 1:
             keep = set(torch.linspace(0, len(ts) - 1, num_frames - 1).round().long().tolist())
         frames = [x.clone()] if num_frames > 0 else []
-        for i, t in enumerate(progress(ts) if progress else ts):
-            w = guidance if lo * self.timesteps <= t <= hi * self.timesteps else 0.0
-            if sampler == "ddpm":
-                x, x0 = self.p_sample(model, x, t, labels, w, null_label, generator=generator)
-            else:
-                t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-                x, x0 = self.ddim_step(model, x, t, t_prev, labels, w, null_label, eta=eta, generator=generator)
+        bar = progress(range(len(ts))) if progress else None
+        bar_iter = iter(bar) if bar is not None else None
+
+        def on_step(i, x_i, x0):
+            if bar_iter is not None:
+                next(bar_iter, None)
             if callback is not None:
                 callback(i, len(ts), x0)
             if i in keep:
-                frames.append(x.clamp(-1, 1).clone())
+                frames.append(x_i.clamp(-1, 1).clone())
+
+        x = SAMPLERS[sampler](denoise, x, ts, self, eta=eta, generator=generator, on_step=on_step)
+        if bar_iter is not None:
+            next(bar_iter, None)  # let a progress bar close
         return x.clamp(-1, 1), frames
 
 

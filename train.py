@@ -108,15 +108,16 @@ def train(args):
     if global_batch > len(data):
         raise CLIError(f"batch {global_batch} is larger than the {len(data)} training images; lower --batch-size")
     data_size = data.images.shape[-1]
+    diffusion = Diffusion.from_config(dcfg).to(device)
     train_data = TrainData(images=to_model_range(data.images, mcfg.img_size).to(device),
                            labels=data.labels.to(device), global_batch=global_batch, seed=rcfg.seed,
                            label_drop=tcfg.label_drop, null_label=mcfg.num_classes, dist=dist_info,
-                           gen=torch.Generator().manual_seed(rcfg.seed + 1))  # noise, timesteps, label drop
+                           gen=torch.Generator().manual_seed(rcfg.seed + 1),  # noise, timesteps, label drop
+                           draw_t=diffusion.draw_t)
 
     # ---- model, EMA, optimizer (and their saved state on --resume)
     model = UNet(mcfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    diffusion = Diffusion.from_config(dcfg).to(device)
     opt = make_optimizer(model.parameters(), tcfg.lr, tcfg.weight_decay, device)
     step, prior_seconds = 0, 0.0
     if ckpt is not None:

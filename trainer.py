@@ -72,14 +72,15 @@ def epoch_batches(n, global_batch, epoch, seed, dist_info):
     return [perm[k * global_batch:(k + 1) * global_batch][dist_info.rank::dist_info.world] for k in range(steps)]
 
 
-def draw_batch_noise(gen, global_batch, timesteps, label_drop, shape, dist_info, t_range=None):
+def draw_batch_noise(gen, global_batch, timesteps, label_drop, shape, dist_info, t_range=None, draw_t=None):
     """t, noise and the label-drop mask for the whole global batch, then this rank's share.
 
-    t is uniform over the steps ``t_range`` = (lo, hi), lo <= t < hi (default all of 0..timesteps-1).
+    t is in the steps ``t_range`` = (lo, hi), lo <= t < hi (default all of 0..timesteps-1): uniform, or
+    ``draw_t(n, gen, lo, hi)`` (Diffusion.draw_t: the base's noise-level distribution).
     Drawn for the global batch on every rank from the same generator, so a run on N processes
     sees the same noise per example as a single process on the same global batch."""
     lo, hi = t_range or (0, timesteps)
-    t = torch.randint(lo, hi, (global_batch,), generator=gen)
+    t = draw_t(global_batch, gen, lo, hi) if draw_t else torch.randint(lo, hi, (global_batch,), generator=gen)
     noise = torch.randn((global_batch, *shape), generator=gen)
     drop = torch.rand(global_batch, generator=gen) < label_drop
     sl = slice(dist_info.rank, None, dist_info.world)
@@ -98,6 +99,7 @@ class TrainData:
     dist: Dist  # this rank and the world size
     gen: torch.Generator  # timesteps, noise and label drop; its state is saved for --resume
     t_range: Optional[tuple] = None  # (lo, hi): draw t from lo..hi-1; None: every step of the schedule
+    draw_t: Optional[Callable] = None  # (n, gen, lo, hi) -> t; None: uniform (the fine-tune's t range)
 
     @property
     def steps_per_epoch(self):
@@ -108,7 +110,7 @@ class TrainData:
         idx = idx.to(device)
         x0, labels = self.images[idx], self.labels[idx]
         t, noise, drop = draw_batch_noise(self.gen, self.global_batch, timesteps, self.label_drop, x0.shape[1:],
-                                          self.dist, self.t_range)
+                                          self.dist, self.t_range, self.draw_t)
         t, noise, drop = t.to(device), noise.to(device), drop.to(device)
         labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
         return x0, labels, t, noise

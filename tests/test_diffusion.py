@@ -167,7 +167,7 @@ def test_guided_eps_is_one_batched_forward_with_the_cfg_formula(tiny_model, tiny
     labels = torch.tensor([1, 4, 7])
     counting = CountingModel(tiny_model)
     with torch.no_grad():
-        eps = tiny_diffusion.predict_eps(counting, x, 20, labels, 2.0, 10)
+        eps = tiny_diffusion.guided_output(counting, x, 20, labels, 2.0, 10)
         t = torch.full((3,), 20)
         eps_c = tiny_model(x, t, labels)
         eps_u = tiny_model(x, t, torch.full((3,), 10))

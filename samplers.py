@@ -1,0 +1,135 @@
+"""Samplers: small functions that turn noise into images, one per paper, looked up by name in ``SAMPLERS``.
+
+    x0 = SAMPLERS[name](denoise, x, ts, sched, generator=g, eta=0.0, on_step=hook)
+
+``denoise(x, t) -> x0`` is the model's estimate of the clean image at step ``t`` (guided and clipped to
+[-1, 1]; diffusion.py builds it for the model's objective, so every sampler works with every
+objective). ``x`` is the start (pure noise at ``ts[0]``), ``ts`` the steps visited, noisiest first,
+``sched`` the Diffusion module (its ``alphas_cumprod`` and DDPM's posterior buffers). After step i,
+``on_step(i, x, x0)`` sees the new x and that step's estimate x0.
+
+In the papers' VP notation, alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), and the half log-SNR
+lambda_t = log(alpha_t / sigma_t). The last step always lands on the final estimate x0 (t = -1 below).
+
+  ddpm      Ho et al. 2020, Algorithm 2: ancestral, one model evaluation for each of the T steps
+  ddim      Song et al. 2021, eq. 12: deterministic with eta 0, one evaluation a step
+  dpmpp-2m  Lu et al. 2022, "DPM-Solver++", the multistep second-order solver of the data-prediction ODE;
+            one evaluation a step, a step of first order to start and to finish
+  heun      Karras et al. 2022 (EDM), Algorithm 1: Heun's second-order method on the probability-flow ODE;
+            two evaluations a step, the last step Euler (one)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Model evaluations per step and image, before guidance doubles them (heun's last step takes one)
+EVALS_PER_STEP = {"ddpm": 1, "ddim": 1, "dpmpp-2m": 1, "heun": 2}
+
+
+def _noise_like(x, generator):
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _eps_from_x0(x, x0, ab):
+    """The noise that x0 implies: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, solved for eps."""
+    return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+
+def sample_ddpm(denoise, x, ts, sched, *, generator=None, on_step=None, **_):
+    """Algorithm 2 of Ho et al.: the posterior q(x_{t-1} | x_t, x0) around the clipped estimate x0, plus noise."""
+    x0 = x
+    for i, t in enumerate(ts):
+        x0 = denoise(x, t)
+        mean = sched.posterior_mean_coef1[t] * x0 + sched.posterior_mean_coef2[t] * x
+        x = mean if t == 0 else mean + (0.5 * sched.posterior_log_variance_clipped[t]).exp() * _noise_like(x, generator)
+        if on_step:
+            on_step(i, x, x0)
+    return x  # at t = 0 the posterior mean is x0 itself (its second coefficient is 0)
+
+
+def sample_ddim(denoise, x, ts, sched, *, eta=0.0, generator=None, on_step=None, **_):
+    """Eq. 12 of Song et al.: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - s^2) eps + s z, eps implied by the clipped x0."""
+    ab_all = sched.alphas_cumprod
+    x0 = x
+    for i, t in enumerate(ts):
+        x0 = denoise(x, t)
+        if i + 1 == len(ts):
+            x = x0
+        else:
+            ab, ab_prev = ab_all[t], ab_all[ts[i + 1]]
+            eps = _eps_from_x0(x, x0, ab)  # consistent with the clipped x0
+            sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+            x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp_min(0).sqrt() * eps
+            if eta > 0:
+                x = x + sigma * _noise_like(x, generator)
+        if on_step:
+            on_step(i, x, x0)
+    return x
+
+
+def sample_dpmpp_2m(denoise, x, ts, sched, *, on_step=None, **_):
+    """DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022, in closed form on the discrete schedule.
+
+    With h = lambda_s - lambda_t, a step t -> s is x_s = (sigma_s / sigma_t) x_t - alpha_s (e^-h - 1) D,
+    where D is x0 (first order, which is DDIM) or, from the second step on,
+    (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1} with r = h_{i-1} / h_i. e^-h is computed as the ratio
+    (alpha_t sigma_s) / (sigma_t alpha_s), which stays finite where abar_t = 0 (zero terminal SNR)."""
+    ab_all = sched.alphas_cumprod
+    x0_prev, h_prev, x0 = None, None, x
+    for i, t in enumerate(ts):
+        x0 = denoise(x, t)
+        if i + 1 == len(ts):  # to sigma = 0: the estimate itself (first order, as the solver ends)
+            x = x0
+        else:
+            ab, ab_s = ab_all[t], ab_all[ts[i + 1]]
+            alpha_t, sigma_t, alpha_s, sigma_s = ab.sqrt(), (1 - ab).sqrt(), ab_s.sqrt(), (1 - ab_s).sqrt()
+            exp_neg_h = alpha_t * sigma_s / (sigma_t * alpha_s)
+            h = -torch.log(exp_neg_h) if alpha_t > 0 else torch.tensor(math.inf)
+            d = x0
+            if x0_prev is not None and math.isfinite(h_prev):
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+            x = (sigma_s / sigma_t) * x - alpha_s * (exp_neg_h - 1) * d
+            x0_prev, h_prev = x0, float(h)
+        if on_step:
+            on_step(i, x, x0)
+    return x
+
+
+def sample_heun(denoise, x, ts, sched, *, on_step=None, **_):
+    """Algorithm 1 of Karras et al. 2022 with their sigma = sqrt((1 - abar) / abar) and x_hat = x / sqrt(abar).
+
+    The ODE is dx_hat/dsigma = eps (the noise implied by x0); Euler gives x_hat' = x_hat + (sigma_s - sigma_t) eps,
+    Heun averages eps at both ends. A step from abar = 0 (sigma infinite) is taken as DDIM's, which is its limit."""
+    ab_all = sched.alphas_cumprod
+    x0 = x
+    for i, t in enumerate(ts):
+        x0 = denoise(x, t)
+        if i + 1 == len(ts):
+            x = x0
+        else:
+            s = ts[i + 1]
+            ab, ab_s = ab_all[t], ab_all[s]
+            eps = _eps_from_x0(x, x0, ab)
+            x_s = ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * eps  # the Euler step (DDIM)
+            if ab > 0:
+                eps_s = _eps_from_x0(x_s, denoise(x_s, s), ab_s)
+                sig, sig_s = ((1 - ab) / ab).sqrt(), ((1 - ab_s) / ab_s).sqrt()
+                x_hat = x / ab.sqrt() + (sig_s - sig) * (eps + eps_s) / 2
+                x_s = ab_s.sqrt() * x_hat
+            x = x_s
+        if on_step:
+            on_step(i, x, x0)
+    return x
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp-2m": sample_dpmpp_2m, "heun": sample_heun}
+
+
+def model_evals(sampler, steps, guided=True):
+    """Network evaluations per image: each step's, with guidance's second (unconditional) half."""
+    per_step = EVALS_PER_STEP[sampler]
+    n = steps * per_step - (per_step - 1)  # the last step of a second-order method is first order
+    return n * (2 if guided else 1)
