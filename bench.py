@@ -552,13 +552,14 @@ def bench_inference(models, inputs, device, precision, args):
 # ------------------------------------------------------------------- sampling
 
 def bench_sampling(model, diffusion, scfg, device, precision, args):
-    """Time per sample of DDPM (all T steps), DDIM-50 and DDIM-20, guided (w = SampleConfig.guidance) and not."""
+    """Time per sample of DDPM (all T steps), DDIM-50, DDIM-20 and DPM-Solver++(2M)-10, guided (w =
+    SampleConfig.guidance) and not."""
     model.eval()
     T = diffusion.timesteps
     labels = (torch.arange(args.sample_batch) % model.num_classes).to(device)
     ddpm_timed = T if args.ddpm_steps == 0 else min(args.ddpm_steps, T)
     samplers = {"ddpm": ("ddpm", T, ddpm_timed), "ddim50": ("ddim", min(50, T), None),
-                "ddim20": ("ddim", min(20, T), None)}
+                "ddim20": ("ddim", min(20, T), None), "dpmpp-2m10": ("dpmpp-2m", min(10, T), None)}
     guidance = {"guided": scfg.guidance, "unguided": 0.0}
 
     def run(sampler, steps, timed, w):

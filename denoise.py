@@ -175,7 +175,7 @@ def run(args):
     pipe = load_pipeline(args.ckpt, device, args.weights, attach)
     model, diffusion = pipe.model, pipe.diffusion
     labels = parse_labels(args.labels, model.num_classes)
-    if scfg.sampler == "ddim" and scfg.steps > diffusion.timesteps:
+    if scfg.sampler != "ddpm" and scfg.steps > diffusion.timesteps:
         raise CLIError(f"--steps {scfg.steps} exceeds the model's T={diffusion.timesteps}")
     name = args.name or ("lora_samples" if adapter else "samples")
     out = args.out_dir
@@ -211,7 +211,7 @@ def run(args):
     grid_path = os.path.join(out, f"{name}.png")
     # one column per label, n_per_label rows
     order = torch.arange(len(label_t)).view(len(labels), args.n_per_label).T.flatten()
-    steps = scfg.steps if scfg.sampler == "ddim" else diffusion.timesteps
+    steps = scfg.steps if scfg.sampler != "ddpm" else diffusion.timesteps
     # the settings that drew this picture, in the PNG itself: the same command gives the same picture
     settings = {"ckpt": args.ckpt, "lora": " ".join(args.lora or []) or "none", "lora_weight": args.lora_weight,
                 "merged": bool(args.merge), "labels": ",".join(map(str, labels)), "n_per_label": args.n_per_label,

@@ -228,16 +228,35 @@ class Diffusion(nn.Module):
         return out_c + guidance * (out_c - out_u)
 
     def sample_timesteps(self, sampler, steps):
-        """The steps a sampler visits, noisiest first: all T for ddpm, else ``steps`` evenly spaced from T-1 to 0
-        (the noisiest step always included: Lin et al.'s "trailing" spacing)."""
+        """The steps a sampler visits, noisiest first (the noisiest step T-1 always: Lin et al.'s "trailing").
+
+        ddpm takes all T. ddim takes ``steps`` evenly spaced in t, as Song et al. did. The second-order samplers
+        step evenly in log-SNR, as Lu et al. 2022 advise: evenly in t, the last step (from t = T/steps to 0)
+        spans half the log-SNR range, and extrapolating across it overshot a Gaussian's spread by 20%."""
         if sampler == "ddpm":
             return list(range(self.timesteps - 1, -1, -1))
-        return self.ddim_timesteps(steps)
+        if sampler == "ddim" or steps >= self.timesteps:
+            return self.ddim_timesteps(steps)
+        return self.logsnr_timesteps(steps)
 
     def ddim_timesteps(self, steps):
         if not 0 < steps <= self.timesteps:
             raise ValueError(f"steps must be in 1..{self.timesteps} (the model's T), got {steps}")
         return torch.linspace(self.timesteps - 1, 0, steps).round().long().unique_consecutive().tolist()
+
+    def logsnr_timesteps(self, steps):
+        """``steps`` steps from T-1 to 0, evenly spaced in log sigma (minus the half log-SNR), each snapped to the
+        nearest step of the schedule. Under zero terminal SNR (sigma infinite at T-1) the grid starts at T-2."""
+        if not 0 < steps <= self.timesteps:
+            raise ValueError(f"steps must be in 1..{self.timesteps} (the model's T), got {steps}")
+        ls = self.log_sigma.double().cpu()
+        top = self.timesteps - 1 if torch.isfinite(ls[-1]) else self.timesteps - 2
+        grid = torch.linspace(float(ls[top]), float(ls[0]), steps, dtype=torch.float64)
+        t = torch.searchsorted(ls[:top + 1].contiguous(), grid).clamp(max=top)
+        below = (t - 1).clamp(min=0)
+        t = torch.where((grid - ls[below]).abs() < (ls[t] - grid).abs(), below, t)
+        t[0] = self.timesteps - 1
+        return t.unique_consecutive().tolist()
 
     @torch.no_grad()
     def sample(self, model, labels, shape, *, sampler="ddim", steps=50, eta=0.0, guidance=0.0,

@@ -20,6 +20,7 @@ Scores, written to OUT_DIR/NAME.json (one object) and a one-page OUT_DIR/NAME.pn
   frechet_floor        the same between real training and real held-out images, same count: the
                        best a perfect generator could expect
   slant, ink           mean image-moment slant (mu11/mu02) and mean ink, beside the real data's
+  zero_share           the share of pixels exactly 0 (a clean background; real MNIST about 0.8)
   frechet_distance_style  with a style (an adapter's, or --style): the distance to the held-out
                        real digits in that style
   real_style_accuracy  with a style: the classifier's accuracy on those real styled digits, the
@@ -60,7 +61,7 @@ from errors import CLIError, run_main
 from dataset import MNIST_CLASSES, apply_style, check_labels, load_dataset
 from diffusion import generate
 from metrics import (STYLE_SHARE_MAX_REAL, STYLE_SHARE_MIN_STYLE, classify, frechet_distance, get_classifier, ink,
-                     slant, style_share, train_style_share)
+                     slant, style_share, train_style_share, zero_share)
 from runtime import pick_device, resolve_precision
 
 
@@ -97,6 +98,8 @@ def score(images_u8, labels, classifier, train, test, style="none", seed=0):
         "frechet_samples_vs": f"{test.name}/test ({len(test)} images)",
         "slant": slant(images_u8).mean().item(),
         "ink": ink(images_u8).mean().item(),
+        "zero_share": zero_share(images_u8).mean().item(),
+        "real_zero_share": zero_share(test.images).mean().item(),
         "real_slant": slant(test.images).mean().item(),
         "real_ink": ink(test.images).mean().item(),
         "real_style": style,
@@ -263,7 +266,7 @@ def sample_checkpoint(ckpt_path, args, scfg, device, precision, adapters=None, l
     seconds = time.time() - t0
     info = {"ckpt": ckpt_path, "step": ckpt["step"], "train_seconds": ckpt.get("train_seconds"),
             "dataset": ckpt.get("dataset"), "sampler": scfg.sampler,
-            "steps": scfg.steps if scfg.sampler == "ddim" else ckpt["config"]["diffusion"]["timesteps"],
+            "steps": scfg.steps if scfg.sampler != "ddpm" else ckpt["config"]["diffusion"]["timesteps"],
             "guidance": scfg.guidance, "guidance_interval": list(scfg.guidance_interval), "eta": scfg.eta,
             "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
             "sampling_seconds": seconds, "seconds_per_sample": seconds / len(labels)}
@@ -350,6 +353,7 @@ def report_png(result, images, labels, path, title):
             f"ink                     {result['ink']:.3f}   (real {result['real_ink']:.3f}"
             + (f", real {result['real_style']} {result['real_style_ink']:.3f}" if result["real_style"] != "none"
                else "") + ")",
+            f"pixels exactly 0        {result['zero_share']:.3f}   (real {result['real_zero_share']:.3f})",
             f"samples                 {result['num_samples']}"]
     if "style_share" in result:
         text += [f"against style set {result['style_data']}" + (", base beside on the same noise" if "base" in result
@@ -515,7 +519,8 @@ def run(args):
         report_png(result, images, labels, os.path.join(args.out_dir, f"{stem}.png"), title)
         print(f"{title}: accuracy {100 * result['accuracy']:.1f}%, Frechet {result['frechet_distance']:.2f} "
               f"(floor {result['frechet_floor']:.2f}), slant {result['slant']:+.3f} (real "
-              f"{result['real_slant']:+.3f}), ink {result['ink']:.3f} (real {result['real_ink']:.3f})"
+              f"{result['real_slant']:+.3f}), ink {result['ink']:.3f} (real {result['real_ink']:.3f}), pixels exactly 0 "
+              f"{result['zero_share']:.3f} (real {result['real_zero_share']:.3f})"
               + (f"; to real {result['real_style']} digits: Frechet {result['frechet_distance_style']:.2f}, "
                  f"slant {result['real_style_slant']:+.3f}, ink {result['real_style_ink']:.3f}, "
                  f"accuracy {100 * result['real_style_accuracy']:.1f}%"

@@ -3,7 +3,7 @@
     model, acc = get_classifier(train, test, "data/classifier-mnist.pt")  # cached; retrained for other data
     logits, feats = classify(model, images_u8)                            # (N, 10), (N, 128)
     frechet_distance(feats, real_feats)                                   # as FID (Heusel et al. 2017)
-    slant(images_u8), ink(images_u8)                                      # per image, from moments and mean
+    slant(images_u8), ink(images_u8), zero_share(images_u8)              # per image, from moments and mean
     check = train_style_share(real_train, style_train, real_held, style_held)   # real vs style, held-out check
     style_share(check.model, images_u8)                                   # share of images it calls style
 
@@ -182,6 +182,11 @@ def slant(images_u8):
 def ink(images_u8):
     """Per-image mean intensity in [0, 1]: bold digits have more ink."""
     return images_u8.float().mean(dim=(1, 2)) / 255.0
+
+
+def zero_share(images_u8):
+    """Per-image share of pixels exactly 0: a clean background (real MNIST about 0.8) rather than a grey haze."""
+    return (images_u8 == 0).float().mean(dim=(1, 2))
 
 
 # ----------------------------------------------------------------- style share

@@ -14,7 +14,7 @@ from config import ModelConfig, preset_config
 from diffusion import Diffusion
 from unet import UNet
 
-SAMPLERS = ("ddpm", "ddim50", "ddim20")
+SAMPLERS = ("ddpm", "ddim50", "ddim20", "dpmpp-2m10")
 TARGET_NAMES = [t[0] for t in bench.TARGETS]
 
 

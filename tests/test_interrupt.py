@@ -234,6 +234,35 @@ def test_train_interrupted_anywhere_resumes_exactly(small_data, tmp_path_factory
     assert assert_same_state(straight, resumed, ("model", "ema", "optimizer", "rng")) > 100
 
 
+@pytest.mark.parametrize("recipe", [("--objective", "v"), ("--objective", "edm", "--t-sampling", "lognormal"),
+                                    ("--objective", "v", "--zero-terminal-snr", "--t-sampling", "lognormal")],
+                         ids=lambda r: " ".join(r))
+def test_every_objective_resumes_exactly(small_data, tmp_path_factory, tmp_path, monkeypatch, capsys, recipe):
+    """Ctrl-C inside a forward pass and --resume give the uninterrupted run's state under each objective and
+    noise-level distribution (the log-normal draw comes from the saved generator as the uniform one does)."""
+    straight_dir, ckpt_path = tmp_path / "straight", tmp_path / "run" / "ckpt.pt"
+    train.main(train_argv(straight_dir, *recipe))
+    straight = torch.load(straight_dir / "ckpt.pt", weights_only=True)
+    assert straight["config"]["diffusion"]["objective"] == recipe[1]  # the checkpoint records its objective
+    hit = Ctrl_C(3, 1)
+    with monkeypatch.context() as mp:
+        handle = inside_forward(mp, hit)
+        try:
+            with pytest.raises(SystemExit) as e:
+                train.main(train_argv(ckpt_path.parent, *recipe))
+        finally:
+            if handle is not None:
+                handle.remove()
+    assert hit.sent and e.value.code == 130, capsys.readouterr().err
+    assert 0 < torch.load(ckpt_path, weights_only=True)["step"] < STEPS
+    train.main(train_argv(ckpt_path.parent, *recipe, "--resume", str(ckpt_path)))
+    resumed = torch.load(ckpt_path, weights_only=True)
+    assert resumed["step"] == STEPS
+    assert assert_same_state(straight, resumed, ("model", "ema", "optimizer", "rng")) > 100
+    eps = reference_train(tmp_path_factory)  # and the objective did change what was learnt
+    assert any(not torch.equal(eps["model"][k], resumed["model"][k]) for k in eps["model"])
+
+
 # ------------------------------------------------------------------ lora_finetune.py
 
 def write_adapter_file(monkeypatch, hit):

@@ -276,7 +276,7 @@ def test_time_budget_sizes_the_run_from_a_timed_step(tmp_path, monkeypatch, caps
     (["--labels", "a,b"], "expected integers"),
     (["--steps", "0"], "steps must be > 0, got 0"),
     (["--steps", "51"], "--steps 51 exceeds the model's T=50"),
-    (["--sampler", "euler"], "sampler must be one of ddim, ddpm"),
+    (["--sampler", "euler"], "sampler must be one of ddim, dpmpp-2m, heun, ddpm"),
     (["--merge"], "--merge needs --lora"),
     (["--n-per-label", "0"], "--n-per-label must be > 0"),
     (["--lora-weight", "-1"], "--lora-weight must be >= 0"),

@@ -1,0 +1,214 @@
+"""Objectives and samplers against closed forms: the conversions are exact inverses, a perfect model has loss 0,
+and each sampler, given the exact denoiser of a point mass or a Gaussian, lands on the data or its marginal."""
+import math
+
+import pytest
+import torch
+
+from config import DiffusionConfig, SampleConfig
+from diffusion import LOGNORMAL_MEAN, LOGNORMAL_STD, OBJECTIVES, Diffusion
+from samplers import SAMPLERS, model_evals
+
+ALL = ("eps", "v", "edm")
+
+
+def test_the_settings_list_every_objective_and_sampler():
+    assert DiffusionConfig.__dataclass_fields__["objective"].metadata["choices"] == tuple(OBJECTIVES)
+    assert set(SampleConfig.__dataclass_fields__["sampler"].metadata["choices"]) == set(SAMPLERS)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_target_and_x0_are_exact_inverses_in_float64(name):
+    """F = target(x0, eps) at x_t = sqrt(ab) x0 + sqrt(1 - ab) eps gives back x0, across the whole schedule."""
+    obj = OBJECTIVES[name]
+    g = torch.Generator().manual_seed(0)
+    ab = torch.cat([torch.tensor([1 - 1e-4, 0.9, 0.5, 0.1, 1e-3, 4e-5]),
+                    Diffusion().alphas_cumprod.double()[::97]]).double().view(-1, 1, 1, 1)
+    x0 = torch.rand((len(ab), 1, 6, 6), generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn((len(ab), 1, 6, 6), generator=g, dtype=torch.float64)
+    x = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    f = obj.target(x0, eps, ab)
+    torch.testing.assert_close(obj.to_x0(f, x, ab), x0, rtol=0, atol=1e-9)
+    # and the loss on F is x0_scale(snr) times the loss on x0: a shift d of F moves x0 by d / sqrt(x0_scale)
+    snr = ab / (1 - ab)
+    moved = obj.to_x0(f + 1e-3, x, ab) - x0
+    torch.testing.assert_close(moved.abs() * obj.x0_scale(snr).sqrt(), torch.full_like(moved, 1e-3), rtol=1e-6,
+                               atol=0)
+
+
+@pytest.mark.parametrize("name", ("v", "edm"))
+def test_x0_is_defined_at_zero_terminal_snr(name):
+    """At abar = 0 (pure noise) v and EDM still name x0; F = target recovers it (eps cannot: it is refused)."""
+    obj = OBJECTIVES[name]
+    ab = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    x0, eps = torch.full((1, 1, 2, 2), 0.3, dtype=torch.float64), torch.randn(1, 1, 2, 2, dtype=torch.float64)
+    torch.testing.assert_close(obj.to_x0(obj.target(x0, eps, ab), eps, ab), x0)
+
+
+def test_edm_with_sigma_data_one_is_v_prediction():
+    """EDM's preconditioning at sigma_data = 1 has c_in = 1, c_skip x_hat = sqrt(ab) x, c_out = sqrt(1 - ab): F = -v."""
+    import diffusion
+    ab = torch.linspace(0.01, 0.99, 7, dtype=torch.float64).view(-1, 1, 1, 1)
+    x0, eps = torch.rand(7, 1, 3, 3, dtype=torch.float64), torch.randn(7, 1, 3, 3, dtype=torch.float64)
+    old = diffusion.SIGMA_DATA
+    try:
+        diffusion.SIGMA_DATA = 1.0
+        f = OBJECTIVES["edm"].target(x0, eps, ab)
+    finally:
+        diffusion.SIGMA_DATA = old
+    torch.testing.assert_close(f, -OBJECTIVES["v"].target(x0, eps, ab))
+
+
+class Oracle(torch.nn.Module):
+    """A 'network' that returns the objective's true target for the batch it was told about."""
+
+    def __init__(self, d, x0, noise, t):
+        super().__init__()
+        self.d, self.x0, self.noise, self.t = d, x0, noise, t
+
+    def forward(self, x, t, labels):
+        assert torch.equal(t, self.t)
+        ab = self.d.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return self.d._obj.target(self.x0, self.noise, ab)
+
+
+@pytest.mark.parametrize("gamma", (0.0, 5.0))
+@pytest.mark.parametrize("name,ztsnr", [("eps", False), ("v", False), ("edm", False), ("v", True), ("edm", True)])
+def test_a_model_that_returns_the_true_target_has_loss_zero(name, ztsnr, gamma):
+    d = Diffusion(timesteps=100, objective=name, zero_terminal_snr=ztsnr, min_snr_gamma=gamma)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand((8, 1, 5, 5), generator=g) * 2 - 1
+    noise = torch.randn((8, 1, 5, 5), generator=g)
+    t = torch.tensor([0, 1, 10, 50, 90, 98, 99, 30])
+    assert d.loss(Oracle(d, x0, noise, t), x0, torch.zeros(8, dtype=torch.long), t, noise).item() < 1e-10
+    wrong = Oracle(d, x0, noise + 0.1, t)  # a model off by a little is not at 0
+    assert d.loss(wrong, x0, torch.zeros(8, dtype=torch.long), t, noise).item() > 1e-6
+
+
+def test_min_snr_weight_is_min_snr_gamma_over_the_objectives_x0_scale():
+    t = torch.tensor([0, 100, 500, 999])
+    for name, scale in (("eps", lambda s: s), ("v", lambda s: s + 1), ("edm", lambda s: s + 4)):
+        d = Diffusion(objective=name, min_snr_gamma=5.0)
+        snr = d.snr[t]
+        torch.testing.assert_close(d.loss_weight(t), snr.clamp(max=5.0) / scale(snr))
+
+
+def test_zero_terminal_snr_keeps_the_first_step_and_ends_in_pure_noise():
+    d, plain = Diffusion(objective="v", zero_terminal_snr=True), Diffusion()
+    assert d.alphas_cumprod[-1].item() == 0.0
+    assert d.alphas_cumprod[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-6)
+    assert torch.all(d.alphas_cumprod[1:] < d.alphas_cumprod[:-1])
+    with pytest.raises(ValueError, match="needs objective v or edm"):
+        Diffusion(objective="eps", zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="pass --objective v"):
+        DiffusionConfig(zero_terminal_snr=True)
+
+
+def test_lognormal_t_follows_edms_sigma_distribution_and_its_generator():
+    d = Diffusion(t_sampling="lognormal")
+    t = d.draw_t(50000, torch.Generator().manual_seed(0))
+    assert t.min() >= 0 and t.max() <= 999
+    log_sigma = d.log_sigma[t].double()
+    # snapped to the grid of steps, and clipped at the schedule's ends (sigma 0.01 .. 157), which N(-1.2, 1.2)
+    # reaches below 0.01 a few times in ten thousand
+    assert log_sigma.mean().item() == pytest.approx(LOGNORMAL_MEAN, abs=0.03)
+    assert log_sigma.std().item() == pytest.approx(LOGNORMAL_STD, abs=0.03)
+    assert torch.equal(t, d.draw_t(50000, torch.Generator().manual_seed(0)))
+    assert d.draw_t(1000, torch.Generator().manual_seed(0), 200, 800).min() >= 200
+    uniform = Diffusion().draw_t(1000, torch.Generator().manual_seed(0))
+    assert torch.equal(uniform, torch.randint(0, 1000, (1000,), generator=torch.Generator().manual_seed(0)))
+
+
+# ------------------------------------------------------------------ samplers against exact denoisers
+
+def point_mass_denoiser(c):
+    return lambda x, t: torch.full_like(x, c)
+
+
+def gaussian_denoiser(sched, mu, s):
+    """E[x0 | x_t] for x0 ~ N(mu, s^2) per pixel: mu + sqrt(ab) s^2 / (ab s^2 + 1 - ab) (x_t - sqrt(ab) mu)."""
+    def denoise(x, t):
+        ab = sched.alphas_cumprod[t].double()
+        return (mu + ab.sqrt() * s ** 2 / (ab * s ** 2 + 1 - ab) * (x - ab.sqrt() * mu)).clamp(-1, 1)
+    return denoise
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_each_sampler_lands_on_a_point_mass(sampler):
+    d = Diffusion(timesteps=200).double()
+    ts = d.sample_timesteps(sampler, 10)
+    x = torch.randn((4, 1, 3, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = SAMPLERS[sampler](point_mass_denoiser(0.37), x, ts, d, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, torch.full_like(out, 0.37), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 200), ("dpmpp-2m", 40), ("heun", 40), ("ddpm", 0)])
+@pytest.mark.parametrize("ztsnr", (False, True))
+def test_each_sampler_reaches_a_gaussians_marginal(sampler, steps, ztsnr):
+    """x0 ~ N(0.2, 0.3^2): from pure noise, the sampler's outputs have that mean and spread (within the steps'
+    discretisation error: each converges to std 0.302 and mean 0.194 as its steps grow)."""
+    d = Diffusion(objective="v", zero_terminal_snr=ztsnr).double()
+    ts = d.sample_timesteps(sampler, steps)
+    x = torch.randn((20000,), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = SAMPLERS[sampler](gaussian_denoiser(d, 0.2, 0.3), x, ts, d, generator=torch.Generator().manual_seed(1))
+    assert out.mean().item() == pytest.approx(0.2, abs=0.01)
+    assert out.std().item() == pytest.approx(0.3, rel=0.04)
+
+
+def test_dpm_solver_and_ddim_agree_at_a_thousand_steps():
+    """Both solve the same ODE: at T steps they land on the same points, sample for sample (and Heun too)."""
+    d = Diffusion().double()
+    x = torch.randn((2000,), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    den = gaussian_denoiser(d, -0.1, 0.4)
+    ts = d.sample_timesteps("ddim", 1000)
+    assert all(d.sample_timesteps(s, 1000) == ts for s in SAMPLERS)
+    ddim, dpm, heun = (SAMPLERS[s](den, x, ts, d) for s in ("ddim", "dpmpp-2m", "heun"))
+    for other in (dpm, heun):
+        assert (ddim - other).abs().mean().item() < 2e-3 and (ddim - other).abs().max().item() < 5e-3  # DDIM: O(1/T)
+    # and at 10 steps on their own grids the second-order ones are far nearer that answer than DDIM
+    err = {s: (SAMPLERS[s](den, x, d.sample_timesteps(s, 10), d) - ddim).abs().mean().item()
+           for s in ("ddim", "dpmpp-2m", "heun")}
+    assert err["dpmpp-2m"] < err["ddim"] / 5 and err["heun"] < err["ddim"]
+
+
+@pytest.mark.parametrize("ztsnr", (False, True))
+def test_logsnr_steps_are_even_in_log_sigma_and_start_at_the_noisiest(ztsnr):
+    d = Diffusion(objective="v", zero_terminal_snr=ztsnr)
+    ts = d.logsnr_timesteps(10)
+    assert ts[0] == 999 and ts[-1] == 0 and len(ts) == 10 and ts == sorted(ts, reverse=True)
+    gaps = (d.log_sigma[ts[1:]] - d.log_sigma[ts[:-1]]).abs()[1 if ztsnr else 0:]
+    assert gaps.max() / gaps.min() < 1.2  # even, up to snapping to the grid
+
+
+def test_model_evaluations_count_guidance_and_second_order_steps():
+    assert model_evals("ddim", 50) == 100
+    assert model_evals("dpmpp-2m", 10) == 20
+    assert model_evals("heun", 10) == 38  # 2 a step, the last Euler
+    assert model_evals("ddim", 50, guided=False) == 50
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sampling_a_tiny_model_under_each_objective(name):
+    """The whole path (c_in, guidance on F, x0 from F, a sampler) runs and stays in range for every objective."""
+    from config import ModelConfig, preset_config
+    from unet import UNet
+    torch.manual_seed(0)
+    model = UNet(preset_config(ModelConfig, "tiny")).eval()
+    d = Diffusion(timesteps=50, objective=name)
+    for sampler in SAMPLERS:
+        x, _ = d.sample(model, torch.arange(3), (3, 1, 28, 28), sampler=sampler, steps=4, guidance=2.0,
+                        generator=torch.Generator().manual_seed(0))
+        assert x.shape == (3, 1, 28, 28) and torch.isfinite(x).all() and x.abs().max() <= 1
+        assert not math.isclose(x.std().item(), 0.0)
+
+
+def test_a_checkpoint_saved_before_the_objective_existed_reads_as_eps():
+    """Such checkpoints predicted the noise at uniform t on the plain schedule; a missing key says so, whatever
+    today's default is."""
+    import dataclasses
+    from config import from_saved
+    new = ("objective", "t_sampling", "zero_terminal_snr")
+    saved = {k: v for k, v in dataclasses.asdict(DiffusionConfig()).items() if k not in new}
+    cfg = from_saved(DiffusionConfig, saved)
+    assert (cfg.objective, cfg.t_sampling, cfg.zero_terminal_snr) == ("eps", "uniform", False)
+    assert from_saved(DiffusionConfig, {**saved, "objective": "v"}).objective == "v"
