@@ -261,8 +261,12 @@ class Diffusion(nn.Module):
     @torch.no_grad()
     def sample(self, model, labels, shape, *, sampler="ddim", steps=50, eta=0.0, guidance=0.0,
                guidance_interval=(0.0, 1.0), null_label=None, generator=None, num_frames=0, progress=None,
-               callback=None):
+               callback=None, init=None, strength=1.0):
         """Generate images for ``labels``; returns (x0, frames).
+
+        With ``init`` (B, C, H, W) in [-1, 1], image to image (SDEdit, Meng et al. 2021): ``init`` is noised to
+        t = strength x (T - 1) by q_sample and only the sampler's steps from there down run. Strength 1 is plain
+        sampling from the same noise (init unused); strength 0 runs no step and returns ``init``.
 
         frames is a list of ``num_frames`` snapshots of x_t from pure noise to the result, for the
         denoising-process figure (empty when num_frames is 0). ``generator`` makes it reproducible.
@@ -282,6 +286,13 @@ class Diffusion(nn.Module):
         null_label = model.num_classes if null_label is None else null_label
         x = torch.randn(shape, generator=generator, device=device)
         ts = self.sample_timesteps(sampler, steps)
+        if init is not None and strength < 1:
+            if not 0 <= strength <= 1:
+                raise ValueError(f"strength must be in [0, 1], got {strength}")
+            ts = [t for t in ts if t <= strength * (self.timesteps - 1)] if strength > 0 else []
+            if not ts:
+                return init.clamp(-1, 1), [init.clamp(-1, 1).clone()] * min(num_frames, 1)
+            x = self.q_sample(init.to(x.dtype), torch.full((shape[0],), ts[0], device=device), x)
 
         def denoise(x_t, t):  # the guided, clipped estimate of x0 at step t
             w = guidance if lo * self.timesteps <= t <= hi * self.timesteps else 0.0
@@ -310,13 +321,14 @@ class Diffusion(nn.Module):
 
 @torch.no_grad()
 def generate(model, diffusion, labels, device, precision="fp32", cfg=None, *, seed=0, data_size=None, num_frames=0,
-             progress=None, callback=None):
+             progress=None, callback=None, init=None, strength=1.0):
     """Sample one image per label in ``precision`` with ``cfg`` (a SampleConfig: sampler, steps, eta, guidance;
     the defaults when None) through ``Diffusion.sample``; returns (uint8 images (N, H, W), list of uint8 frames).
     ``callback`` is Diffusion.sample's: it sees each step's x0 estimate in the model's range, not uint8.
 
     A torch.Generator seeded with ``seed`` makes the result the same on every run; images are
-    resized back to ``data_size`` (the data set's side) when the model works at another size."""
+    resized back to ``data_size`` (the data set's side) when the model works at another size. ``init`` and
+    ``strength``: image to image, as Diffusion.sample (init in the model's range and size)."""
     cfg = cfg or SampleConfig()
     g = torch.Generator(device).manual_seed(seed)
     labels = labels.to(device)
@@ -324,5 +336,6 @@ def generate(model, diffusion, labels, device, precision="fp32", cfg=None, *, se
     with autocast(device, precision):
         x, frames = diffusion.sample(model, labels, shape, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
                                      guidance=cfg.guidance, guidance_interval=cfg.guidance_interval, generator=g,
-                                     num_frames=num_frames, progress=progress, callback=callback)
+                                     num_frames=num_frames, progress=progress, callback=callback,
+                                     init=None if init is None else init.to(device), strength=strength)
     return to_uint8(x, data_size), [to_uint8(f, data_size) for f in frames]

@@ -212,3 +212,25 @@ def test_a_checkpoint_saved_before_the_objective_existed_reads_as_eps():
     cfg = from_saved(DiffusionConfig, saved)
     assert (cfg.objective, cfg.t_sampling, cfg.zero_terminal_snr) == ("eps", "uniform", False)
     assert from_saved(DiffusionConfig, {**saved, "objective": "v"}).objective == "v"
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_image_to_image_at_strength_0_and_1(sampler):
+    """SDEdit's two ends: strength 0 returns the input, strength 1 is plain sampling from the same noise; between,
+    the result keeps more of the input the lower the strength."""
+    from config import ModelConfig, preset_config
+    from unet import UNet
+    torch.manual_seed(0)
+    model = UNet(preset_config(ModelConfig, "tiny")).eval()
+    d = Diffusion(timesteps=50)
+    init = torch.rand((3, 1, 28, 28), generator=torch.Generator().manual_seed(3)) * 2 - 1
+
+    def run(**kw):
+        return d.sample(model, torch.arange(3), (3, 1, 28, 28), sampler=sampler, steps=5, guidance=2.0,
+                        generator=torch.Generator().manual_seed(0), **kw)[0]
+    assert torch.equal(run(init=init, strength=0.0), init)
+    assert torch.equal(run(init=init, strength=1.0), run())
+    near, far = ((run(init=init, strength=s) - init).abs().mean() for s in (0.3, 0.9))
+    assert near < far
+    with pytest.raises(ValueError, match="strength must be in"):
+        run(init=init, strength=-0.5)
