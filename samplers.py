@@ -49,24 +49,29 @@ def sample_ddpm(denoise, x, ts, sched, *, generator=None, on_step=None, **_):
     return x  # at t = 0 the posterior mean is x0 itself (its second coefficient is 0)
 
 
-def sample_ddim(denoise, x, ts, sched, *, eta=0.0, generator=None, on_step=None, **_):
-    """Eq. 12 of Song et al.: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - s^2) eps + s z, eps implied by the clipped x0."""
-    ab_all = sched.alphas_cumprod
+def _walk(denoise, x, ts, step, on_step):
+    """The loop the ODE samplers share: estimate x0 at each step, then ``step(x, x0, t, s)`` to the next step s;
+    the last step lands on its estimate x0."""
     x0 = x
     for i, t in enumerate(ts):
         x0 = denoise(x, t)
-        if i + 1 == len(ts):
-            x = x0
-        else:
-            ab, ab_prev = ab_all[t], ab_all[ts[i + 1]]
-            eps = _eps_from_x0(x, x0, ab)  # consistent with the clipped x0
-            sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-            x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp_min(0).sqrt() * eps
-            if eta > 0:
-                x = x + sigma * _noise_like(x, generator)
+        x = x0 if i + 1 == len(ts) else step(x, x0, t, ts[i + 1])
         if on_step:
             on_step(i, x, x0)
     return x
+
+
+def sample_ddim(denoise, x, ts, sched, *, eta=0.0, generator=None, on_step=None, **_):
+    """Eq. 12 of Song et al.: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - s^2) eps + s z, eps implied by the clipped x0."""
+    ab_all = sched.alphas_cumprod
+
+    def step(x, x0, t, s):
+        ab, ab_prev = ab_all[t], ab_all[s]
+        eps = _eps_from_x0(x, x0, ab)  # consistent with the clipped x0
+        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp_min(0).sqrt() * eps
+        return x + sigma * _noise_like(x, generator) if eta > 0 else x
+    return _walk(denoise, x, ts, step, on_step)
 
 
 def sample_dpmpp_2m(denoise, x, ts, sched, *, on_step=None, **_):
@@ -77,25 +82,20 @@ def sample_dpmpp_2m(denoise, x, ts, sched, *, on_step=None, **_):
     (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1} with r = h_{i-1} / h_i. e^-h is computed as the ratio
     (alpha_t sigma_s) / (sigma_t alpha_s), which stays finite where abar_t = 0 (zero terminal SNR)."""
     ab_all = sched.alphas_cumprod
-    x0_prev, h_prev, x0 = None, None, x
-    for i, t in enumerate(ts):
-        x0 = denoise(x, t)
-        if i + 1 == len(ts):  # to sigma = 0: the estimate itself (first order, as the solver ends)
-            x = x0
-        else:
-            ab, ab_s = ab_all[t], ab_all[ts[i + 1]]
-            alpha_t, sigma_t, alpha_s, sigma_s = ab.sqrt(), (1 - ab).sqrt(), ab_s.sqrt(), (1 - ab_s).sqrt()
-            exp_neg_h = alpha_t * sigma_s / (sigma_t * alpha_s)
-            h = -torch.log(exp_neg_h) if alpha_t > 0 else torch.tensor(math.inf)
-            d = x0
-            if x0_prev is not None and math.isfinite(h_prev):
-                r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-            x = (sigma_s / sigma_t) * x - alpha_s * (exp_neg_h - 1) * d
-            x0_prev, h_prev = x0, float(h)
-        if on_step:
-            on_step(i, x, x0)
-    return x
+    prev = {}  # the previous step's x0 and h
+
+    def step(x, x0, t, s):
+        ab, ab_s = ab_all[t], ab_all[s]
+        alpha_t, sigma_t, alpha_s, sigma_s = ab.sqrt(), (1 - ab).sqrt(), ab_s.sqrt(), (1 - ab_s).sqrt()
+        exp_neg_h = alpha_t * sigma_s / (sigma_t * alpha_s)
+        h = float(-torch.log(exp_neg_h)) if alpha_t > 0 else math.inf
+        d = x0
+        if prev and math.isfinite(prev["h"]):
+            r = prev["h"] / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev["x0"]
+        prev.update(x0=x0, h=h)
+        return (sigma_s / sigma_t) * x - alpha_s * (exp_neg_h - 1) * d
+    return _walk(denoise, x, ts, step, on_step)
 
 
 def sample_heun(denoise, x, ts, sched, *, on_step=None, **_):
@@ -104,25 +104,17 @@ def sample_heun(denoise, x, ts, sched, *, on_step=None, **_):
     The ODE is dx_hat/dsigma = eps (the noise implied by x0); Euler gives x_hat' = x_hat + (sigma_s - sigma_t) eps,
     Heun averages eps at both ends. A step from abar = 0 (sigma infinite) is taken as DDIM's, which is its limit."""
     ab_all = sched.alphas_cumprod
-    x0 = x
-    for i, t in enumerate(ts):
-        x0 = denoise(x, t)
-        if i + 1 == len(ts):
-            x = x0
-        else:
-            s = ts[i + 1]
-            ab, ab_s = ab_all[t], ab_all[s]
-            eps = _eps_from_x0(x, x0, ab)
-            x_s = ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * eps  # the Euler step (DDIM)
-            if ab > 0:
-                eps_s = _eps_from_x0(x_s, denoise(x_s, s), ab_s)
-                sig, sig_s = ((1 - ab) / ab).sqrt(), ((1 - ab_s) / ab_s).sqrt()
-                x_hat = x / ab.sqrt() + (sig_s - sig) * (eps + eps_s) / 2
-                x_s = ab_s.sqrt() * x_hat
-            x = x_s
-        if on_step:
-            on_step(i, x, x0)
-    return x
+
+    def step(x, x0, t, s):
+        ab, ab_s = ab_all[t], ab_all[s]
+        eps = _eps_from_x0(x, x0, ab)
+        x_s = ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * eps  # the Euler step (DDIM)
+        if ab == 0:
+            return x_s
+        eps_s = _eps_from_x0(x_s, denoise(x_s, s), ab_s)
+        sig, sig_s = ((1 - ab) / ab).sqrt(), ((1 - ab_s) / ab_s).sqrt()
+        return ab_s.sqrt() * (x / ab.sqrt() + (sig_s - sig) * (eps + eps_s) / 2)
+    return _walk(denoise, x, ts, step, on_step)
 
 
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp-2m": sample_dpmpp_2m, "heun": sample_heun}
