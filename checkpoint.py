@@ -29,7 +29,7 @@ import struct
 
 import torch
 
-from config import DiffusionConfig, ModelConfig, from_saved
+from config import CKPT_NAME, DiffusionConfig, ModelConfig, from_saved
 from errors import UserError
 from files import atomic_write, file_kind
 from diffusion import Diffusion
@@ -146,7 +146,9 @@ def load_checkpoint(path, map_location="cpu", kind="base"):
         if kind == "base" and file_kind(path) == "adapter folder":
             raise CheckpointError(f"{path!r} is a LoRA adapter folder, not a base checkpoint: pass it with --lora, "
                                   "and the base it was trained on (a ckpt.pt) with --ckpt")
-        raise CheckpointError(f"{noun} {path!r} is a folder, not a checkpoint file")
+        inside = os.path.join(path, CKPT_NAME)
+        hint = f": pass {inside!r}, the checkpoint train.py wrote in it" if os.path.isfile(inside) else ""
+        raise CheckpointError(f"{noun} {path!r} is a folder, not a checkpoint file{hint}")
     problem = _zip_problem(path)
     if problem:
         raise CheckpointError(f"{path!r} is not a readable {noun} (truncated or corrupt: {problem}); re-create it")

@@ -430,3 +430,19 @@ def test_a_base_and_an_adapter_given_for_each_other_are_named_with_the_flag_that
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and expected in err[0], err
         assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_a_run_folder_given_as_ckpt_names_the_checkpoint_inside(tiny_ckpt, tmp_path, capsys):
+    """--ckpt out (the folder train.py wrote) is refused in one line that names out/ckpt.pt, the file it holds."""
+    import denoise
+    folder = os.path.dirname(str(tiny_ckpt))
+    with pytest.raises(SystemExit) as e:
+        denoise.main(["--ckpt", folder, "--out-dir", str(tmp_path / "out"), "--steps", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert f"is a folder, not a checkpoint file: pass {os.path.join(folder, 'ckpt.pt')!r}" in err[0], err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:  # a folder without one gets no such hint
+        denoise.main(["--ckpt", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "out"), "--steps", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is a folder, not a checkpoint file" in err and "pass" not in err.split("file")[-1]
