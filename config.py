@@ -319,9 +319,9 @@ class LoraConfig:
                                                                     in STYLE_T_RANGE.items()) + ")",
                                   item=float, ge=0.0, le=1.0)
     # own style data (styles.py): a folder or an .npz of the user's digits, made MNIST-like, instead of --style
-    data: str = setting("", "a folder of 0..9 subfolders of images (any format, size, mode) or an .npz (images "
-                        "uint8 N x 28 x 28, labels): the fine-tune's digits instead of --style's (default: none, "
-                        "--style's)", group="data")
+    data: str = setting("", "a folder of 0..9 subfolders of images, or of images named by their digit (7_a.png; "
+                        "any format, size, mode), or an .npz (images uint8 N x 28 x 28, labels): the fine-tune's "
+                        "digits instead of --style's (default: none, --style's)", group="data")
     # off by default, as kohya's --flip_aug/--color_aug and diffusers' --random_flip are: on a typeface's digits,
     # 10 or 20 a label, augmenting cost 35-36 points of style share and doubled the distance to the style
     # (experiments/own_style); the digits are centred by their mass, and a shifted or turned copy teaches the

@@ -1,6 +1,7 @@
 """Style data sets: a user's own digits (a folder of images, an .npz) or a font's, made MNIST-like.
 
     DIR/0/*.png, DIR/1/*.jpg, ...     any subset of the labels 0..9, any format, size and mode Pillow reads
+    DIR/7_a.png, DIR/3-b.jpg, ...     or labelled by name (label_from_name: the page's uploads follow one rule)
     FILE.npz                          images uint8 (N, 28, 28) and labels (N,), as denoise.py writes them
     font:NAME                         digits rendered from a TrueType font matplotlib ships (font_names())
 
@@ -228,23 +229,27 @@ def preprocess_image(img, where="image"):
 
 # ------------------------------------------------------------------ a folder of images
 
-def _open_image(path):
-    """The file's single frame as a PIL image, fully decoded; a StyleDataError naming the file otherwise."""
+def open_image(source, where=None):
+    """The single frame of ``source`` (a path, or a binary file object such as an upload's bytes) as a PIL image,
+    fully decoded; a StyleDataError naming ``where`` (default: the path) otherwise. --data and the page's uploads
+    both read images here."""
     from PIL import Image, UnidentifiedImageError
 
-    if os.path.getsize(path) == 0:
-        raise StyleDataError(f"{path!r} is empty (0 bytes): remove it, or save the image again")
+    where = where or repr(source)
+    size = os.path.getsize(source) if isinstance(source, (str, os.PathLike)) else len(source.getbuffer())
+    if size == 0:
+        raise StyleDataError(f"{where} is empty (0 bytes): remove it, or save the image again")
     limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             # Pillow only warns between its limit and twice it; an image that large is not a digit either way
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 frames = getattr(img, "n_frames", 1)
                 if frames > 1:
                     # refused rather than taking the first frame: in an animation (a stroke being drawn) the
                     # digit is whole only in some frame, and which one is the user's to say
-                    raise StyleDataError(f"{path!r} has {frames} frames (animated or multi-page): save the "
+                    raise StyleDataError(f"{where} has {frames} frames (animated or multi-page): save the "
                                          "frame that shows the digit as its own image")
                 from PIL import ImageOps
 
@@ -256,15 +261,39 @@ def _open_image(path):
     except StyleDataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise StyleDataError(f"{path!r} has more pixels than Pillow's decompression-bomb limit ({limit:,}): "
+        raise StyleDataError(f"{where} has more pixels than Pillow's decompression-bomb limit ({limit:,}): "
                              "scale it down (a digit needs a few hundred pixels a side)") from None
     except UnidentifiedImageError:
-        raise StyleDataError(f"{path!r} is not an image Pillow can read: remove it, or save it as "
+        raise StyleDataError(f"{where} is not an image Pillow can read: remove it, or save it as "
                              f"{IMAGE_EXTENSIONS_HINT}") from None
     # a truncated or corrupt file fails while decoding, with whichever of these its decoder raises
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, zlib.error) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise StyleDataError(f"{path!r} is truncated or corrupt ({why}): save the image again") from None
+        raise StyleDataError(f"{where} is truncated or corrupt ({why}): save the image again") from None
+
+
+def read_digit(source, where=None):
+    """An image file (a path or a binary file object) -> (uint8 (28, 28) MNIST-like, whether it was inverted):
+    open_image, then preprocess_image's steps. --data's folders and the page's uploads both come through here."""
+    where = where or repr(source)
+    img = open_image(source, where)
+    try:
+        gray = _gray(img)
+    except ValueError as e:
+        raise StyleDataError(f"{where}: {e}; save it as an 8- or 16-bit image") from None
+    return _preprocess(gray, where)
+
+
+def label_from_name(path):
+    """The label a style image's path gives it, or None: the nearest folder named by one digit (``7/a.png``,
+    ``digits/7/a.png``), else a file name that starts with the digit and then ``_``, ``-``, ``.`` or a space
+    (``7_a.png``, ``7.png``). The one rule for --data's folders, the page's uploads and the zips they send."""
+    parts = [p for p in re.split(r"[\\/]", str(path)) if p]
+    for folder in reversed(parts[:-1]):
+        if re.fullmatch(r"[0-9]", folder):
+            return int(folder)
+    m = re.match(r"([0-9])(?:[_\-. ]|$)", os.path.splitext(parts[-1])[0] + " ") if parts else None
+    return int(m.group(1)) if m else None
 
 
 def _visible(names):
@@ -272,7 +301,8 @@ def _visible(names):
 
 
 def _folder_files(folder):
-    """[(label, path)] of DIR/0..9/*, sorted; StyleDataError for a layout that is not DIR/<label>/<image>."""
+    """[(label, path)] of DIR/0..9/* and of DIR's loose files named by their label (DIR/7_a.png), labelled by
+    label_from_name and sorted; StyleDataError for anything else in DIR."""
     entries = _visible(os.listdir(folder))
     subdirs = [n for n in entries if os.path.isdir(os.path.join(folder, n))]
     loose = [n for n in entries if n not in subdirs]
@@ -281,17 +311,19 @@ def _folder_files(folder):
         shown = ", ".join(repr(n) for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise StyleDataError(f"{folder!r}: subfolders must be named by their digit, 0..9; found {shown}: rename "
                              "them, or move them out")
-    if loose:
-        raise StyleDataError(f"{folder!r} holds files outside the 0..9 subfolders ({loose[0]!r}"
-                             f"{f' and {len(loose) - 1} more' if len(loose) > 1 else ''}): put each image in the "
-                             "subfolder of its label, e.g. 7/")
-    files = []
+    unlabelled = [n for n in loose if label_from_name(n) is None]
+    if unlabelled:
+        raise StyleDataError(f"{folder!r} holds files outside the 0..9 subfolders whose names give no label "
+                             f"({unlabelled[0]!r}{f' and {len(unlabelled) - 1} more' if len(unlabelled) > 1 else ''}"
+                             "): put each image in the subfolder of its label, e.g. 7/, or start its name with "
+                             "the digit, 7_a.png")
+    files = [(label_from_name(n), os.path.join(folder, n)) for n in loose]
     for sub in subdirs:
         for n in _visible(os.listdir(os.path.join(folder, sub))):
             p = os.path.join(folder, sub, n)
             if os.path.isdir(p):
                 raise StyleDataError(f"{p!r} is a folder: images go directly into {os.path.join(folder, sub)!r}")
-            files.append((int(sub), p))
+            files.append((label_from_name(os.path.join(sub, n)), p))
     if not files:
         raise StyleDataError(f"{folder!r} holds no images: put them in subfolders named by their label, "
                              f"{os.path.join(folder, '7', 'a.png')!r} and so on")
@@ -301,12 +333,7 @@ def _folder_files(folder):
 def _load_folder(folder):
     images, labels, inverted = [], [], 0
     for label, path in _folder_files(folder):
-        img = _open_image(path)
-        try:
-            gray = _gray(img)
-        except ValueError as e:
-            raise StyleDataError(f"{path!r}: {e}; save it as an 8- or 16-bit image") from None
-        arr, inv = _preprocess(gray, repr(path))
+        arr, inv = read_digit(path)
         images.append(arr)
         labels.append(label)
         inverted += inv
