@@ -754,6 +754,15 @@ def check_same_base(adapters):
                             f"({known[0][1]} vs {fp}); use adapters of one base (or --force)")
 
 
+def adapter_name(path, taken=()):
+    """The name an adapter at ``path`` is held by in a model: its folder's name, a dot made "_" (a module name
+    holds none), and "+" added until it is none of ``taken``. denoise.py's --lora and the page both use it."""
+    name = os.path.basename(os.path.normpath(str(path or "adapter"))).replace(".", "_") or "adapter"
+    while name in taken:
+        name += "+"
+    return name
+
+
 def attach_adapters(model, adapters, base_fingerprint, force=False):
     """Apply several adapters side by side, each at its own weight (``adapter.weight``), to one model.
 
@@ -763,9 +772,7 @@ def attach_adapters(model, adapters, base_fingerprint, force=False):
         check_same_base(adapters)
     names = []
     for ad in adapters:
-        name = os.path.basename(os.path.normpath(str(ad.path or "adapter"))).replace(".", "_") or "adapter"
-        while name in names:
-            name += "+"
+        name = adapter_name(ad.path, names)
         names.append(name)
         apply_adapter(model, resolve_kohya_names(ad, model), base_fingerprint, force=force, name=name,
                       weight=ad.weight)

@@ -250,6 +250,24 @@ def add_config_args(parser, cls, skip=()):
             group.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, metavar=metavar, help=help_text)
 
 
+def config_flags(cfg, base=None):
+    """The flags that give ``cfg`` to a script whose parser add_config_args built: one per field whose value
+    differs from ``base`` (every field when None), spelled as add_config_args spells them. The way back from a
+    dataclass to a command line, so that a command one program writes for another is never typed out by hand."""
+    out = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if base is not None and value == getattr(base, f.name):
+            continue
+        if isinstance(value, bool):
+            out.append(_flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, tuple):
+            out += [_flag(f.name), ",".join(map(repr if value and isinstance(value[0], float) else str, value))]
+        else:
+            out += [_flag(f.name), repr(value) if isinstance(value, float) else str(value)]
+    return out
+
+
 def config_from_args(args, cls, preset="fast", saved=None):
     """Build ``cls`` from a parsed namespace: preset values, then a --config file's, then the flags the user gave.
 
