@@ -1,0 +1,501 @@
+"""The page's model and adapters: sampling as denoise.py samples, adapters held side by side by name, a weight
+sweep, the base against the adapters, and saving a grid. No Gradio here; app.py wires the page's widgets to it.
+
+    studio = Studio("out/ckpt.pt", "out", ["~/adapters"], device=torch.device("cpu"))
+    request = studio.request(labels=["3", "7"], n_per_label=2, seed=5)   # checked: one PageError line if wrong
+    grid = studio.sample(request, {"italic": 0.5})   # denoise.py --labels 3,7 --n-per-label 2 --seed 5 --lora ..:0.5
+
+The Studio holds what every visitor shares: the model, loaded once, and the adapters attached to it. What one
+visitor chose (the weights, the grid, the drawings) is passed in on every call and never kept here, so that
+two visitors' weights never mix: each call sets every adapter's weight from its own ``weights`` (an adapter it
+does not name is at 0) under the model's lock.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import queue
+import re
+import threading
+
+import numpy as np
+import torch
+
+from adapter import WEIGHTS_NAME, adapter_name, adapter_size, apply_adapter, load_adapter, resolve_kohya_names
+from checkpoint import load_pipeline
+from config import DEFAULT_OUT_DIR, SEED_MAX, WEIGHT_RANGE, SampleConfig, preset_config
+from dataset import tile_grid, to_uint8
+from diffusion import generate
+from errors import UserError
+from files import atomic_write, check_writable_dir
+from lora import set_lora_weight
+
+SWEEP_WEIGHTS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)  # the sweep's columns: the span the sliders show
+MAX_IMAGES = 200  # samples one request may ask for (labels x per label): a minute of CPU at the default steps
+MAX_PER_LABEL = 20
+UPSCALE = 4  # 28-pixel digits shown 4x, nearest-neighbour (pictures are for people)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
+APP_DIR = "app"  # under --out-dir: saved grids, style data, fine-tunes and the page's upload cache
+ADAPTER_DEPTH = 4  # folders below a root searched for adapters
+
+
+class PageError(UserError):
+    """A request the page refuses: shown on the page in one line, the server keeps serving."""
+
+
+# ------------------------------------------------------------------ paths and names
+
+def inside(real, roots):
+    """Whether the resolved path ``real`` is one of ``roots`` (resolved) or lies below one."""
+    return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def safe_path(path, roots, base=None):
+    """``path`` resolved (symlinks, ``..``) if it lies inside one of ``roots``, else a PageError.
+
+    A relative path is taken from ``base`` (default: the first root). The check is on the real path,
+    so a symlink inside a root that points out of it is refused like ``../`` or an absolute path."""
+    if not isinstance(path, str) or not path.strip() or "\x00" in path:
+        raise PageError(f"path {shown(path)} is empty or not a path; give a folder inside the page's folders")
+    text = path.strip()
+    real_roots = [os.path.realpath(r) for r in roots]
+    real = os.path.realpath(text if os.path.isabs(text) else os.path.join(base or real_roots[0], text))
+    if inside(real, real_roots):
+        return real
+    raise PageError(f"path {text!r} is outside the folders this page may use ({', '.join(real_roots)}); "
+                    "pick a path inside one of them")
+
+
+def check_adapter_files(folder, roots):
+    """Every file and folder inside adapter ``folder``, links resolved, lies inside ``roots``; else a PageError
+    naming the first that leaves them (a link to a file elsewhere would be read as if it were here)."""
+    real_roots = [os.path.realpath(r) for r in roots]
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            if not inside(os.path.realpath(p), real_roots):
+                raise PageError(f"{p!r} links to {os.path.realpath(p)!r}, outside the page's folders; copy the "
+                                "file in instead of linking it")
+        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+
+
+def check_name(name, what="name"):
+    if not isinstance(name, str) or not NAME_RE.match(name.strip()):
+        raise PageError(f"{what} {shown(name)}: use 1 to 40 letters, digits, - or _ (no spaces, no slashes)")
+    return name.strip()
+
+
+def find_adapter_folders(root, skip=()):
+    """Folders under ``root`` holding an adapter (adapter_model.safetensors), hidden folders and ``skip`` left out.
+
+    Symlinked folders are not followed: a link inside a root can point anywhere."""
+    found = []
+    root = os.path.realpath(root)
+    skip = {os.path.realpath(s) for s in skip}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.realpath(os.path.join(dirpath, d)) not in skip)
+        if dirpath.count(os.sep) - root.count(os.sep) >= ADAPTER_DEPTH:
+            dirnames[:] = []
+        if WEIGHTS_NAME in filenames and os.path.realpath(dirpath) not in skip:
+            found.append(dirpath)
+    return found
+
+
+# ------------------------------------------------------------------ what a request may ask
+
+def shown(value):
+    """``value`` as an error message quotes it: at most 60 characters (a request can send anything)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4300 digits has no repr
+        return "a number too long to show"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def whole(value, what, lo, hi):
+    """``value`` as an int if it is a whole number (an int, or a float such as 2.0) in lo..hi, else a PageError.
+
+    Checked here, on what the page sent: a seed of 1.5 is refused, never rounded to 2."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise PageError(f"{what} must be a whole number, got {shown(value)}")
+    if not lo <= value <= hi:
+        raise PageError(f"{what} must be in {lo}..{hi}, got {shown(value)}")
+    return int(value)
+
+
+def number(value, what, lo, hi):
+    """``value`` as a float if it is a finite number in lo..hi, else a PageError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:  # NaN fails too
+        raise PageError(f"{what} must be a number from {lo:g} to {hi:g}, got {shown(value)}")
+    return float(value)
+
+
+def check_labels(labels, num_classes):
+    """The labels ticked (strings "0".."9" from the page, or ints) as a tuple of ints; a PageError otherwise."""
+    if not isinstance(labels, (list, tuple)):
+        raise PageError(f"labels must be a list of digits, got {shown(labels)}")
+    if not labels:
+        raise PageError("pick at least one label")
+    out = []
+    for v in labels:
+        if isinstance(v, str) and re.fullmatch(r"[0-9]{1,5}", v):
+            v = int(v)
+        if isinstance(v, str):
+            raise PageError(f"labels must be digits in 0..{num_classes - 1}, got {shown(v)}")
+        out.append(whole(v, "each label", 0, num_classes - 1))
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+    """A checked request: which labels, how many of each, the seed, and the sampler's settings."""
+    labels: tuple
+    n_per_label: int
+    seed: int
+    cfg: SampleConfig
+
+    def steps_run(self, timesteps):
+        return self.cfg.steps if self.cfg.sampler == "ddim" else timesteps
+
+
+@dataclasses.dataclass
+class AdapterEntry:
+    """One adapter the page lists: its name in the model, where it is, what it is, or why it is not loaded."""
+    name: str
+    path: str
+    style: str | None
+    r: int
+    size: int  # bytes of the shared files
+    where: str  # the folder as the page shows it (relative to its root)
+    problem: str | None = None  # set when it is listed but not attached (another base, unreadable)
+
+    def describe(self):
+        return f"{self.where}: style {self.style or 'unknown'}, rank {self.r}, {self.size / 1024:.0f} KB"
+
+
+@dataclasses.dataclass
+class Grid:
+    """A sampled grid: the images as denoise.py's .npz holds them, the tiled picture, and what made it."""
+    images: torch.Tensor  # uint8 (N, H, W), label by label, n_per_label each
+    labels: torch.Tensor  # int64 (N,)
+    picture: np.ndarray  # uint8 (rows, cols): denoise.py's samples.png, a column per label
+    settings: dict
+    display: np.ndarray  # uint8: the picture upscaled, with the labels above the columns
+
+
+# ------------------------------------------------------------------ pictures
+
+def label_columns(images, num_labels, n_per_label):
+    """denoise.py's layout: one column per label, ``n_per_label`` rows, as one uint8 picture."""
+    order = torch.arange(len(images)).view(num_labels, n_per_label).T.flatten()
+    return tile_grid(images[order], nrow=num_labels).numpy()
+
+
+def annotate(picture, col_titles=(), row_titles=(), cell=30, pad=2, title=None):
+    """The picture upscaled UPSCALE x with a label above each column and left of each row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.fromarray(picture).resize((picture.shape[1] * UPSCALE, picture.shape[0] * UPSCALE), Image.NEAREST)
+    try:
+        font = ImageFont.load_default(size=14)
+    except (TypeError, ImportError, OSError):  # Pillow without FreeType: its small bitmap font
+        font = ImageFont.load_default()
+    top = 22 * (bool(col_titles) + bool(title))
+    left = 36 if row_titles else 0
+    width = img.width + left
+    if title:  # a grid of one label is narrower than its title: widen the white margin, not the grid
+        width = max(width, left + 8 + int(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(title, font=font)))
+    out = Image.new("L", (width, img.height + top), 255)
+    out.paste(img, (left, top))
+    draw = ImageDraw.Draw(out)
+    if title:
+        draw.text((left + 4, 3), title, fill=0, font=font)
+    step = (cell + pad) * UPSCALE
+    for i, text in enumerate(col_titles):
+        draw.text((left + pad * UPSCALE + i * step + 4, top - 19), str(text), fill=0, font=font)
+    for i, text in enumerate(row_titles):
+        draw.text((4, top + pad * UPSCALE + i * step + step // 3), str(text), fill=0, font=font)
+    return np.asarray(out)
+
+
+def weights_text(weights):
+    return ", ".join(f"{k} {w:g}" for k, w in weights.items()) or "no adapter"
+
+
+# ------------------------------------------------------------------ the studio
+
+class Studio:
+    """The model and its adapters, loaded once and shared by every request; sampling holds ``lock``, since an
+    adapter's weight is state of the one model."""
+
+    def __init__(self, ckpt, out_dir=DEFAULT_OUT_DIR, lora_dirs=(), *, device="cpu", precision="fp32", weights="ema",
+                 preset="fast", seed=0, log=print):
+        check_writable_dir(out_dir, "--out-dir")
+        self.out_dir = os.path.realpath(out_dir)
+        self.lora_dirs = [os.path.realpath(d) for d in lora_dirs]
+        for d in self.lora_dirs:
+            if not os.path.isdir(d):
+                raise PageError(f"--lora-dir {d!r} is not a folder")
+        self.roots = [self.out_dir, *self.lora_dirs]
+        self.ckpt = os.path.realpath(ckpt)
+        self.device, self.precision, self.weights, self.preset = device, precision, weights, preset
+        self.seed = seed  # the page's first seed
+        self.log = log
+        self.lock = threading.RLock()
+        self.pipe = load_pipeline(ckpt, device, weights)
+        self.pipe.model.requires_grad_(False)
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.adapters = {}  # name -> AdapterEntry, in the order found
+        self._set = {}  # name -> the weight the model holds now (a cache: every call sets its own)
+        self.scan_adapters()
+
+    @property
+    def model(self):
+        return self.pipe.model
+
+    @property
+    def num_classes(self):
+        return self.pipe.model.num_classes
+
+    @property
+    def timesteps(self):
+        return self.pipe.diffusion.timesteps
+
+    # --------------------------------------------------------- adapters
+
+    def scan_adapters(self, skip=()):
+        """Attach the adapters under --out-dir and --lora-dir not listed yet (``skip``: folders being written);
+        one that cannot be attached is listed with its reason. Returns the new entries."""
+        known = {e.path for e in self.adapters.values()}
+        added = []
+        for root in self.roots:
+            for folder in find_adapter_folders(root, skip):
+                if os.path.realpath(folder) not in known:
+                    added.append(self.add_adapter(folder, keep_problem=True))
+                    known.add(added[-1].path)
+        return added
+
+    def add_adapter(self, path, keep_problem=False):
+        """Attach the adapter folder ``path`` (inside the page's folders, every file in it too) at weight 0.
+
+        One that cannot be attached is a PageError and leaves nothing behind, unless ``keep_problem`` (a
+        scan): then it is listed with its reason, so the page can say why it has no slider."""
+        path = safe_path(path, self.roots)
+        if any(e.path == path for e in self.adapters.values()):
+            raise PageError(f"{path!r} is listed already")
+        root = next(r for r in self.roots if inside(path, [r]))
+        where = os.path.relpath(path, os.path.dirname(root))
+        name = adapter_name(path, self.adapters)
+        try:
+            check_adapter_files(path, self.roots)
+            ad = load_adapter(path)
+            with self.lock:
+                apply_adapter(self.model, resolve_kohya_names(ad, self.model), self.pipe.fingerprint, name=name,
+                              weight=0.0, force_flag=None)
+        except UserError as e:
+            if not keep_problem:
+                raise PageError(f"{where} is not loaded: {e}") from None
+            self.log(f"app: {path} is listed but not loaded: {e}")
+            entry = AdapterEntry(name, path, None, 0, 0, where, problem=str(e))
+        else:
+            entry = AdapterEntry(name, path, ad.style, int(ad.r), adapter_size(path), where)
+            self._set[name] = 0.0
+        self.adapters[name] = entry
+        return entry
+
+    def usable(self):
+        return [e for e in self.adapters.values() if e.problem is None]
+
+    def check_weights(self, weights):
+        """{name: weight} checked: each a loaded adapter, each weight a number within config.WEIGHT_RANGE (the
+        one range --lora PATH:WEIGHT has; the sliders show a narrower span). Returns it with floats."""
+        if weights is None:
+            return {}
+        if not isinstance(weights, dict):
+            raise PageError(f"weights must be a mapping of adapter names to numbers, got {shown(weights)}")
+        out = {}
+        for name, w in weights.items():
+            entry = self.adapters.get(name) if isinstance(name, str) else None
+            if entry is None or entry.problem is not None:
+                raise PageError(f"no loaded adapter named {shown(name)}; refresh the page")
+            out[name] = number(w, f"the weight of {name!r}", *WEIGHT_RANGE)
+        return out
+
+    def _apply(self, weights):
+        """Every loaded adapter at its weight in ``weights`` (checked), 0 where it has none; under ``lock``."""
+        for e in self.usable():
+            w = weights.get(e.name, 0.0)
+            if self._set[e.name] != w:
+                set_lora_weight(self.model, w, e.name)
+                self._set[e.name] = w
+
+    # --------------------------------------------------------- sampling
+
+    def request(self, labels=None, n_per_label=1, seed=0, sampler=None, steps=None, guidance=None):
+        """A SampleRequest from what the page sent, every value checked as sent (types, whole numbers, ranges);
+        the sampler's settings through SampleConfig, with its limits. None: the preset's default."""
+        defaults = preset_config(SampleConfig, self.preset)
+        labels = check_labels(list(range(self.num_classes)) if labels is None else labels, self.num_classes)
+        n = whole(n_per_label, "samples per label", 1, MAX_PER_LABEL)
+        if len(labels) * n > MAX_IMAGES:
+            raise PageError(f"{n} x {len(labels)} labels is over {MAX_IMAGES} samples; ask for fewer")
+        seed = whole(seed, "seed", 0, SEED_MAX)
+        steps = whole(defaults.steps if steps is None else steps, "steps", 1, self.timesteps)
+        guidance = defaults.guidance if guidance is None else guidance
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+            raise PageError(f"guidance must be a number, got {shown(guidance)}")
+        try:
+            guidance = float(guidance)
+        except OverflowError:  # an int past float's range: SampleConfig names the bound it breaks
+            guidance = math.inf if guidance > 0 else -math.inf
+        try:
+            cfg = dataclasses.replace(defaults, sampler=defaults.sampler if sampler is None else sampler,
+                                      steps=steps, guidance=guidance)
+        except (ValueError, TypeError) as e:
+            raise PageError(str(e)) from None
+        return SampleRequest(labels, n, seed, cfg)
+
+    def _generate(self, labels, req, callback=None):
+        images, _ = generate(self.model, self.pipe.diffusion, labels, device=self.device, precision=self.precision,
+                             cfg=req.cfg, seed=req.seed, data_size=self.pipe.data_size, callback=callback)
+        return images
+
+    def sample(self, req, weights=None, callback=None):
+        """denoise.py's samples for ``req`` at ``weights`` ({name: weight}): its seeding, sampler call and layout."""
+        weights = self.check_weights(weights)
+        label_t = torch.tensor(req.labels).repeat_interleave(req.n_per_label)
+        with self.lock:
+            self._apply(weights)
+            images = self._generate(label_t, req, callback)
+        picture = label_columns(images, len(req.labels), req.n_per_label)
+        on = {k: w for k, w in weights.items() if w != 0}
+        info = dict(labels=list(req.labels), n_per_label=req.n_per_label, seed=req.seed,
+                    **dataclasses.asdict(req.cfg), weights=on, ckpt=self.ckpt, base_weights=self.weights,
+                    precision=self.precision, adapters={k: self.adapters[k].path for k in on})
+        title = f"{req.cfg.sampler} {req.steps_run(self.timesteps)} steps, guidance {req.cfg.guidance:g}, " \
+                f"seed {req.seed}" + (f", {weights_text(on)}" if on else "")
+        return Grid(images, label_t.to(torch.int64), picture, info, annotate(picture, req.labels, title=title))
+
+    def preview_picture(self, x0, req):
+        """The current x0 estimate (model range) as the grid will look."""
+        images = to_uint8(x0, self.pipe.data_size)
+        return annotate(label_columns(images, len(req.labels), req.n_per_label), req.labels)
+
+    def sweep(self, req, name, weights=None):
+        """Adapter ``name``'s weight across SWEEP_WEIGHTS (columns), a row per label, on the same noise; the other
+        adapters at ``weights``."""
+        weights = self.check_weights(weights)
+        if not isinstance(name, str) or name not in self.adapters or self.adapters[name].problem is not None:
+            raise PageError(f"pick a loaded adapter to sweep (got {shown(name)})")
+        labels = torch.tensor(sorted(set(req.labels)))
+        with self.lock:
+            cols = []
+            for w in SWEEP_WEIGHTS:
+                self._apply({**weights, name: w})
+                cols.append(self._generate(labels, req))
+        grid = torch.stack(cols, dim=1).flatten(0, 1)  # (labels x weights, H, W): a row per label
+        picture = tile_grid(grid, nrow=len(SWEEP_WEIGHTS)).numpy()
+        return annotate(picture, [f"{w:g}" for w in SWEEP_WEIGHTS], labels.tolist(),
+                        title=f"{name}: its weight across the columns, a row per label")
+
+    def compare(self, req, weights=None):
+        """The base (every adapter at 0) beside the adapters at ``weights``, on the same noise."""
+        on = {k: w for k, w in self.check_weights(weights).items() if w != 0}
+        if not on:
+            raise PageError("every adapter is at weight 0: move a slider first")
+        base, mixed = self.sample(req).picture, self.sample(req, on).picture
+        left, right = annotate(base, req.labels, title="base"), annotate(mixed, req.labels, title=weights_text(on))
+        gap = np.full((left.shape[0], 6 * UPSCALE), 255, dtype=np.uint8)
+        return np.concatenate([left, gap, right], 1)
+
+    def save(self, grid, name):
+        """The grid as denoise.py writes it (NAME.png, NAME.npz), the .npz also holding the settings, under out/app/."""
+        if not isinstance(grid, Grid):
+            raise PageError("nothing to save yet: sample a grid first")
+        name = check_name(name, "file name")
+        folder = os.path.join(self.out_dir, APP_DIR)
+        png = safe_path(os.path.join(folder, f"{name}.png"), [self.out_dir])
+        npz = safe_path(os.path.join(folder, f"{name}.npz"), [self.out_dir])
+        from PIL import Image
+
+        atomic_write(png, lambda tmp: Image.fromarray(grid.picture, mode="L").save(tmp, format="PNG"))
+
+        def write_npz(tmp):
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, images=grid.images.numpy(), labels=grid.labels.numpy().astype(np.int64),
+                                    settings=np.array(json.dumps(grid.settings)))
+        atomic_write(npz, write_npz)
+        return png, npz
+
+
+def iter_sample(studio, req, weights=None, every=None):
+    """Yield (step, steps, picture) every ``every`` steps while sampling, then the finished Grid.
+
+    Sampling runs in a thread that hands the x0 estimates over; closing the generator (the page went
+    away) stops it at the next step."""
+    weights = studio.check_weights(weights)  # refused here, before a thread starts
+    total = req.steps_run(studio.timesteps)
+    every = every or max(1, total // 10)
+    q = queue.Queue()
+    cancel = threading.Event()
+
+    def callback(i, n, x0):
+        if cancel.is_set():
+            raise _Cancelled
+        if (i + 1) % every == 0 and i + 1 < n:
+            q.put(("step", i + 1, n, x0.detach().float().cpu()))
+
+    def work():
+        try:
+            q.put(("done", studio.sample(req, weights, callback)))
+        except _Cancelled:
+            q.put(("cancelled",))
+        except BaseException as e:  # noqa: BLE001 -- handed to the page's thread, which raises it there
+            q.put(("error", e))
+
+    threading.Thread(target=work, daemon=True, name="sample").start()
+    try:
+        while True:
+            item = q.get()
+            if item[0] == "step":
+                yield item[1], item[2], studio.preview_picture(item[3], req)
+            elif item[0] == "done":
+                yield item[1]
+                return
+            elif item[0] == "error":
+                raise item[1]
+            else:
+                return
+    finally:
+        cancel.set()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def bench_entry(studio, repeats=3):
+    """Seconds for the page's first grid (10 digits, the default sampler) and for a slider redraw; app.py --bench.
+
+    Not run by the tests' timing: the machine they share makes the numbers meaningless there."""
+    import time
+
+    req = studio.request()
+    out = {}
+    t = time.perf_counter()
+    studio.sample(req)
+    out["first_grid_s"] = time.perf_counter() - t
+    usable = studio.usable()
+    times = []
+    for i in range(repeats):
+        weights = {usable[0].name: 0.5 + 0.25 * (i % 2)} if usable else None
+        t = time.perf_counter()
+        studio.sample(req, weights)
+        times.append(time.perf_counter() - t)
+    out["redraw_s"] = sorted(times)[len(times) // 2]
+    out["adapters"] = len(usable)
+    return out
