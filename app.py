@@ -248,10 +248,11 @@ def sample_room(page, ui):
             ui.n_per_label = gr.Slider(1, MAX_PER_LABEL, value=1, step=1, label="samples per label",
                                        elem_id="n_per_label")
             ui.seed = gr.Number(studio.seed, precision=None, label="seed", elem_id="seed")
-            ui.sampler = gr.Radio(["ddim", "ddpm"], value=defaults.sampler, label="sampler",
+            samplers = next(f for f in dataclasses.fields(SampleConfig) if f.name == "sampler").metadata["choices"]
+            ui.sampler = gr.Radio(list(samplers), value=defaults.sampler, label="sampler",
                                   info="ddpm always runs all T steps")
             ui.steps = gr.Slider(1, studio.timesteps, value=min(defaults.steps, studio.timesteps), step=1,
-                                 label="steps (ddim)", elem_id="steps")
+                                 label="steps (all but ddpm)", elem_id="steps")
             ui.guidance = gr.Slider(0, 20, value=defaults.guidance, step=0.1, label="guidance", elem_id="guidance")
             ui.sample_btn = gr.Button("Sample", variant="primary", elem_id="sample")
             with gr.Row():

@@ -159,7 +159,7 @@ class SampleRequest:
     cfg: SampleConfig
 
     def steps_run(self, timesteps):
-        return self.cfg.steps if self.cfg.sampler == "ddim" else timesteps
+        return timesteps if self.cfg.sampler == "ddpm" else self.cfg.steps  # ddpm: every step, as denoise.py
 
 
 @dataclasses.dataclass
