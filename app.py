@@ -122,7 +122,8 @@ def do_refresh(page):
     page.studio.scan_adapters(skip=[page.runner.writing()] if page.runner.writing() else [])
     entries = page.studio.usable()[:MAX_SLOTS]
     names = [e.name for e in entries]
-    slots = [gr.update(visible=True, label=e.name, info=e.describe(), value=0.0) for e in entries]
+    # a shown slider keeps the value this tab gave it: adapters are only ever added, after those listed
+    slots = [gr.update(visible=True, label=e.name, info=e.describe()) for e in entries]
     slots += [gr.update(visible=False, value=0.0)] * (MAX_SLOTS - len(entries))
     return [*slots, adapter_note(page.studio), gr.update(choices=names, value=names[0] if names else None), names]
 

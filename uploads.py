@@ -28,6 +28,7 @@ MAX_UPLOAD_FILES = 2000  # images in one fine-tune (files, or entries of a zip)
 MAX_FILE_BYTES = 5 * 2**20  # one image
 MAX_UPLOAD_BYTES = 100 * 2**20  # everything uploaded at once, zips unpacked
 MIN_TRAIN_IMAGES = 4
+MAX_DIRECTORY_BYTES = MAX_UPLOAD_FILES * 400  # a zip's table of contents: 46 bytes an entry, and its name
 CHUNK = 2**16  # a zip entry is unpacked this much at a time: a lying header cannot make one read large
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # the file picker's filter
 LABEL_HINT = "put it in a folder 0..9 or start its name with the digit, e.g. 7_a.png"
@@ -101,8 +102,20 @@ def _hidden(name):
     return any(p.startswith(".") or p == "__MACOSX" for p in name.split("/"))
 
 
+def _check_directory(name, path):
+    """zipfile reads a zip's whole table of contents before its first entry: one larger than MAX_UPLOAD_FILES
+    entries need is refused first, from the end record that says its size (a 100 MB upload could hold two
+    million empty entries, a GB of Python objects)."""
+    with open(path, "rb") as f:
+        end = zipfile._EndRecData(f)  # zipfile's own reader of that record; None: not a zip
+    if end is not None and end[zipfile._ECD_SIZE] > MAX_DIRECTORY_BYTES:
+        raise UploadError(f"{name} lists more files than {MAX_UPLOAD_FILES} could ({end[zipfile._ECD_SIZE]:,} bytes "
+                          "of file names); send fewer files")
+
+
 def _read_zip(reader, name, path):
     try:
+        _check_directory(name, path)
         with zipfile.ZipFile(path) as z:
             for info in z.infolist():
                 if info.is_dir() or _hidden(info.filename):
