@@ -51,7 +51,9 @@ def _reference(d):
 
 
 def _sampling(d):
-    sampler = f"DDIM-{d['steps']}" if d["sampler"] == "ddim" else f"DDPM-{d['steps']}"
+    name = {"ddim": "DDIM", "ddpm": "DDPM", "dpmpp-2m": "DPM-Solver++(2M)", "heun": "Heun"}.get(d["sampler"],
+                                                                                            d["sampler"])
+    sampler = f"{name}-{d['steps']}"
     return f"{d['num_samples']:,} samples, {sampler}, guidance {d['guidance']:g}"
 
 
