@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import textwrap
 import tomllib
 from dataclasses import fields
@@ -24,6 +25,7 @@ from dataclasses import fields
 from config import (PRESETS, SECTIONS, DiffusionConfig, LoraConfig, ModelConfig, RuntimeConfig, SampleConfig,
                     TrainConfig, from_saved, preset_config, range_text)
 from errors import CLIError, exit_with
+from inputs import CONFIG_MAX_BYTES, read_regular
 
 # the sections of --help, in this order; a flag goes into one by its field's group (or its class's)
 GROUPS = ("data", "model", "training", "timing", "LoRA", "sampling", "runtime", "output")
@@ -197,6 +199,16 @@ def path_arg(text):
     return text
 
 
+def name_arg(text):
+    """The type of a flag naming a file inside a folder given apart (``--name``): a plain name, so that what is
+    written stays inside that folder (``--name ../x`` would write beside it)."""
+    path_arg(text)
+    if os.sep in text or (os.altsep and os.altsep in text) or text in (".", "..") or "\0" in text:
+        raise argparse.ArgumentTypeError(f"a plain file name without folders, got {text!r}; the folder is "
+                                         "--out-dir's")
+    return text
+
+
 def _parse_tuple(example, item=None):
     item = item or (type(example[0]) if example else str)
     item = finite_float if item is float else item
@@ -294,21 +306,34 @@ def add_config_file_arg(parser):
 
 
 def read_config_file(path):
-    """{section: {setting: value}} from a config.json (as train.py writes it) or a .toml file, checked against
-    the settings' names; lists become tuples, as the dataclasses hold them. Bad files are a CLIError."""
+    """{section: {setting: value}} from a config.json (as train.py writes it) or a TOML file, checked against
+    the settings' names; lists become tuples, as the dataclasses hold them. Bad files are a CLIError.
+
+    The file is known by its content, whatever its name: JSON is an object ({...}), TOML is not. Only a
+    regular file of at most inputs.CONFIG_MAX_BYTES is read (a FIFO or /dev/urandom is refused unread),
+    and nothing nested deeper than a section's list of values is accepted."""
+    raw = read_regular(path, "--config", CONFIG_MAX_BYTES)
     try:
-        if path.endswith(".toml"):
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CLIError(f"--config {path!r} is not text (a binary file?); give a config.json or a TOML file") from None
+    head = text.lstrip("\ufeff \t\r\n")[:1]
+    is_json = head == "{"
+    try:
+        if head == "[":  # a JSON list, or a TOML file's first [section]: JSON's reading settles it
+            try:
+                data, is_json = json.loads(text), True
+            except json.JSONDecodeError:
+                data = tomllib.loads(text)
         else:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-    except FileNotFoundError:
-        raise CLIError(f"--config {path!r}: no such file") from None
-    except IsADirectoryError:
-        raise CLIError(f"--config {path!r} is a folder; give the config.json (or .toml) file in it") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise CLIError(f"--config {path!r} is neither JSON nor TOML that can be read ({e})") from None
+            data = json.loads(text) if is_json else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise CLIError(f"--config {path!r} is neither JSON nor TOML that can be read (read as "
+                       f"{'JSON' if is_json else 'TOML'}: {e})") from None
+    except RecursionError:  # the parsers recurse per level: a file of 100,000 "[" ends here
+        raise CLIError(f"--config {path!r} is nested too deeply to be a config; settings go one level down, "
+                       "in sections") from None
+    _check_depth(path, data)
     by_section = {section: cls for cls, section in SECTIONS.items()}
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise CLIError(f"--config {path!r}: settings go in sections ({', '.join(by_section)}), as config.json has")
@@ -326,6 +351,17 @@ def read_config_file(path):
         out[section] = {k: tuple(v) if isinstance(v, list) and isinstance(known[k].default, tuple) else v
                         for k, v in values.items()}
     return out
+
+
+def _check_depth(path, data):
+    """A config is sections of settings whose values are numbers, strings, booleans or lists of them: refuse
+    deeper nesting by name, before a setting's check meets a dict where it expects a number."""
+    for section, values in (data.items() if isinstance(data, dict) else ()):
+        for key, value in (values.items() if isinstance(values, dict) else ()):
+            items = value if isinstance(value, list) else [value]
+            if any(isinstance(v, (dict, list)) for v in items):
+                raise CLIError(f"--config {path!r}: {section}.{key} is nested (a table or a list of lists); a "
+                               "setting's value is a number, a string, true/false or a list of them")
 
 
 def file_settings(args, cls, preset, given):

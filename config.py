@@ -84,10 +84,52 @@ def _broken_bound(v, meta):
     return None
 
 
+def _is(value, kind):
+    """Whether ``value`` is a ``kind`` as a setting holds it: True is no number, 1 no truth value, 5 no name."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _wrong_type(f, value):
+    """What field ``f`` must hold, in words, when ``value`` is not of its type (a TOML's ``pos_emb = "no"`` is a
+    string, which Python would take as true); "" when it is. A tuple may come as a list (JSON has no tuples)."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(default, tuple):
+        kind = f.metadata.get("item") or (type(default[0]) if default else str)
+        if not isinstance(value, (tuple, list)) or not all(_is(v, kind) for v in value):
+            return f"a list of {_PLURAL_WORDS[kind]}"
+        return ""
+    if _is(value, type(default)):
+        return ""
+    if isinstance(default, str) and f.metadata.get("path"):
+        return "a path (a string)"
+    if isinstance(default, str) and "choices" in f.metadata:
+        return f"one of {', '.join(f.metadata['choices'])} (a string)"
+    return _TYPE_WORDS[type(default)]
+
+
+def check_types(cfg):
+    """Every field of ``cfg`` holds a value of its type: ValueError naming the first that does not."""
+    for f in fields(cfg):
+        wrong = _wrong_type(f, getattr(cfg, f.name))
+        if wrong:
+            raise ValueError(f"{f.name} must be {wrong}, got {getattr(cfg, f.name)!r}")
+
+
+_PLURAL_WORDS = {bool: "true or false values", int: "integers", float: "numbers", str: "strings (names)"}
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string (a name)"}
+
+
 def check_settings(cfg):
     """Every field of the dataclass ``cfg`` against its declared choices, path rule and bounds (``setting``).
 
     Raises ValueError naming the field, the bound it breaks and the value; cli.py turns it into one line."""
+    check_types(cfg)
     for f in fields(cfg):
         meta, value, name = f.metadata, getattr(cfg, f.name), f.name
         hint = f"; {meta['hint']}" if "hint" in meta else ""
@@ -150,6 +192,7 @@ class ModelConfig:
                             "tokens (experiments/cpu_levers says what it changed)")
 
     def __post_init__(self):
+        check_types(self)  # before the tuples are rebuilt: int("64") or int(64.7) would hide a wrong value
         self.channels = tuple(int(c) for c in self.channels)
         self.attn_levels = tuple(int(a) for a in self.attn_levels)
         if not self.channels or min(self.channels) <= 0:
@@ -260,6 +303,7 @@ class SampleConfig:
                                        "it run the conditional half alone", ge=0.0, le=1.0)
 
     def __post_init__(self):
+        check_types(self)
         self.guidance_interval = tuple(float(v) for v in self.guidance_interval)
         check_settings(self)
         if len(self.guidance_interval) != 2 or not self.guidance_interval[0] <= self.guidance_interval[1]:

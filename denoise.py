@@ -26,7 +26,7 @@ from checkpoint import load_pipeline
 from files import atomic_write, check_apart, check_replace, check_writable_dir, remove_stale_temps
 from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, WEIGHT_RANGE, SampleConfig
 from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, path_arg,
-                 runtime_from_args)
+                 name_arg, runtime_from_args)
 from errors import CLIError, run_main
 from dataset import save_grid
 from diffusion import generate
@@ -59,7 +59,7 @@ def build_parser():
     model, lora, sampling, out = p.group("model"), p.group("LoRA"), p.group("sampling"), p.group("output")
     model.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg, help="base checkpoint from train.py")
     out.add_argument("--out-dir", default=DEFAULT_OUT_DIR, type=path_arg, help="where the pictures and the .npz go")
-    out.add_argument("--name", default=None, type=path_arg,
+    out.add_argument("--name", default=None, type=name_arg,
                      help="file name stem (default samples, or lora_samples with --lora)")
     model.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (better) or raw weights")
     sampling.add_argument("--labels", default="0..9", help="labels to draw: 0..9, 3,3,7 or 0..2,7")

@@ -53,10 +53,11 @@ import torch
 from adapter import attach_adapters, load_adapters, parse_lora_spec, set_weights
 from checkpoint import load_checkpoint, load_pipeline
 from files import atomic_write, check_apart, check_replace, check_writable_dir, remove_stale_temps, write_json
+from inputs import check_inputs_apart, npz_members
 from config import (BATCH_MAX, DATASETS, DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, WEIGHT_RANGE,
                     SampleConfig)
 from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, path_arg,
-                 runtime_from_args)
+                 name_arg, runtime_from_args)
 from errors import CLIError, run_main
 from dataset import MNIST_CLASSES, apply_style, check_labels, load_dataset
 from diffusion import generate
@@ -159,12 +160,11 @@ def resolve_style(args, adapters, log=print):
     raise CLIError(f"--style {style!r}: choose none, italic, bold or font:NAME (or --style-data PATH)")
 
 
-def read_style_set(spec, dataset_classes):
-    """The style set ``spec`` names, loaded, checked and split; before any classifier is trained."""
+def read_style_set(spec):
+    """The style set ``spec`` names, loaded, checked and split; before the data set is read (a font that does not
+    exist is named before data/MNIST is made) and before any classifier is trained."""
     from styles import load_style_data, split_style_data  # the style data's own module, needed only here
 
-    if list(dataset_classes) != MNIST_CLASSES:
-        raise CLIError("a style set holds digits; score it against a digit data set (--dataset mnist or mnist-5k)")
     data = load_style_data(spec, log=lambda line: print(f"evaluate: style {line}"))
     train, held = split_style_data(data, STYLE_HELD_OUT, STYLE_SPLIT_SEED)
     if len(held) < STYLE_MIN_HELD_OUT:
@@ -279,8 +279,13 @@ def load_npz(path, num_classes=None, size=None):
     data set is loaded) every check that does not need them."""
     if not os.path.exists(path):
         raise CLIError(f"--samples {path!r} not found; write one with python denoise.py")
+    members = npz_members(path, "--samples")  # shapes and dtypes from the headers, before any array is read
+    shape = members.get("images", ((0, 0, 0), None))[0]
+    if len(shape) != 3 or size is not None and shape[1:] != (size, size):
+        expected = "(N, H, W)" if size is None else f"(N, {size}, {size})"
+        raise CLIError(f"{path!r}: images have shape {shape}, expected {expected}")
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             files = set(z.files)
             missing = {"images", "labels"} - files
             if missing:
@@ -409,7 +414,7 @@ def build_parser():
                       help="classifier cache (default DATA_DIR/classifier-NAME.pt)")
     out.add_argument("--out-dir", default=os.path.join(DEFAULT_OUT_DIR, "eval"), type=path_arg,
                      help="where the JSON and PNG reports go")
-    out.add_argument("--name", default="eval", type=path_arg, help="stem of the JSON and PNG written")
+    out.add_argument("--name", default="eval", type=name_arg, help="stem of the JSON and PNG written")
     sampling.add_argument("--n-per-label", type=bounded(int, gt=0, le=100000), default=100,
                           help="samples per label when sampling a checkpoint")
     sampling.add_argument("--batch", type=bounded(int, gt=0, le=BATCH_MAX), default=500,
@@ -454,8 +459,8 @@ def check_outputs(args):
         (os.path.join(args.out_dir, f"{s}.png"), "png") for s in stems]
     inputs = ([("--ckpt", p) for p in args.ckpt or []] + [("--samples", args.samples)]
               + [("--lora", parse_lora_spec(spec)[0]) for spec in args.lora or []])
-    check_apart([("--out-dir", p) for p, _ in outputs], inputs + [("--classifier", args.classifier)],
-                "pass another --out-dir or --name")
+    check_inputs_apart([("--out-dir", p) for p, _ in outputs], inputs + [("--classifier", args.classifier),
+                       ("--style-data", args.style_data)], "pass another --out-dir or --name")
     check_apart([("--classifier", args.classifier)], inputs, "pass another --classifier")
     for path, kind in outputs:
         check_replace(path, "--out-dir", (kind,), None, "a report" if kind == "png" else "a JSON report")
@@ -480,12 +485,14 @@ def run(args):
     dataset = args.dataset
     if dataset is None and saved_dataset:
         dataset = saved_dataset[0]
+    style_set = read_style_set(style_spec) if style_spec else None  # checked before any file is written
     remove_stale_temps(args.out_dir)  # what a killed run left half-written there
     train = load_dataset(dataset or "auto", "train", args.data_dir)
     test = load_dataset(train.name, "test", args.data_dir)
     if args.samples:  # check the user's file before the (slow, first time) classifier training
         npz = load_npz(args.samples, len(test.classes), test.images.shape[-1])
-    style_set = read_style_set(style_spec, test.classes) if style_spec else None  # checked before any training too
+    if style_set is not None and list(test.classes) != MNIST_CLASSES:
+        raise CLIError("a style set holds digits; score it against a digit data set (--dataset mnist or mnist-5k)")
     seen = [a.style for a in adapters or [] if style_set is not None and a.style == style_set.name]
     if seen:  # the held-out part may be images the adapter trained on: its distance would flatter it
         print(f"evaluate: note: an adapter was trained on a set also named {seen[0]!r}; if these are those images, "

@@ -6,20 +6,24 @@
     check_apart(outputs, inputs, fix)     # no writer writes over (or into) a path it was given to read
     check_replace(path, "--out", ours, overwrite, what)   # only a file of ours is replaced, and only when asked
     remove_stale_temps(folder)            # what a killed run (kill -9, a power cut) left half-written
+    lock_output(out_dir, "--out-dir")     # one run at a time on an output; release_locks() at the end
 
 Every checkpoint, adapter, picture, .npz and JSON the scripts write goes through ``atomic_write``
 (an adapter folder through ``temp_folder``). Every temporary file or folder is named
 ``.NAME.PID-XXXXXXXX.sd-tmp`` beside its target (PID: the process that writes it), so a later run
-recognises what a killed one left and removes it: only names of this pattern, only those last
-changed before the later run started, and only those whose process is gone.
+recognises what a killed one left and removes it: only names of this pattern, and only those whose
+process is gone (owner_gone).
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 import zipfile
@@ -58,21 +62,15 @@ def is_temp_name(name):
     return _TEMP_NAME.match(name) is not None
 
 
-def _process_start():
-    """When this process started (seconds since the epoch); the module's import time where /proc is missing."""
-    now = time.time()
+def _proc_stat(pid):
+    """(state, start time in seconds since boot) of process ``pid`` from /proc/PID/stat; None where it cannot be
+    read (no /proc: not Linux, or the process is gone)."""
     try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks since boot
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return min(now, boot + ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return now
-
-
-PROCESS_START = _process_start()
-_swept = set()
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+        return fields[0], int(fields[19]) / os.sysconf("SC_CLK_TCK")  # state; field 22, starttime, in ticks
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _running(pid):
@@ -85,12 +83,32 @@ def _running(pid):
     return True
 
 
+def owner_gone(pid, mtime):
+    """Whether the process that last changed a file at ``mtime`` (wall clock) under PID ``pid`` has ended: no
+    process has that PID, it is a zombie, or the one that has it started after the file was last changed (the
+    PID was used again). The start time is compared in the clock /proc counts it in (since boot, in ticks),
+    never against a wall-clock start rebuilt from /proc/stat's whole-second boot time, which is up to a second
+    early and so took a temporary written just before a kill -9 for a live run's."""
+    if not _running(pid):
+        return True
+    proc = _proc_stat(pid)
+    if proc is None:  # no /proc: a running PID may be the writer
+        return False
+    state, started = proc
+    changed = time.clock_gettime(time.CLOCK_BOOTTIME) - (time.time() - mtime)  # the file's mtime, since boot
+    # a tick of slack: /proc rounds the start down to a tick, which can only make a later start look earlier
+    return state in ("Z", "X") or started > changed + 1 / os.sysconf("SC_CLK_TCK")
+
+
+_swept = set()
+
+
 def remove_stale_temps(folder, log=print, once=False):
     """Remove the temporaries an interrupted run left in ``folder`` (not below it); returns how many.
 
-    Only names of our pattern, last changed before this process started, whose process is no longer
-    running: a temporary another live run is writing right now is never touched. ``once``: skip a
-    folder already swept by this process (what every write does on its way)."""
+    Only names of our pattern whose process has ended (owner_gone): a temporary another live run is
+    writing right now is never touched. ``once``: skip a folder already swept by this process (what
+    every write does on its way)."""
     real = os.path.realpath(folder)
     if once and real in _swept:
         return 0
@@ -106,10 +124,7 @@ def remove_stale_temps(folder, log=print, once=False):
             continue
         p = os.path.join(folder, name)
         try:
-            if os.lstat(p).st_mtime >= PROCESS_START:
-                continue
-            pid = int(m["pid"])
-            if pid != os.getpid() and _running(pid):
+            if not owner_gone(int(m["pid"]), os.lstat(p).st_mtime):
                 continue
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p)
@@ -122,6 +137,109 @@ def remove_stale_temps(folder, log=print, once=False):
         log(f"removed {removed} temporary {'file' if removed == 1 else 'files'} left by an interrupted run in "
             f"{folder}")
     return removed
+
+
+# ------------------------------------------------------------------ one run per output
+
+LOCK_NAME = ".sd-lock"  # inside an output folder (beside an output file: .NAME.sd-lock) while a run writes there
+_held = {}  # lock file -> (its open descriptor, whether taking it made the folder), for release_locks
+
+
+class FolderInUse(WriteError):
+    """Another live run writes to the same output."""
+
+
+def lock_path(target, folder=True):
+    """The lock file of an output: inside it for a folder (train.py's --out-dir, an adapter), beside it for a file."""
+    if folder:
+        return os.path.join(target, LOCK_NAME)
+    return os.path.join(os.path.dirname(os.path.abspath(target)), f".{os.path.basename(target)}{LOCK_NAME}")
+
+
+def _holder(fd):
+    """(PID, command) the lock file's holder wrote into it; ("?", "?") before it has written them."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        pid, _, command = os.read(fd, 4096).decode("utf-8", "replace").partition("\n")
+    except OSError:
+        return "?", "?"
+    return pid.strip() or "?", " ".join(command.split()) or "?"
+
+
+def _busy(target, flag, fd):
+    pid, command = _holder(fd)
+    return FolderInUse(f"{flag} {str(target)!r} is in use by another run (PID {pid}: {command}); wait for it to "
+                       f"end, or pass another {flag}")
+
+
+def check_not_in_use(target, flag, folder=True):
+    """Before any work: refuse an output another live run holds (lock_output), writing nothing."""
+    path = lock_path(target, folder)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:  # no lock file: no run holds it (or it cannot be read, and taking it will say why)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(target, flag, fd) from None
+    except OSError:  # a file system without locks: nothing to learn here
+        pass
+    finally:
+        os.close(fd)
+
+
+def lock_output(target, flag, folder=True, log=print):
+    """Hold ``target`` (an output folder, or file) for this run: an OS lock (fcntl.flock) on its lock file, which
+    the OS drops when the process ends, however it ends. A second run refuses in one line naming this one's PID
+    and command; a lock file a killed run left is taken over, and that is said. Makes the folder if needed.
+    release_locks removes the file and drops the lock."""
+    path = lock_path(target, folder)
+    made = not os.path.isdir(os.path.dirname(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for _ in range(10):  # the holder may remove the file between our open and our lock: then lock the new one
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            error = _busy(target, flag, fd)
+            os.close(fd)
+            raise error from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        raise FolderInUse(f"{flag} {str(target)!r}: its lock file {path!r} keeps changing; another run is starting "
+                          f"there: wait for it, or pass another {flag}")
+    pid, command = _holder(fd)
+    if pid != "?":
+        log(f"took over the lock {path} left by PID {pid} ({command}), which is no longer running")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n{' '.join(shlex.join(sys.orig_argv).split())[:500]}\n".encode(), 0)
+    _held[path] = fd, made
+    return path
+
+
+def release_locks():
+    """Drop every output lock this process holds, removing its file first (while still held, so no other run can
+    lock the file that is being removed). A folder the lock made is removed too if the run left it empty (it
+    stopped before writing anything)."""
+    while _held:
+        path, (fd, made) = _held.popitem()
+        try:
+            os.remove(path)
+        except OSError:  # gone already: the lock still drops below
+            pass
+        os.close(fd)
+        if made:
+            try:
+                os.rmdir(os.path.dirname(path))
+            except OSError:  # not empty: the run's files are in it
+                pass
 
 
 # ------------------------------------------------------------------ writing
@@ -266,7 +384,7 @@ def file_kind(path):
     if not os.path.lexists(path):
         return "missing"
     if os.path.isdir(path):
-        names = os.listdir(path)
+        names = [n for n in os.listdir(path) if n != LOCK_NAME]  # a run's lock (one a killed run left) is no content
         if any(n in ADAPTER_FILE_NAMES for n in names) or (
                 names and all(n in RUN_LOG_NAMES or n.endswith(TEMP_SUFFIX) for n in names)):
             return "adapter folder"

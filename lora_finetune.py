@@ -29,8 +29,9 @@ import torch
 from adapter import (STATE_NAME, Adapter, TrainingState, adapter_from_model, adapter_size, add_adapter_layers,
                      apply_adapter, check_output_folder, load_adapter, load_training_state, write_adapter)
 from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_pipeline, save_checkpoint
-from files import (check_apart, check_replace, check_writable_dir, check_writable_file, remove_stale_temps,
-                   same_thing)
+from files import (check_apart, check_not_in_use, check_replace, check_writable_dir, check_writable_file,
+                   lock_output, remove_stale_temps, same_thing)
+from inputs import check_inputs_apart
 from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, STEPS_MAX, LoraConfig, TrainConfig, saved_runtime
 from cli import (ArgumentParser, add_config_args, add_config_file_arg, add_preset_arg, add_runtime_args, bounded,
                  config_file_note, config_from_args, path_arg, runtime_from_args)
@@ -41,7 +42,7 @@ from logs import (PREVIEW_DIR, TENSORBOARD_DIR, TENSORBOARD_HINT, LogPaths, Loss
 from lora import mark_only_lora_as_trainable
 from metrics import ink, slant
 from styles import DATA_PREVIEW_NAME, load_style_data, save_training_preview, sized_steps, training_set
-from runtime import (check_precision, cleanup_distributed, enable_tf32, per_rank_batch, rank0_logger,
+from runtime import (check_precision, enable_tf32, end_run, per_rank_batch, rank0_logger,
                      resolve_precision, setup_distributed, wrap_ddp)
 from trainer import (LORA_GRAD_CLIP, FitSettings, Hooks, TrainData, fit, load_dataset_distributed, lora_lr_at,
                      make_optimizer, precision_probe)
@@ -109,7 +110,8 @@ def check_out(args):
     replaces an earlier result only with --overwrite (or when it continues the very adapter it resumes)."""
     resume = None if args.resume is None else (args.resume or args.out)
     in_place = resume is not None and same_thing(resume, args.out)
-    inputs = [("--ckpt", args.ckpt)] + ([] if in_place else [("--resume", resume)])
+    inputs = [("--ckpt", args.ckpt), ("--config", args.config)] + ([] if in_place else [("--resume", resume)])
+    check_not_in_use(args.out, "--out", folder=not args.full)
     if args.full:
         check_writable_file(args.out, "--out")
         check_apart([("--out", args.out)], inputs, "pass another --out")
@@ -150,7 +152,7 @@ def load_own_data(args, lcfg, resuming, log):
     if lcfg.data and args.style is not None and not resuming:
         raise CLIError(f"--data and --style {args.style} both give the fine-tune's digits; pass one")
     if lcfg.data:
-        check_apart([("--out", args.out)], [("--data", lcfg.data)], "pass another --out")
+        check_inputs_apart([("--out", args.out)], [("--data", lcfg.data)], "pass another --out")
     # a font's pages from seed 0 whatever --seed: the very set `lora_tools.py render-style font:NAME` writes
     own = load_style_data(spec, seed=0, log=log)
     steps = lcfg.lora_steps
@@ -162,7 +164,7 @@ def load_own_data(args, lcfg, resuming, log):
 
 
 def main(argv=None):
-    return run_main(finetune, parse_args(argv), cleanup_distributed)
+    return run_main(finetune, parse_args(argv), end_run)
 
 
 def finetune(args):
@@ -199,8 +201,6 @@ def finetune(args):
     enable_tf32(device)
     log = rank0_logger(dist_info)
     lcfg, own = load_own_data(args, lcfg, adapter is not None, log)
-    if dist_info.main:  # what a killed run left half-written beside --out (rank 0 alone writes there)
-        remove_stale_temps(os.path.dirname(os.path.abspath(args.out)), log)
 
     # the adapter being trained: its settings (rank, alpha, targets...) travel in this one object to the file
     spec = adapter.replace(base_path=args.ckpt, base_name=os.path.basename(args.ckpt)) if adapter else None
@@ -233,6 +233,9 @@ def finetune(args):
         raise CLIError(f"{data.name} has {len(data.classes)} classes, the base model {model.num_classes}")
     if global_batch > len(data):
         raise CLIError(f"batch {global_batch} is larger than the {len(data)} images; lower --lora-batch-size")
+    if dist_info.main:  # the inputs are good: one run at a time on --out, then what a killed one left beside it
+        lock_output(args.out, "--out", folder=not args.full, log=log)
+        remove_stale_temps(os.path.dirname(os.path.abspath(args.out)), log)
     if own is None:
         styled, labels = apply_style(data.images, lcfg.style), data.labels
     else:

@@ -335,6 +335,7 @@ def cmd_render_style(args):
 
     if not args.style.startswith("font:"):
         raise CLIError(f"render-style renders a font: pass font:NAME, got {args.style!r}")
+    check_writable_dir(args.out, "--out")  # a file where a folder of the path should be: named, before rendering
     name, count = write_font_folder(args.style, args.out, per_label=args.per_label, seed=args.seed)
     print(f"render-style: {count} images of {name} ({args.per_label} a label, seed {args.seed}) -> "
           f"{args.out}/0..9/*.png; train on them with: python lora_finetune.py --data {args.out}")

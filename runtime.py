@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from config import PRECISIONS  # the allowed values, declared once beside config.RuntimeConfig
 from errors import CLIError
+from files import release_locks
 
 
 # ------------------------------------------------------------ device, precision
@@ -185,6 +186,13 @@ def wrap_ddp(model, dist_info, device, frozen_ignored=False):
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def end_run(ok=True):
+    """The last thing a training script does, however it ends: drop its output's lock (files.lock_output), then
+    leave the process group."""
+    release_locks()
+    cleanup_distributed(ok)
 
 
 def cleanup_distributed(ok=True):

@@ -33,6 +33,7 @@ import torch
 from dataset import check_labels
 from errors import UserError
 from files import atomic_write
+from inputs import check_regular, npz_members
 
 NUM_LABELS = 10
 SIZE = 28  # MNIST's side
@@ -236,7 +237,10 @@ def open_image(source, where=None):
     from PIL import Image, UnidentifiedImageError
 
     where = where or repr(source)
-    size = os.path.getsize(source) if isinstance(source, (str, os.PathLike)) else len(source.getbuffer())
+    if isinstance(source, (str, os.PathLike)):  # a FIFO, a device or a symlink loop is named, never read
+        size = check_regular(source, "the style image")
+    else:
+        size = len(source.getbuffer())
     if size == 0:
         raise StyleDataError(f"{where} is empty (0 bytes): remove it, or save the image again")
     limit = Image.MAX_IMAGE_PIXELS
@@ -347,6 +351,12 @@ def _load_npz(path):
     """images uint8 (N, 28, 28) and labels (N,) in 0..9, as denoise.py writes them; taken at their size, with
     a light background inverted (they are already MNIST-sized: no crop or fit)."""
     fix = f"it needs images uint8 (N, {SIZE}, {SIZE}) and labels (N,) in 0..9, as denoise.py writes them"
+    members = npz_members(path, "the style data")  # shapes and dtypes from the headers, before any array is read
+    shape, dtype = members.get("images", ((), None))
+    if "images" in members and (dtype != np.uint8 or len(shape) != 3 or shape[1:] != (SIZE, SIZE)):
+        raise StyleDataError(f"{path!r}: images have shape {shape} and dtype {dtype}; {fix}")
+    if "labels" in members and members["labels"][0] != shape[:1]:
+        raise StyleDataError(f"{path!r}: labels have shape {members['labels'][0]}, the images {shape}; {fix}")
     try:
         z = np.load(path, allow_pickle=False)
         if not hasattr(z, "files"):

@@ -26,8 +26,8 @@ import time
 import torch
 
 from checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_state_strict, save_checkpoint
-from files import (atomic_write, check_apart, check_replace, check_writable_dir, remove_stale_temps, same_file,
-                   write_json)
+from files import (atomic_write, check_apart, check_not_in_use, check_replace, check_writable_dir, lock_output,
+                   remove_stale_temps, same_file, write_json)
 from config import (CKPT_NAME, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig, config_dict, from_saved,
                     preset_config, saved_runtime, saved_value)
 from cli import (ArgumentParser, add_config_args, add_config_file_arg, add_preset_arg, add_runtime_args,
@@ -36,7 +36,7 @@ from errors import CLIError, run_main
 from dataset import save_grid, to_model_range
 from logs import LOSS_CSV, LOSS_CURVE, TENSORBOARD_DIR, TENSORBOARD_HINT, LossLog, loss_curve_png, require_tensorboard
 from diffusion import Diffusion, generate
-from runtime import (broadcast_object, check_precision, cleanup_distributed, enable_tf32, per_rank_batch,
+from runtime import (broadcast_object, check_precision, enable_tf32, end_run, per_rank_batch,
                      rank0_logger, resolve_precision, setup_distributed, wrap_ddp)
 from trainer import (FitSettings, Hooks, TrainData, ema_update, fit, load_dataset_distributed, lr_at, make_optimizer,
                      precision_probe, steps_for_budget)
@@ -80,7 +80,7 @@ def check_resume_flags(args, ckpt, path):
 
 
 def main(argv=None):
-    return run_main(train, parse_args(argv), cleanup_distributed)
+    return run_main(train, parse_args(argv), end_run)
 
 
 def train(args):
@@ -88,16 +88,13 @@ def train(args):
     if args.tensorboard:
         require_tensorboard()
     tcfg, mcfg, dcfg, rcfg, ckpt, resume_path = resolve_configs(args)
-    check_out_dir(tcfg.out_dir, resume_path, args.overwrite)
+    check_out_dir(tcfg.out_dir, resume_path, args.overwrite, args.config)
     dist_info, device = setup_distributed(rcfg.device)
     check_precision(rcfg.precision, device)
     enable_tf32(device)
     log = rank0_logger(dist_info)
     if config_file_note(args):
         log(f"train: {config_file_note(args)}")
-    if dist_info.main:  # what a killed run left half-written (a checkpoint, config.json, a grid)
-        for folder in (tcfg.out_dir, os.path.join(tcfg.out_dir, "samples")):
-            remove_stale_temps(folder, log)
     local_batch, global_batch = per_rank_batch(tcfg.batch_size, tcfg.batch_scope, dist_info.world)
 
     # ---- data: the whole set in memory, on the device (no data wait)
@@ -107,6 +104,10 @@ def train(args):
         raise CLIError(f"--num-classes {mcfg.num_classes} but {data.name} has {len(data.classes)} classes")
     if global_batch > len(data):
         raise CLIError(f"batch {global_batch} is larger than the {len(data)} training images; lower --batch-size")
+    if dist_info.main:  # the inputs are good: one run at a time in the folder, then what a killed one left there
+        lock_output(tcfg.out_dir, "--out-dir", log=log)
+        for folder in (tcfg.out_dir, os.path.join(tcfg.out_dir, "samples")):
+            remove_stale_temps(folder, log)
     data_size = data.images.shape[-1]
     diffusion = Diffusion.from_config(dcfg).to(device)
     train_data = TrainData(images=to_model_range(data.images, mcfg.img_size).to(device),
@@ -218,17 +219,21 @@ def size_to_budget(tcfg, model, diffusion, data, *, batch_size, device, precisio
     return dataclasses.replace(tcfg, max_steps=steps)
 
 
-def check_out_dir(out_dir, resume_path, overwrite):
-    """Before any work: the folder can be written, no file it writes is the checkpoint it resumes (other than
-    ckpt.pt itself, which a resumed run continues), none holds a file of another kind, and a fresh run does not
-    replace another run's checkpoint."""
+def check_out_dir(out_dir, resume_path, overwrite, config=None):
+    """Before any work: the folder can be written and no other run writes there, no file it writes is the
+    checkpoint it resumes (other than ckpt.pt itself, which a resumed run continues) or the --config it read,
+    none holds a file of another kind, and a fresh run does not replace another run's checkpoint."""
     check_writable_dir(out_dir, "--out-dir")
+    check_not_in_use(out_dir, "--out-dir")
     existing = os.path.join(out_dir, CKPT_NAME)
     samples = os.path.join(out_dir, "samples")
     in_place = resume_path is not None and same_file(resume_path, existing)
-    outputs = [("--out-dir", os.path.join(out_dir, name)) for name in ("config.json", "samples", LOSS_CSV, LOSS_CURVE)]
+    outputs = [("--out-dir", os.path.join(out_dir, name))
+               for name in ("config.json", "samples", LOSS_CSV, LOSS_CURVE, TENSORBOARD_DIR)]
     check_apart(outputs + ([] if in_place else [("--out-dir", existing)]), [("--resume", resume_path)],
                 "resume it from another --out-dir, or copy it elsewhere first")
+    check_apart(outputs + [("--out-dir", existing)], [("--config", config)], "pass another --out-dir, or move the "
+                "file out of it first")
     check_replace(existing, "--out-dir", ("checkpoint",), None, "a checkpoint")
     check_replace(os.path.join(out_dir, "config.json"), "--out-dir", ("json",), None, "a run's config.json")
     if os.path.isdir(samples):

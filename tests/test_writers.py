@@ -273,15 +273,19 @@ def test_temporaries_carry_one_pattern_and_only_stale_ones_are_removed(tmp_path,
         os.path.basename(folder))
     os.rmdir(folder)
     stale = plant_temps(str(tmp_path), dead_pid(), ["ckpt.pt", "config.json", "lora/"])
-    alive = plant_temps(str(tmp_path), os.getppid(), ["ckpt.pt"])  # a live process may still be writing it
-    fresh = plant_temps(str(tmp_path), dead_pid(), ["loss.csv"], age=-60)  # newer than this process
+    alive = plant_temps(str(tmp_path), os.getppid(), ["ckpt.pt"], age=0)  # a live process may still be writing it
+    # a dead process's temporary is stale however new it is (kill -9, then the rerun within the same second)
+    fresh = plant_temps(str(tmp_path), dead_pid(), ["loss.csv"], age=-60)
+    # a PID used again: the process that has it now started after the file was last changed (before boot)
+    with open("/proc/uptime") as f:
+        reused = plant_temps(str(tmp_path), os.getppid(), ["samples.png"], age=float(f.read().split()[0]) + 60)
     foreign = [tmp_path / ".ckpt.ptab12.tmp", tmp_path / "notes.sd-tmp", tmp_path / ".x.12-ab.sd-tmp.bak"]
     for p in foreign:
         p.write_text("not ours")
-    assert remove_stale_temps(str(tmp_path)) == 3
-    assert "removed 3 temporary files left by an interrupted run" in capsys.readouterr().out
-    assert not any(os.path.exists(p) for p in stale)
-    assert all(os.path.exists(p) for p in alive + fresh + foreign)
+    assert remove_stale_temps(str(tmp_path)) == 5
+    assert "removed 5 temporary files left by an interrupted run" in capsys.readouterr().out
+    assert not any(os.path.exists(p) for p in stale + fresh + reused)
+    assert all(os.path.exists(p) for p in alive + foreign)
     assert remove_stale_temps(str(tmp_path)) == 0 and capsys.readouterr().out == ""
 
 
@@ -396,7 +400,7 @@ def test_kill_9_during_a_save_then_the_next_run_cleans_up_and_resumes_exactly(tm
     left = [n for n in os.listdir(run) if is_temp_name(n)]
     assert len(left) == 1 and left[0].startswith(f".{kill[0]}.")
     assert os.path.exists(run / "ckpt.pt") and (kill[0] != "config.json" or not os.path.exists(run / "config.json"))
-    time.sleep(1.1)  # a process's start time is known to the second (the boot time in /proc/stat is whole seconds)
+    # no pause: the rerun starts at once, and the temporary is still known as the killed run's
     resumed = run_driver(tmp_path, run, "--resume", str(run / "ckpt.pt"))
     assert resumed.returncode == 0, resumed.stderr
     assert f"removed 1 temporary file left by an interrupted run in {run}" in resumed.stdout
