@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -176,7 +177,7 @@ def check_not_in_use(target, flag, folder=True):
     """Before any work: refuse an output another live run holds (lock_output), writing nothing."""
     path = lock_path(target, folder)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError:  # no lock file: no run holds it (or it cannot be read, and taking it will say why)
         return
     try:
@@ -198,7 +199,15 @@ def lock_output(target, flag, folder=True, log=print):
     made = not os.path.isdir(os.path.dirname(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     for _ in range(10):  # the holder may remove the file between our open and our lock: then lock the new one
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:  # never through a link: the file is truncated once locked, and must be this folder's own
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise WriteError(f"{flag} {str(target)!r}: its lock file {path!r} cannot be opened ({why}); if it is "
+                             "not a run's lock, move it away") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise WriteError(f"{flag} {str(target)!r}: {path!r} is not a lock file (not a regular file); move it away")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

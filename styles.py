@@ -33,7 +33,7 @@ import torch
 from dataset import check_labels
 from errors import UserError
 from files import atomic_write
-from inputs import check_regular, npz_members
+from inputs import InputError, check_regular, npz_members
 
 NUM_LABELS = 10
 SIZE = 28  # MNIST's side
@@ -230,6 +230,14 @@ def preprocess_image(img, where="image"):
 
 # ------------------------------------------------------------------ a folder of images
 
+def _regular_size(path):
+    """The size of an image file; a FIFO, a device or a symlink loop is named as style data, never read."""
+    try:
+        return check_regular(path, "the style image")
+    except InputError as e:
+        raise StyleDataError(str(e)) from None
+
+
 def open_image(source, where=None):
     """The single frame of ``source`` (a path, or a binary file object such as an upload's bytes) as a PIL image,
     fully decoded; a StyleDataError naming ``where`` (default: the path) otherwise. --data and the page's uploads
@@ -237,10 +245,7 @@ def open_image(source, where=None):
     from PIL import Image, UnidentifiedImageError
 
     where = where or repr(source)
-    if isinstance(source, (str, os.PathLike)):  # a FIFO, a device or a symlink loop is named, never read
-        size = check_regular(source, "the style image")
-    else:
-        size = len(source.getbuffer())
+    size = _regular_size(source) if isinstance(source, (str, os.PathLike)) else len(source.getbuffer())
     if size == 0:
         raise StyleDataError(f"{where} is empty (0 bytes): remove it, or save the image again")
     limit = Image.MAX_IMAGE_PIXELS
@@ -351,7 +356,10 @@ def _load_npz(path):
     """images uint8 (N, 28, 28) and labels (N,) in 0..9, as denoise.py writes them; taken at their size, with
     a light background inverted (they are already MNIST-sized: no crop or fit)."""
     fix = f"it needs images uint8 (N, {SIZE}, {SIZE}) and labels (N,) in 0..9, as denoise.py writes them"
-    members = npz_members(path, "the style data")  # shapes and dtypes from the headers, before any array is read
+    try:  # shapes and dtypes from the headers, before any array is read
+        members = npz_members(path, "the style data")
+    except InputError as e:
+        raise StyleDataError(str(e)) from None
     shape, dtype = members.get("images", ((), None))
     if "images" in members and (dtype != np.uint8 or len(shape) != 3 or shape[1:] != (SIZE, SIZE)):
         raise StyleDataError(f"{path!r}: images have shape {shape} and dtype {dtype}; {fix}")

@@ -17,7 +17,8 @@ import pytest
 
 import lora_finetune
 import train
-from files import LOCK_NAME, FolderInUse, file_kind, is_temp_name, lock_output, lock_path, release_locks
+from files import (LOCK_NAME, FolderInUse, WriteError, file_kind, is_temp_name, lock_output, lock_path,
+                   release_locks)
 from test_inputs import tree_hash
 from test_writers import refused
 
@@ -192,3 +193,18 @@ def test_kill_9_mid_write_then_a_rerun_at_once_removes_the_temporary_and_says_so
     assert f"removed 1 temporary file left by an interrupted run in {out}" in rerun.stdout
     assert not [n for _, dirs, names in os.walk(tmp_path) for n in names + dirs if is_temp_name(n)]
     assert not os.path.exists(lock_path(str(target)))  # released at the end
+
+
+@pytest.mark.parametrize("planted", ["link to a file", "fifo", "folder"])
+def test_a_lock_file_that_is_no_file_of_ours_is_never_truncated(tmp_path, planted):
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine\n")
+    lock = out / LOCK_NAME
+    {"link to a file": lambda: os.symlink(mine, lock), "fifo": lambda: os.mkfifo(lock),
+     "folder": lambda: lock.mkdir()}[planted]()
+    before = tree_hash(tmp_path)
+    with pytest.raises(WriteError, match="move it away"):  # one line, exit code 2
+        lock_output(str(out), "--out-dir")
+    assert tree_hash(tmp_path) == before and mine.read_text() == "mine\n"
