@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from config import DEFAULT_DATA_DIR
 from errors import UserError
-from files import atomic_write
 
 DATASETS = ("auto", "mnist", "mnist-5k", "fashion-mnist")
 FASHION_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -182,44 +181,6 @@ def load_dataset(name="auto", split="train", data_dir=DEFAULT_DATA_DIR, download
         raise DatasetError("Fashion-MNIST not found: apt-get install dataset-fashion-mnist "
                            f"(offline, {FASHION_DEBIAN_DIR}) or run once with network access")
     return Digits(*pair, name, split, FASHION_CLASSES)
-
-
-def tile_grid(images_u8, nrow=10, pad=2):
-    """uint8 images (N, H, W) tiled row-major, ``nrow`` per row, on a dark grey canvas: uint8 (rows, cols)."""
-    n, h, w = images_u8.shape
-    rows = (n + nrow - 1) // nrow
-    canvas = torch.full((rows * (h + pad) + pad, nrow * (w + pad) + pad), 64, dtype=torch.uint8)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = images_u8[i]
-    return canvas
-
-
-def check_labels(path, labels, count, num_classes, error):
-    """The labels of an .npz of digits (denoise.py's, or a user's style set): ``count`` whole numbers in
-    0..num_classes-1 (num_classes None: not known yet, only >= 0); ``error`` is the caller's UserError class."""
-    if labels.shape != (count,):
-        raise error(f"{path!r}: labels have shape {labels.shape}, expected ({count},)")
-    # only real numbers, and nothing a cast would change: NaN, fractions, imaginary parts, strings
-    if labels.dtype.kind not in "iu":
-        raise error(f"{path!r}: labels must be integers, found dtype {labels.dtype}")
-    if labels.min() < 0 or num_classes is not None and labels.max() >= num_classes:
-        raise error(f"{path!r}: labels must be in 0..{'C-1' if num_classes is None else num_classes - 1}, found "
-                    f"{labels.min()}..{labels.max()}")
-
-
-def save_grid(images_u8, path, nrow=10, pad=2, text=None):
-    """Tile uint8 images (N, H, W) into one PNG, row-major, ``nrow`` per row, written atomically.
-
-    ``text`` ({key: value}) goes into the PNG as text chunks, readable with Pillow (``Image.open(p).text``),
-    as AUTOMATIC1111 stores a picture's settings under "parameters"."""
-    from PIL import Image, PngImagePlugin  # Pillow comes with matplotlib
-
-    canvas = tile_grid(images_u8, nrow, pad)
-    info = PngImagePlugin.PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, str(value))
-    atomic_write(path, lambda tmp: Image.fromarray(canvas.numpy(), mode="L").save(tmp, format="PNG", pnginfo=info))
 
 
 # ---------------------------------------------------------------------- styles

@@ -18,20 +18,19 @@ from __future__ import annotations
 import argparse
 import os
 
-import numpy as np
 import torch
 
 from adapter import LEGACY_DEFAULT_ADAPTER, attach_adapters, load_adapters, parse_lora_spec, set_weights
 from checkpoint import load_pipeline
-from files import atomic_write, check_apart, check_replace, check_writable_dir, remove_stale_temps
+from files import check_apart, check_replace, check_writable_dir, remove_stale_temps
 from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, WEIGHT_RANGE, SampleConfig
 from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, path_arg,
                  name_arg, runtime_from_args)
 from errors import CLIError, run_main
-from dataset import save_grid
 from diffusion import generate
-from logs import preview_png
 from lora import merge_lora
+from pictures import (column_order, process_figure, process_rows, save_grid, weight_sweep_png,
+                      write_samples_npz)
 from runtime import pick_device, resolve_precision
 
 def parse_labels(text, num_classes):
@@ -86,46 +85,6 @@ def build_parser():
 
 def parse_args(argv):
     return build_parser().parse_args(argv)
-
-
-PROCESS_MAX_ROWS = 20  # rows of the denoising-process figure: matplotlib takes seconds per hundred axes
-
-
-def process_rows(labels, n_per_label):
-    """Indices of the samples the process figure shows: the first sample of each label asked for.
-
-    ``--n-per-label 50`` draws 50 samples a label, but the figure keeps one row per label (at
-    most PROCESS_MAX_ROWS), so it stays readable and is written in a second, whatever the count."""
-    return [i * n_per_label for i in range(min(len(labels), PROCESS_MAX_ROWS))]
-
-
-def process_figure(frames, labels, path, show=False):
-    """One row per label, columns from pure noise to the final digit (the tutorial's figure).
-
-    ``frames`` is a list of uint8 (rows, H, W) tensors, one per column; ``labels`` one per row."""
-    import matplotlib
-
-    if not show:
-        matplotlib.use("Agg")  # files only, no window
-    import matplotlib.pyplot as plt
-
-    rows, cols = len(labels), len(frames)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9 + 0.4), squeeze=False)
-    for r in range(rows):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.imshow(frames[c][r].numpy(), cmap="gray", vmin=0, vmax=255)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(str(labels[r]), rotation=0, labelpad=10)
-    axes[0][0].set_title("noise", fontsize=8)
-    axes[0][-1].set_title("digit", fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-    if show:
-        plt.show()
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -195,9 +154,9 @@ def run(args):
             cols.append(imgs)
         # a picture for people (labelled, 3x nearest-neighbour): a row per weight, a column per label
         path = os.path.join(out, "lora_weight_sweep.png")
-        preview_png({f"weight {s:g}": imgs for s, imgs in zip(scales, cols)}, sweep_labels.tolist(), path,
-                    f"{', '.join(args.lora)}: weight 0 to 1 on the same noise ({scfg.sampler}-{scfg.steps}, "
-                    f"guidance {scfg.guidance:g}, seed {rcfg.seed})")
+        weight_sweep_png(dict(zip(scales, cols)), sweep_labels.tolist(), path,
+                         f"{', '.join(args.lora)}: weight 0 to 1 on the same noise ({scfg.sampler}-{scfg.steps}, "
+                         f"guidance {scfg.guidance:g}, seed {rcfg.seed})")
         written.append(path)
         set_weights(model, adapter, args.lora_weight)
         if args.merge:
@@ -209,8 +168,6 @@ def run(args):
     images, frames = generate(model, diffusion, label_t, num_frames=args.frames, **common,
                               progress=lambda ts: tqdm(ts, desc=f"{scfg.sampler} x{len(label_t)}", leave=False))
     grid_path = os.path.join(out, f"{name}.png")
-    # one column per label, n_per_label rows
-    order = torch.arange(len(label_t)).view(len(labels), args.n_per_label).T.flatten()
     steps = scfg.steps if scfg.sampler != "ddpm" else diffusion.timesteps
     # the settings that drew this picture, in the PNG itself: the same command gives the same picture
     settings = {"ckpt": args.ckpt, "lora": " ".join(args.lora or []) or "none", "lora_weight": args.lora_weight,
@@ -218,13 +175,8 @@ def run(args):
                 "seed": rcfg.seed, "sampler": scfg.sampler, "steps": steps, "guidance": scfg.guidance,
                 "eta": scfg.eta, "precision": precision}
     text = {"parameters": ", ".join(f"{k}: {v}" for k, v in settings.items()), **settings}
-    save_grid(images[order], grid_path, nrow=len(labels), text=text)
-    npz_path = os.path.join(out, f"{name}.npz")
-
-    def write_npz(tmp):
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, images=images.numpy(), labels=label_t.numpy().astype(np.int64))
-    atomic_write(npz_path, write_npz)
+    save_grid(images[column_order(len(labels), args.n_per_label)], grid_path, nrow=len(labels), text=text)
+    npz_path = write_samples_npz(os.path.join(out, f"{name}.npz"), images.numpy(), label_t.numpy())
     written += [grid_path, npz_path]
     if args.frames > 0:
         proc_path = os.path.join(out, f"{name}_process.png")

@@ -47,20 +47,20 @@ import dataclasses
 import os
 import time
 
-import numpy as np
 import torch
 
 from adapter import attach_adapters, load_adapters, parse_lora_spec, set_weights
 from checkpoint import load_checkpoint, load_pipeline
 from files import atomic_write, check_apart, check_replace, check_writable_dir, remove_stale_temps, write_json
-from inputs import check_inputs_apart, npz_members
+from inputs import check_inputs_apart
 from config import (BATCH_MAX, DATASETS, DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, WEIGHT_RANGE,
                     SampleConfig)
 from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, path_arg,
                  name_arg, runtime_from_args)
 from errors import CLIError, run_main
-from dataset import MNIST_CLASSES, apply_style, check_labels, load_dataset
+from dataset import MNIST_CLASSES, apply_style, load_dataset
 from diffusion import generate
+from pictures import read_samples_npz
 from metrics import (STYLE_SHARE_MAX_REAL, STYLE_SHARE_MIN_STYLE, classify, frechet_distance, get_classifier, ink,
                      slant, style_share, train_style_share, zero_share)
 from runtime import pick_device, resolve_precision
@@ -279,37 +279,8 @@ def load_npz(path, num_classes=None, size=None):
     data set is loaded) every check that does not need them."""
     if not os.path.exists(path):
         raise CLIError(f"--samples {path!r} not found; write one with python denoise.py")
-    members = npz_members(path, "--samples")  # shapes and dtypes from the headers, before any array is read
-    shape = members.get("images", ((0, 0, 0), None))[0]
-    if len(shape) != 3 or size is not None and shape[1:] != (size, size):
-        expected = "(N, H, W)" if size is None else f"(N, {size}, {size})"
-        raise CLIError(f"{path!r}: images have shape {shape}, expected {expected}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            files = set(z.files)
-            missing = {"images", "labels"} - files
-            if missing:
-                raise CLIError(f"{path!r} lacks {sorted(missing)}; it needs 'images' (N, H, W) uint8 "
-                               "and 'labels' (N) as denoise.py writes them")
-            images, labels = z["images"], z["labels"]
-    except (ValueError, OSError) as e:
-        raise CLIError(f"{path!r} is not a readable .npz ({e})") from None
-    if images.ndim != 3 or size is not None and images.shape[1:] != (size, size):
-        expected = "(N, H, W)" if size is None else f"(N, {size}, {size})"
-        raise CLIError(f"{path!r}: images have shape {images.shape}, expected {expected}")
-    if len(images) == 0:
-        raise CLIError(f"{path!r} holds no samples; there is nothing to score")
-    check_labels(path, labels, len(images), num_classes, CLIError)
-    if images.dtype != np.uint8:
-        if images.dtype.kind not in "iuf":
-            raise CLIError(f"{path!r}: images must be uint8 in 0..255, found dtype {images.dtype}")
-        if images.dtype.kind == "f" and not np.isfinite(images).all():
-            raise CLIError(f"{path!r}: images hold NaN or infinite values; they must be uint8 in 0..255")
-        if images.min() < 0 or images.max() > 255 or (images.dtype.kind == "f" and (images % 1 != 0).any()):
-            raise CLIError(f"{path!r}: images must be whole numbers in 0..255 as uint8 (found {images.dtype} "
-                           f"{images.min()}..{images.max()})")
-        images = images.astype(np.uint8)
-    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+    images, labels = read_samples_npz(path, CLIError, num_classes=num_classes, size=size, what="--samples")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels)
 
 
 # ---------------------------------------------------------------------- report

@@ -5,9 +5,11 @@
     log.close()
     loss_curve_png("out/loss.csv", "out/loss_curve.png", "train: tiny preset")
     require_tensorboard()             # before any work: one error with the install command when it is missing
-    preview_png({"base": imgs, "adapter": imgs}, labels, "out/lora/previews/step_0050.png", "step 50")
+    previews = Previews(base, diffusion, "out/lora/previews", every=50, ...)   # base against adapter, by step
+    previews.step(model, step, loss)  # previews/step_0050.png when due (pictures.preview_png)
 
-train.py and lora_finetune.py use these; the loop itself (trainer.py) only calls its hooks.
+train.py and lora_finetune.py use these; the loop itself (trainer.py) only calls its hooks. The pictures'
+layout is pictures.py's.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from config import SampleConfig
 from diffusion import generate
 from errors import CLIError
 from files import atomic_write
-from styles import PREVIEW_PAD, PREVIEW_SCALE, label_font  # one look for every picture for people
+from pictures import preview_png
 
 LOSS_CSV = "loss.csv"
 LOSS_CURVE = "loss_curve.png"
@@ -32,8 +34,6 @@ PREVIEW_DIR = "previews"
 TENSORBOARD_DIR = "tensorboard"
 CSV_FIELDS = ("step", "loss", "lr", "images_per_s")
 TENSORBOARD_HINT = "pip install tensorboard"
-PREVIEW_LEFT = 96  # room for the row names
-PREVIEW_TOP = 56  # room for the title and the column labels
 PREVIEW_STEPS = 10  # DDIM steps of a preview: enough to read the digits, a fraction of a training step's cost
 _PREVIEW_NAME = re.compile(r"step_(\d+)\.png")
 
@@ -160,42 +160,6 @@ def loss_curve_png(csv_path, png_path, title):
     atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return png_path
-
-
-def preview_size(num_rows, num_cols, side=28):
-    """(width, height) in pixels of ``preview_png``'s picture for rows x columns of ``side``-pixel images."""
-    cell = side * PREVIEW_SCALE + PREVIEW_PAD
-    return PREVIEW_LEFT + num_cols * cell + PREVIEW_PAD, PREVIEW_TOP + num_rows * cell + PREVIEW_PAD
-
-
-def preview_png(rows, labels, path, title):
-    """A grid a person reads at a glance: one row per entry of ``rows`` ({name: uint8 (C, H, W)}), one
-    column per label, each image upscaled PREVIEW_SCALE times nearest-neighbour, the row names on the
-    left, the labels above, ``title`` on top; written atomically."""
-    from PIL import Image, ImageDraw
-
-    names = list(rows)
-    num_cols, side = len(labels), next(iter(rows.values())).shape[-1]
-    width, height = preview_size(len(names), num_cols, side)
-    cell = side * PREVIEW_SCALE + PREVIEW_PAD
-    canvas = Image.new("L", (width, height), 255)
-    draw = ImageDraw.Draw(canvas)
-    font, small = label_font(15), label_font(13)
-    draw.text((PREVIEW_PAD, 6), title, fill=0, font=font)
-    for c, label in enumerate(labels):
-        text = str(int(label))
-        draw.text((PREVIEW_LEFT + c * cell + (cell - draw.textlength(text, font=small)) / 2, PREVIEW_TOP - 22),
-                  text, fill=0, font=small)
-    for r, name in enumerate(names):
-        y = PREVIEW_TOP + r * cell
-        draw.text((PREVIEW_PAD, y + cell // 2 - 8), name, fill=0, font=small)
-        imgs = rows[name]
-        for c in range(num_cols):
-            tile = Image.fromarray(imgs[c].cpu().numpy()).resize(
-                (side * PREVIEW_SCALE, side * PREVIEW_SCALE), Image.NEAREST)
-            canvas.paste(tile, (PREVIEW_LEFT + c * cell + PREVIEW_PAD, y + PREVIEW_PAD))
-    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
-    return path
 
 
 def fork_rng(device):

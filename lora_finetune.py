@@ -41,7 +41,8 @@ from logs import (PREVIEW_DIR, TENSORBOARD_DIR, TENSORBOARD_HINT, LogPaths, Loss
                   loss_curve_png, require_tensorboard)
 from lora import mark_only_lora_as_trainable
 from metrics import ink, slant
-from styles import DATA_PREVIEW_NAME, load_style_data, save_training_preview, sized_steps, training_set
+from pictures import DATA_PREVIEW_NAME, training_preview_png
+from styles import load_style_data, sized_steps, training_set
 from runtime import (check_precision, enable_tf32, end_run, per_rank_batch, rank0_logger,
                      resolve_precision, setup_distributed, wrap_ddp)
 from trainer import (LORA_GRAD_CLIP, FitSettings, Hooks, TrainData, fit, load_dataset_distributed, lora_lr_at,
@@ -299,7 +300,7 @@ def finetune(args):
     def write_data_preview():
         # with the first save, so that a run stopped before it leaves no folder holding a preview alone
         if own is not None and preview_path not in previews_written:
-            save_training_preview(preview_path, own, own_set, lcfg.prior_weight)
+            training_preview_png(preview_path, own, own_set, lcfg.prior_weight)
             previews_written.add(preview_path)
     previews_written = set()
 

@@ -13,7 +13,6 @@ does not name is at 0) under the model's lock.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import queue
@@ -26,16 +25,16 @@ import torch
 from adapter import WEIGHTS_NAME, adapter_name, adapter_size, apply_adapter, load_adapter, resolve_kohya_names
 from checkpoint import load_pipeline
 from config import DEFAULT_OUT_DIR, SEED_MAX, WEIGHT_RANGE, SampleConfig, preset_config
-from dataset import tile_grid, to_uint8
+from dataset import to_uint8
 from diffusion import generate
 from errors import UserError
 from files import atomic_write, check_writable_dir
 from lora import set_lora_weight
+from pictures import PAGE_SCALE, annotate, label_columns, weight_sweep_picture, write_samples_npz
 
 SWEEP_WEIGHTS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)  # the sweep's columns: the span the sliders show
 MAX_IMAGES = 200  # samples one request may ask for (labels x per label): a minute of CPU at the default steps
 MAX_PER_LABEL = 20
-UPSCALE = 4  # 28-pixel digits shown 4x, nearest-neighbour (pictures are for people)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 APP_DIR = "app"  # under --out-dir: saved grids, style data, fine-tunes and the page's upload cache
 ADAPTER_DEPTH = 4  # folders below a root searched for adapters
@@ -185,41 +184,6 @@ class Grid:
     picture: np.ndarray  # uint8 (rows, cols): denoise.py's samples.png, a column per label
     settings: dict
     display: np.ndarray  # uint8: the picture upscaled, with the labels above the columns
-
-
-# ------------------------------------------------------------------ pictures
-
-def label_columns(images, num_labels, n_per_label):
-    """denoise.py's layout: one column per label, ``n_per_label`` rows, as one uint8 picture."""
-    order = torch.arange(len(images)).view(num_labels, n_per_label).T.flatten()
-    return tile_grid(images[order], nrow=num_labels).numpy()
-
-
-def annotate(picture, col_titles=(), row_titles=(), cell=30, pad=2, title=None):
-    """The picture upscaled UPSCALE x with a label above each column and left of each row."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    img = Image.fromarray(picture).resize((picture.shape[1] * UPSCALE, picture.shape[0] * UPSCALE), Image.NEAREST)
-    try:
-        font = ImageFont.load_default(size=14)
-    except (TypeError, ImportError, OSError):  # Pillow without FreeType: its small bitmap font
-        font = ImageFont.load_default()
-    top = 22 * (bool(col_titles) + bool(title))
-    left = 36 if row_titles else 0
-    width = img.width + left
-    if title:  # a grid of one label is narrower than its title: widen the white margin, not the grid
-        width = max(width, left + 8 + int(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(title, font=font)))
-    out = Image.new("L", (width, img.height + top), 255)
-    out.paste(img, (left, top))
-    draw = ImageDraw.Draw(out)
-    if title:
-        draw.text((left + 4, 3), title, fill=0, font=font)
-    step = (cell + pad) * UPSCALE
-    for i, text in enumerate(col_titles):
-        draw.text((left + pad * UPSCALE + i * step + 4, top - 19), str(text), fill=0, font=font)
-    for i, text in enumerate(row_titles):
-        draw.text((4, top + pad * UPSCALE + i * step + step // 3), str(text), fill=0, font=font)
-    return np.asarray(out)
 
 
 def weights_text(weights):
@@ -397,10 +361,8 @@ class Studio:
             for w in SWEEP_WEIGHTS:
                 self._apply({**weights, name: w})
                 cols.append(self._generate(labels, req))
-        grid = torch.stack(cols, dim=1).flatten(0, 1)  # (labels x weights, H, W): a row per label
-        picture = tile_grid(grid, nrow=len(SWEEP_WEIGHTS)).numpy()
-        return annotate(picture, [f"{w:g}" for w in SWEEP_WEIGHTS], labels.tolist(),
-                        title=f"{name}: its weight across the columns, a row per label")
+        return weight_sweep_picture(dict(zip(SWEEP_WEIGHTS, cols)), labels.tolist(),
+                                    f"{name}: its weight across the columns, a row per label")
 
     def compare(self, req, weights=None):
         """The base (every adapter at 0) beside the adapters at ``weights``, on the same noise."""
@@ -409,7 +371,7 @@ class Studio:
             raise PageError("every adapter is at weight 0: move a slider first")
         base, mixed = self.sample(req).picture, self.sample(req, on).picture
         left, right = annotate(base, req.labels, title="base"), annotate(mixed, req.labels, title=weights_text(on))
-        gap = np.full((left.shape[0], 6 * UPSCALE), 255, dtype=np.uint8)
+        gap = np.full((left.shape[0], 6 * PAGE_SCALE), 255, dtype=np.uint8)
         return np.concatenate([left, gap, right], 1)
 
     def save(self, grid, name):
@@ -423,12 +385,7 @@ class Studio:
         from PIL import Image
 
         atomic_write(png, lambda tmp: Image.fromarray(grid.picture, mode="L").save(tmp, format="PNG"))
-
-        def write_npz(tmp):
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, images=grid.images.numpy(), labels=grid.labels.numpy().astype(np.int64),
-                                    settings=np.array(json.dumps(grid.settings)))
-        atomic_write(npz, write_npz)
+        write_samples_npz(npz, grid.images.numpy(), grid.labels.numpy(), grid.settings)
         return png, npz
 
 

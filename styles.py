@@ -6,7 +6,7 @@
     font:NAME                         digits rendered from a TrueType font matplotlib ships (font_names())
 
     data = load_style_data("my_digits")            # StyleData: images uint8 (N, 28, 28), labels, name, inverted
-    save_preview(data.images, data.labels, "out/lora/data_preview.png")
+    pictures.data_preview_png(data.images, data.labels, "out/lora/data_preview.png")   # pictures are pictures.py's
     write_font_folder("font:DejaVu Serif", "my_digits", per_label=20)   # PNG files a user's folder would hold
 
 Every image goes through what made MNIST (LeCun et al. 1998): grey, ink bright on dark, cropped to the
@@ -24,16 +24,15 @@ import os
 import re
 import struct
 import warnings
-import zipfile
 import zlib
 
 import numpy as np
 import torch
 
-from dataset import check_labels
 from errors import UserError
 from files import atomic_write
-from inputs import InputError, check_regular, npz_members
+from inputs import InputError, check_regular
+from pictures import font_dir, read_samples_npz
 
 NUM_LABELS = 10
 SIZE = 28  # MNIST's side
@@ -355,40 +354,10 @@ def _load_folder(folder):
 def _load_npz(path):
     """images uint8 (N, 28, 28) and labels (N,) in 0..9, as denoise.py writes them; taken at their size, with
     a light background inverted (they are already MNIST-sized: no crop or fit)."""
-    fix = f"it needs images uint8 (N, {SIZE}, {SIZE}) and labels (N,) in 0..9, as denoise.py writes them"
-    try:  # shapes and dtypes from the headers, before any array is read
-        members = npz_members(path, "the style data")
-    except InputError as e:
-        raise StyleDataError(str(e)) from None
-    shape, dtype = members.get("images", ((), None))
-    if "images" in members and (dtype != np.uint8 or len(shape) != 3 or shape[1:] != (SIZE, SIZE)):
-        raise StyleDataError(f"{path!r}: images have shape {shape} and dtype {dtype}; {fix}")
-    if "labels" in members and members["labels"][0] != shape[:1]:
-        raise StyleDataError(f"{path!r}: labels have shape {members['labels'][0]}, the images {shape}; {fix}")
-    try:
-        z = np.load(path, allow_pickle=False)
-        if not hasattr(z, "files"):
-            raise StyleDataError(f"{path!r} holds a single array (.npy), not an .npz; {fix}")
-        with z:
-            missing = sorted({"images", "labels"} - set(z.files))
-            if missing:
-                raise StyleDataError(f"{path!r} lacks {missing} (it has {sorted(z.files)}); {fix}")
-            images, labels = z["images"], z["labels"]
-    except StyleDataError:
-        raise
-    # not a zip, a damaged member, a pickled object (refused: loading one would run code)
-    except (ValueError, OSError, EOFError, zlib.error, struct.error, zipfile.BadZipFile) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise StyleDataError(f"{path!r} is not a readable .npz ({why}); {fix}") from None
-    if images.dtype != np.uint8:
-        raise StyleDataError(f"{path!r}: images have dtype {images.dtype}; {fix} (convert with "
-                             "np.clip(images, 0, 255).astype(np.uint8))")
-    if images.ndim != 3 or images.shape[1:] != (SIZE, SIZE):
-        raise StyleDataError(f"{path!r}: images have shape {images.shape}; {fix} (other sizes: write them as "
-                             "image files into a folder of 0..9 subfolders and pass the folder)")
-    if len(images) == 0:
-        raise StyleDataError(f"{path!r} holds no images; {fix}")
-    check_labels(path, labels, len(images), NUM_LABELS, StyleDataError)
+    fix = (f"it needs images uint8 (N, {SIZE}, {SIZE}) and labels (N,) in 0..9, as denoise.py writes them (other "
+           "sizes: write them as image files into a folder of 0..9 subfolders and pass the folder)")
+    images, labels = read_samples_npz(path, StyleDataError, num_classes=NUM_LABELS, size=SIZE, exact_dtype=True,
+                                      fix=fix, what="the style data")
     out, inverted = [], 0
     for i, img in enumerate(images):
         g = img.astype(np.float32) / 255.0
@@ -404,12 +373,6 @@ def _load_npz(path):
 
 # ------------------------------------------------------------------ fonts
 
-def _font_dir():
-    import matplotlib
-
-    return os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
-
-
 def _key(name):
     """A font name compared loosely: case, spaces, hyphens and underscores ignored."""
     return re.sub(r"[^0-9a-z]", "", name.lower())
@@ -422,7 +385,7 @@ def _font_table():
     from PIL import ImageFont
 
     table = {}
-    folder = _font_dir()
+    folder = font_dir()
     for fname in sorted(os.listdir(folder)):
         if not fname.lower().endswith(".ttf"):
             continue
@@ -545,7 +508,7 @@ def write_font_folder(spec, folder, per_label=FONT_PER_LABEL, seed=0):
     return name, len(pages)
 
 
-# ------------------------------------------------------------------ loading, splitting, previews
+# ------------------------------------------------------------------ loading, splitting
 
 def load_style_data(spec, *, per_label=FONT_PER_LABEL, seed=0, log=print):
     """The style data set ``spec`` names: a folder of 0..9 subfolders, an .npz, or "font:NAME".
@@ -585,56 +548,6 @@ def split_style_data(data, held_out_fraction, seed):
     def part(mask):
         return StyleData(data.images[mask], data.labels[mask], data.name, 0)
     return part(~held), part(held)
-
-
-DATA_PREVIEW_NAME = "data_preview.png"  # beside the adapter: what the fine-tune trains on
-PREVIEW_SCALE = 3  # 28-pixel digits drawn 84 pixels high, nearest-neighbour: readable at a glance
-PREVIEW_PAD = 4
-PREVIEW_LABEL_WIDTH = 120  # the left column: the label and its note
-PREVIEW_TITLE_HEIGHT = 28
-PREVIEW_PER_ROW = 12
-
-
-def preview_size(num_rows, num_cols=PREVIEW_PER_ROW):
-    """(width, height) of the picture save_preview draws for ``num_rows`` labels of up to ``num_cols`` digits."""
-    cell = SIZE * PREVIEW_SCALE + PREVIEW_PAD
-    return (PREVIEW_LABEL_WIDTH + num_cols * cell + PREVIEW_PAD,
-            PREVIEW_TITLE_HEIGHT + num_rows * cell + PREVIEW_PAD)
-
-
-def label_font(size):
-    """DejaVu Sans at ``size`` pixels, from matplotlib's own fonts: the text of every picture for people."""
-    from PIL import ImageFont
-
-    return ImageFont.truetype(os.path.join(_font_dir(), "DejaVuSans.ttf"), size)
-
-
-def save_preview(images, labels, path, *, title="", notes=None, per_row=PREVIEW_PER_ROW):
-    """A PNG of what the model trains on: a row per label (the first ``per_row`` of its images), the label
-    and ``notes[label]`` (e.g. "12 images", "MNIST") at the left, ``title`` on top; digits upscaled
-    PREVIEW_SCALE times, nearest-neighbour. Written atomically. Returns its (width, height)."""
-    from PIL import Image, ImageDraw
-
-    images = torch.as_tensor(images)
-    labels = torch.as_tensor(labels)
-    rows = sorted(set(labels.tolist()))
-    width, height = preview_size(len(rows), per_row)
-    canvas = Image.new("L", (width, height), 40)
-    draw = ImageDraw.Draw(canvas)
-    big, small = label_font(28), label_font(13)
-    draw.text((PREVIEW_PAD, PREVIEW_TITLE_HEIGHT // 2), title, fill=255, font=small, anchor="lm")
-    cell = SIZE * PREVIEW_SCALE + PREVIEW_PAD
-    for r, label in enumerate(rows):
-        top = PREVIEW_TITLE_HEIGHT + r * cell
-        draw.text((PREVIEW_PAD + 4, top + cell // 2 - 10), str(label), fill=255, font=big, anchor="lm")
-        if notes and notes.get(label):
-            draw.text((PREVIEW_PAD + 4, top + cell // 2 + 18), notes[label], fill=200, font=small, anchor="lm")
-        for c, i in enumerate(torch.nonzero(labels == label).flatten()[:per_row].tolist()):
-            digit = Image.fromarray(images[i].numpy()).resize(
-                (SIZE * PREVIEW_SCALE, SIZE * PREVIEW_SCALE), Image.Resampling.NEAREST)
-            canvas.paste(digit, (PREVIEW_LABEL_WIDTH + c * cell, top + PREVIEW_PAD))
-    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
-    return width, height
 
 
 # ------------------------------------------------------------------ the training set
@@ -755,20 +668,3 @@ def training_set(style, prior_images, prior_labels, *, augment_mode, prior_weigh
         images = torch.cat([images, prior_images[order]])
         labels = torch.cat([labels, prior_labels[order]])
     return TrainingSet(images, labels, n * copies, copies, on, missing, missing if num_prior else [])
-
-
-def save_training_preview(path, style, tset, prior_weight):
-    """data_preview.png for a fine-tune: a row per label of the style's preprocessed images (as the model sees
-    them, before augmentation) and of the prior's real digits, each row saying which, and a title with the set."""
-    counts = style.counts()
-    prior_rows = tset.prior_labels
-    images = torch.cat([style.images, tset.images[tset.num_style:]])
-    labels = torch.cat([style.labels, tset.labels[tset.num_style:]])
-    notes = {c: f"{counts[c]} images" for c in style.present()}
-    notes.update({c: "MNIST (prior)" for c in prior_rows})
-    how = (f"augmented to x{tset.copies}" if tset.augmented else
-           f"repeated x{tset.copies}" if tset.copies > 1 else "as they are")
-    prior = f"; real digits of {','.join(map(str, prior_rows))} at prior weight {prior_weight:g}" if prior_rows else ""
-    title = (f"{style.name}: {len(style)} images, {style.inverted} inverted, {how}{prior}; "
-             "what the fine-tune trains on, 3x nearest-neighbour")
-    return save_preview(images, labels, path, title=title, notes=notes)

@@ -33,9 +33,10 @@ from config import (CKPT_NAME, DiffusionConfig, ModelConfig, SampleConfig, Train
 from cli import (ArgumentParser, add_config_args, add_config_file_arg, add_preset_arg, add_runtime_args,
                  config_file_note, config_from_args, runtime_from_args)
 from errors import CLIError, run_main
-from dataset import save_grid, to_model_range
+from dataset import to_model_range
 from logs import LOSS_CSV, LOSS_CURVE, TENSORBOARD_DIR, TENSORBOARD_HINT, LossLog, loss_curve_png, require_tensorboard
 from diffusion import Diffusion, generate
+from pictures import save_grid
 from runtime import (broadcast_object, check_precision, enable_tf32, end_run, per_rank_batch,
                      rank0_logger, resolve_precision, setup_distributed, wrap_ddp)
 from trainer import (FitSettings, Hooks, TrainData, ema_update, fit, load_dataset_distributed, lr_at, make_optimizer,

@@ -21,8 +21,8 @@ import zlib
 import numpy as np
 
 from errors import UserError
-from files import atomic_write
-from styles import StyleDataError, label_from_name, preprocess_image, read_digit, save_preview
+from pictures import data_preview_png, write_samples_npz
+from styles import StyleDataError, label_from_name, preprocess_image, read_digit
 
 MAX_UPLOAD_FILES = 2000  # images in one fine-tune (files, or entries of a zip)
 MAX_FILE_BYTES = 5 * 2**20  # one image
@@ -177,13 +177,9 @@ def write_style_data(upload, folder, name):
     check_trainable(upload)
     npz = os.path.join(folder, f"{name}.npz")
     preview = os.path.join(folder, f"{name}_data.png")
-
-    def write_npz(tmp):
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, images=upload.images, labels=upload.labels)
-    atomic_write(npz, write_npz)
-    save_preview(upload.images, upload.labels, preview, title=f"{name}: {len(upload)} images",
-                 notes={d: f"{c} images" for d, c in enumerate(upload.counts()) if c})
+    write_samples_npz(npz, upload.images, upload.labels)
+    data_preview_png(upload.images, upload.labels, preview, title=f"{name}: {len(upload)} images",
+                     notes={d: f"{c} images" for d, c in enumerate(upload.counts()) if c})
     return npz, preview
 
 

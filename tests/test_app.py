@@ -24,6 +24,7 @@ import denoise
 import jobs
 import lora_finetune
 import studio as studio_mod
+import pictures
 import styles
 import uploads
 from adapter import load_adapter
@@ -77,7 +78,7 @@ def test_sample_grid_is_denoise_grid(studio, tiny_ckpt, tmp_path):
     other = studio.sample(studio.request([3, 7], 2, 6))
     assert np.array_equal(again.display, grid.display) and not np.array_equal(other.images, grid.images)
     # the picture shown is the grid, 4x, under a strip of labels
-    up = studio_mod.UPSCALE
+    up = pictures.PAGE_SCALE
     h, w = (n * up for n in grid.picture.shape)
     assert np.array_equal(grid.display[-h:, :w][::up, ::up], grid.picture)
     for sampler in ("dpmpp-2m", "ddpm"):  # every sampler the page offers, as denoise.py runs it
@@ -158,7 +159,7 @@ def test_iter_sample_shows_estimates_then_the_grid(studio):
 
 def test_sweep_and_compare(studio):
     sweep = studio.sweep(studio.request([1, 2]), "lora")
-    cell = (28 + 2) * studio_mod.UPSCALE
+    cell = (28 + 2) * pictures.PAGE_SCALE
     assert sweep.shape[0] >= 2 * cell and sweep.shape[1] >= len(studio_mod.SWEEP_WEIGHTS) * cell
     with pytest.raises(PageError, match="move a slider first"):
         studio.compare(studio.request())

@@ -14,8 +14,9 @@ from PIL import Image
 import lora_finetune
 import train
 import trainer
-from logs import (CSV_FIELDS, PREVIEW_SCALE, LogPaths, LossLog, loss_curve_png, preview_png, preview_size,
-                  read_loss_csv, remove_previews_after, require_tensorboard, smooth)
+from logs import (CSV_FIELDS, LogPaths, LossLog, loss_curve_png, read_loss_csv, remove_previews_after, require_tensorboard,
+                  smooth)
+from pictures import PREVIEW_SCALE, preview_png, preview_size
 
 
 def csv_rows(path):
@@ -83,7 +84,7 @@ def test_preview_png_has_the_expected_size_and_upscaled_digits(tmp_path):
         pixels = np.asarray(im.convert("L"))
     assert (width, height) == preview_size(2, 10) and width >= 10 * 28 * PREVIEW_SCALE
     # each digit is drawn PREVIEW_SCALE x PREVIEW_SCALE per pixel, nearest-neighbour: find base label 0's tile
-    from logs import PREVIEW_LEFT, PREVIEW_PAD, PREVIEW_TOP
+    from pictures import PREVIEW_LEFT, PREVIEW_PAD, PREVIEW_TOP
     tile = pixels[PREVIEW_TOP + PREVIEW_PAD:PREVIEW_TOP + PREVIEW_PAD + 28 * PREVIEW_SCALE,
                   PREVIEW_LEFT + PREVIEW_PAD:PREVIEW_LEFT + PREVIEW_PAD + 28 * PREVIEW_SCALE]
     expected = rows["base"][0].numpy().repeat(PREVIEW_SCALE, 0).repeat(PREVIEW_SCALE, 1)
@@ -206,7 +207,7 @@ def test_finetune_previews_loss_log_and_curve(tmp_path, tiny_ckpt):
             assert im.size == preview_size(2, 10)
             grids.append(np.asarray(im.convert("L")))
     # the base's row is the same noise through the same frozen weights every time; the title line differs
-    from logs import PREVIEW_TOP
+    from pictures import PREVIEW_TOP
     cell = 28 * PREVIEW_SCALE + 4
     assert np.array_equal(grids[0][PREVIEW_TOP:PREVIEW_TOP + cell], grids[1][PREVIEW_TOP:PREVIEW_TOP + cell])
     assert [int(r[0]) for r in csv_rows(out / "loss.csv")[1:]] == [1, 2, 3, 4]

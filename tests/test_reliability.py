@@ -184,7 +184,7 @@ def test_json_is_never_written_over_a_file_of_another_kind(files):
 
 @pytest.mark.parametrize("images, labels, message", [
     (np.array([["x"] * 28] * 28 * 3).reshape(3, 28, 28), np.zeros(3, np.int64), "found dtype <U1"),
-    (np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), "holds no samples"),
+    (np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), "holds no images"),
     (np.full((3, 28, 28), np.nan), np.zeros(3, np.int64), "NaN or infinite"),
     (np.zeros((3, 28, 28), np.complex64), np.zeros(3, np.int64), "found dtype complex64"),
     (np.zeros((3, 28, 28), np.uint8), np.array([0.5, 1.0, 2.0]), "labels must be integers, found dtype float64"),

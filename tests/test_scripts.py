@@ -16,10 +16,11 @@ from PIL import Image
 
 import denoise
 import lora_finetune
+import pictures
 import train
 from adapter import adapter_size, load_adapter, write_adapter
 from checkpoint import state_fingerprint
-from logs import preview_size
+from pictures import preview_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TILE = 28 + 2  # save_grid: a 28x28 digit plus 2 pixels of padding
@@ -54,8 +55,8 @@ def test_process_figure_keeps_one_row_per_label_whatever_the_sample_count(tiny_c
         assert fifty.size == one.size  # ten rows either way
     with np.load(tmp_path / "fifty" / "samples.npz") as npz:
         assert npz["images"].shape == (500, 28, 28)  # every sample is still written
-    assert denoise.process_rows(list(range(10)), 50) == [0, 50, 100, 150, 200, 250, 300, 350, 400, 450]
-    assert len(denoise.process_rows([3] * 100, 1)) == denoise.PROCESS_MAX_ROWS
+    assert pictures.process_rows(list(range(10)), 50) == [0, 50, 100, 150, 200, 250, 300, 350, 400, 450]
+    assert len(pictures.process_rows([3] * 100, 1)) == pictures.PROCESS_MAX_ROWS
 
 
 def test_denoise_writes_grid_process_and_npz(tiny_ckpt, tmp_path):

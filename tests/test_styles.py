@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import pictures
 import styles
 from styles import StyleDataError, load_style_data, preprocess_image
 
@@ -271,14 +272,14 @@ def test_steps_are_sized_to_the_set():
 def test_preview_is_readable_rows_of_labels(tmp_path):
     data = load_style_data("font:DejaVu Sans", per_label=3, log=None)
     keep = data.labels != 4
-    size = styles.save_preview(data.images[keep], data.labels[keep], tmp_path / "p.png", title="t",
+    size = pictures.data_preview_png(data.images[keep], data.labels[keep], tmp_path / "p.png", title="t",
                                notes={0: "3 images"})
-    assert size == styles.preview_size(9)
+    assert size == pictures.data_preview_size(9)
     with Image.open(tmp_path / "p.png") as im:
         assert im.size == size
         page = np.asarray(im)
     # the first digit of the first row, 3x nearest-neighbour
-    top, left = styles.PREVIEW_TITLE_HEIGHT + styles.PREVIEW_PAD, styles.PREVIEW_LABEL_WIDTH
+    top, left = pictures.DATA_PREVIEW_TITLE_HEIGHT + pictures.PREVIEW_PAD, pictures.DATA_PREVIEW_LABEL_WIDTH
     cell = page[top:top + 84, left:left + 84]
     assert np.array_equal(cell, np.kron(data.images[0].numpy(), np.ones((3, 3), np.uint8)))
 
@@ -332,8 +333,8 @@ def test_finetune_on_a_folder_written_by_render_style(tiny_ckpt, tmp_path, capsy
     text = capsys.readouterr()
     assert "data:serif_digits: 100 images (0:10 1:10 2:10 3:10 4:10 5:10 6:10 7:10 8:10 9:10), 100 inverted" in text.out
     assert load_adapter(out).style == "data:serif_digits"
-    with Image.open(out / styles.DATA_PREVIEW_NAME) as im:
-        assert im.size == styles.preview_size(10)
+    with Image.open(out / pictures.DATA_PREVIEW_NAME) as im:
+        assert im.size == pictures.data_preview_size(10)
     # no --lora-steps: sized to the set (the tiny preset's 4 steps are for 100 images)
     from adapter import load_training_state
 
@@ -359,8 +360,8 @@ def test_prior_keeps_the_base_and_the_other_labels(tiny_ckpt, tmp_path):
                         "--data", str(folder), "--prior-weight", "1", "--lora-steps", "6", "--out", str(out),
                         "--preview-every", "0"])
     assert sha256(tiny_ckpt) == before
-    with Image.open(out / styles.DATA_PREVIEW_NAME) as im:
-        assert im.size == styles.preview_size(10)  # the sevens and nine rows of real digits
+    with Image.open(out / pictures.DATA_PREVIEW_NAME) as im:
+        assert im.size == pictures.data_preview_size(10)  # the sevens and nine rows of real digits
     base = load_pipeline(tiny_ckpt, torch.device("cpu")).model
     adapter = load_adapter(out)
     adapted = load_pipeline(tiny_ckpt, torch.device("cpu"),
