@@ -16,12 +16,10 @@ values, and ``load_checkpoint`` refuses a file whose contents no longer match it
 content hash differs"), a file with anything after the end of its zip archive, and a file that
 holds objects other than tensors, numbers, strings and containers. Files written before the
 hash existed have none and still load (their structure is checked, their values cannot be).
-    model, ckpt = load_model(path, device, weights="ema")
-    pipe = load_pipeline(path, device, "ema", attach)  # model (+ adapters), diffusion, data size: sample or fine-tune
+    model, ckpt = load_model(path, device, weights="ema")   # the UNet rebuilt from the saved config
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import pickle
@@ -32,8 +30,6 @@ import torch
 from config import CKPT_NAME, DiffusionConfig, ModelConfig, from_saved
 from errors import UserError
 from files import atomic_write, file_kind
-from diffusion import Diffusion
-from lora import BaseMismatch, LoraError
 from unet import UNet
 
 CHECKPOINT_VERSION = 1
@@ -241,6 +237,10 @@ def model_config_from_checkpoint(ckpt, path="checkpoint"):
     return _config(ModelConfig, ckpt["config"]["model"], path)
 
 
+def diffusion_config_from_checkpoint(ckpt, path="checkpoint"):
+    return _config(DiffusionConfig, ckpt["config"]["diffusion"], path)
+
+
 def _config(cls, saved, path):
     """A dataclass from a checkpoint's saved settings; settings it does not accept are a CheckpointError."""
     try:
@@ -268,40 +268,3 @@ def state_fingerprint(state):
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-# ------------------------------------------------------------ load a pipeline
-
-@dataclasses.dataclass
-class Pipeline:
-    """A base checkpoint made ready to use: the model (adapters applied), its diffusion, and more.
-
-    Sampling (denoise.py, evaluate.py) and fine-tuning (lora_finetune.py, on top of the base) both start here."""
-    model: torch.nn.Module
-    diffusion: Diffusion
-    ckpt: dict
-    fingerprint: str  # of the base weights used, before any adapter
-    data_size: int  # the data set's side: samples are resized back to it
-    weights: str  # ema | model
-
-
-def load_pipeline(path, device, weights="ema", apply_adapters=None):
-    """Load a base checkpoint as a Pipeline: the UNet in eval mode, its diffusion schedule, its data size.
-
-    ``apply_adapters(model, fingerprint)``, when given, attaches adapters to the fresh model (it
-    checks each adapter against ``fingerprint``, the base weights' hash) before anything samples."""
-    model, ckpt = load_model(path, device, weights)
-    fingerprint = state_fingerprint(ckpt[weights])
-    if apply_adapters is not None:
-        try:
-            apply_adapters(model, fingerprint)
-        except BaseMismatch as e:
-            other = "model" if weights == "ema" else "ema"
-            if e.trained_on != state_fingerprint(ckpt[other]):
-                raise
-            names = {"ema": "EMA weights", "model": "raw (non-EMA) weights"}
-            raise LoraError(f"adapter {e.path!r} was trained on this checkpoint's {names[other]}, and --weights "
-                            f"{weights} picks its {names[weights]}, on which the adapter was never trained; "
-                            f"pass --weights {other}") from None
-    diffusion = Diffusion.from_config(_config(DiffusionConfig, ckpt["config"]["diffusion"], path)).to(device)
-    return Pipeline(model, diffusion, ckpt, fingerprint, ckpt.get("data_size", 28), weights)

@@ -19,11 +19,13 @@ import json
 import math
 import os
 import textwrap
+import os
 import tomllib
 from dataclasses import fields
+from typing import NamedTuple
 
 from config import (PRESETS, SECTIONS, DiffusionConfig, LoraConfig, ModelConfig, RuntimeConfig, SampleConfig,
-                    TrainConfig, from_saved, preset_config, range_text)
+                    WEIGHT_RANGE, TrainConfig, from_saved, preset_config, range_text)
 from errors import CLIError, exit_with
 from inputs import CONFIG_MAX_BYTES, read_regular
 
@@ -104,6 +106,9 @@ class ArgumentParser(argparse.ArgumentParser):
         except argparse.ArgumentError as e:
             if isinstance(action.type, bounded) and action.option_strings and e.message.startswith("must be "):
                 raise argparse.ArgumentError(None, f"{action.option_strings[-1]} {e.message}") from None
+            if action.type is lora_spec:  # "--lora 'x:abc': ...", "adapter 'x:abc': ..." (lora_tools' positionals)
+                name = action.option_strings[-1] if action.option_strings else "adapter"
+                raise argparse.ArgumentError(None, f"{name} {e.message}") from None
             raise
 
 
@@ -412,3 +417,54 @@ def add_preset_arg(parser):
     parser.add_argument("--preset", default="fast", choices=sorted(PRESETS),
                         help="the sizes every setting starts from (flags given win): fast (laptop CPU) | tutorial "
                              "(GPU, the tutorial's original sizes) | tiny (tests)")
+
+
+# ------------------------------------------------------------------ adapters: PATH[:WEIGHT]
+
+class LoraSpec(NamedTuple):
+    """An adapter on the command line, parsed once (``lora_spec``): its path, its weight, and the text as typed."""
+    path: str
+    weight: float = 1.0
+    text: str = ""
+
+    def __str__(self):
+        return self.text or self.path
+
+
+def weight_problem(value):
+    """What is wrong with an adapter's weight ("" when nothing): a finite number within config.WEIGHT_RANGE,
+    negative allowed (the style pushed the other way)."""
+    lo, hi = WEIGHT_RANGE
+    if not math.isfinite(value) or not lo <= value <= hi:
+        return f"the weight must be a finite number from {lo:g} to {hi:g}, got {value!r}"
+    return ""
+
+
+def check_weight(value, what):
+    """``value`` when it is an adapter's weight (weight_problem), else a CLIError naming ``what``."""
+    problem = weight_problem(value)
+    if problem:
+        raise CLIError(f"{what}: {problem}")
+    return value
+
+
+def lora_spec(text):
+    """The type of every adapter argument: 'PATH' or 'PATH:WEIGHT' -> LoraSpec, the weight checked here, so a bad
+    one fails while parsing, before any file is read. A path that holds a colon itself is taken whole when it
+    exists."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty path; give an adapter's folder or file")
+    if ":" not in text:
+        return LoraSpec(text, 1.0, text)
+    head, tail = text.rsplit(":", 1)
+    try:
+        weight = float(tail)
+    except ValueError:
+        if os.path.exists(text):
+            return LoraSpec(text, 1.0, text)
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight {tail!r} is not a number; write PATH or "
+                                         "PATH:WEIGHT, e.g. out/lora:0.8") from None
+    problem = weight_problem(weight)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return LoraSpec(head, weight, text)

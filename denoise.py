@@ -20,15 +20,16 @@ import os
 
 import torch
 
-from adapter import LEGACY_DEFAULT_ADAPTER, attach_adapters, load_adapters, parse_lora_spec, set_weights
-from checkpoint import load_pipeline
+from adapter import set_weights
+from adapter_formats import LEGACY_DEFAULT_ADAPTER, load_adapters
 from files import check_apart, check_replace, check_writable_dir, remove_stale_temps
 from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, WEIGHT_RANGE, SampleConfig
-from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, path_arg,
-                 name_arg, runtime_from_args)
+from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, lora_spec, name_arg,
+                 path_arg, runtime_from_args)
 from errors import CLIError, run_main
 from diffusion import generate
 from lora import merge_lora
+from pipeline import load_pipeline
 from pictures import (column_order, process_figure, process_rows, save_grid, weight_sweep_png,
                       write_samples_npz)
 from runtime import pick_device, resolve_precision
@@ -67,7 +68,7 @@ def build_parser():
     out.add_argument("--frames", type=bounded(int, ge=0, le=100), default=10,
                      help="columns of the denoising-process figure (0: no figure)")
     out.add_argument("--show", action="store_true", help="also open the figures in a window")
-    lora.add_argument("--lora", nargs="?", const=DEFAULT_ADAPTER, default=None, action="append",
+    lora.add_argument("--lora", nargs="?", const=DEFAULT_ADAPTER, default=None, action="append", type=lora_spec,
                       metavar="PATH[:WEIGHT]",
                       help=f"apply a LoRA adapter (default {DEFAULT_ADAPTER}) at WEIGHT (default 1); repeat for several")
     lora.add_argument("--merge", action="store_true", help="merge the adapter into the weights (needs --lora)")
@@ -103,7 +104,7 @@ def check_outputs(args):
         outputs.append(("lora_weight_sweep.png", "png"))
     inputs = [("--ckpt", args.ckpt)]
     for spec in args.lora or []:
-        path = parse_lora_spec(spec)[0]
+        path = spec.path
         inputs.append(("--lora", path))
         if path == DEFAULT_ADAPTER:
             inputs.append(("--lora", LEGACY_DEFAULT_ADAPTER))  # what it falls back to
@@ -126,12 +127,7 @@ def run(args):
     # the flags are checked above; the labels and step count need the model, so they are checked
     # right after loading it, before anything samples or writes
     adapter = load_adapters(args.lora, device) if args.lora else None
-
-    def attach(model, fingerprint):
-        if adapter is not None:
-            attach_adapters(model, adapter, fingerprint, force=args.force)
-
-    pipe = load_pipeline(args.ckpt, device, args.weights, attach)
+    pipe = load_pipeline(args.ckpt, device, args.weights, adapter, force=args.force)
     model, diffusion = pipe.model, pipe.diffusion
     labels = parse_labels(args.labels, model.num_classes)
     if scfg.sampler != "ddpm" and scfg.steps > diffusion.timesteps:
@@ -155,7 +151,7 @@ def run(args):
         # a picture for people (labelled, 3x nearest-neighbour): a row per weight, a column per label
         path = os.path.join(out, "lora_weight_sweep.png")
         weight_sweep_png(dict(zip(scales, cols)), sweep_labels.tolist(), path,
-                         f"{', '.join(args.lora)}: weight 0 to 1 on the same noise ({scfg.sampler}-{scfg.steps}, "
+                         f"{', '.join(map(str, args.lora))}: weight 0 to 1 on the same noise ({scfg.sampler}-{scfg.steps}, "
                          f"guidance {scfg.guidance:g}, seed {rcfg.seed})")
         written.append(path)
         set_weights(model, adapter, args.lora_weight)
@@ -170,7 +166,7 @@ def run(args):
     grid_path = os.path.join(out, f"{name}.png")
     steps = scfg.steps if scfg.sampler != "ddpm" else diffusion.timesteps
     # the settings that drew this picture, in the PNG itself: the same command gives the same picture
-    settings = {"ckpt": args.ckpt, "lora": " ".join(args.lora or []) or "none", "lora_weight": args.lora_weight,
+    settings = {"ckpt": args.ckpt, "lora": " ".join(map(str, args.lora or [])) or "none", "lora_weight": args.lora_weight,
                 "merged": bool(args.merge), "labels": ",".join(map(str, labels)), "n_per_label": args.n_per_label,
                 "seed": rcfg.seed, "sampler": scfg.sampler, "steps": steps, "guidance": scfg.guidance,
                 "eta": scfg.eta, "precision": precision}
@@ -185,7 +181,7 @@ def run(args):
         written.append(proc_path)
     lora_note = ""
     if adapter is not None:
-        lora_note = f", LoRA {', '.join(args.lora)} (weight {args.lora_weight}{', merged' if args.merge else ''})"
+        lora_note = f", LoRA {', '.join(map(str, args.lora))} (weight {args.lora_weight}{', merged' if args.merge else ''})"
     print(f"denoise: {len(label_t)} samples, {scfg.sampler} {steps} steps, guidance {scfg.guidance}{lora_note}; "
           f"wrote {', '.join(written)}")
     return written

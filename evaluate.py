@@ -49,18 +49,20 @@ import time
 
 import torch
 
-from adapter import attach_adapters, load_adapters, parse_lora_spec, set_weights
-from checkpoint import load_checkpoint, load_pipeline
+from adapter import set_weights
+from adapter_formats import load_adapters
+from checkpoint import load_checkpoint
 from files import atomic_write, check_apart, check_replace, check_writable_dir, remove_stale_temps, write_json
 from inputs import check_inputs_apart
 from config import (BATCH_MAX, DATASETS, DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, WEIGHT_RANGE,
                     SampleConfig)
-from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, path_arg,
-                 name_arg, runtime_from_args)
+from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, lora_spec, name_arg,
+                 path_arg, runtime_from_args)
 from errors import CLIError, run_main
 from dataset import MNIST_CLASSES, apply_style, load_dataset
 from diffusion import generate
 from pictures import read_samples_npz
+from pipeline import load_pipeline
 from metrics import (STYLE_SHARE_MAX_REAL, STYLE_SHARE_MIN_STYLE, classify, frechet_distance, get_classifier, ink,
                      slant, style_share, train_style_share, zero_share)
 from runtime import pick_device, resolve_precision
@@ -249,12 +251,9 @@ def style_lines(result):
 def sample_checkpoint(ckpt_path, args, scfg, device, precision, adapters=None, log=print):
     """Draw n_per_label samples of every label from a checkpoint (+ adapters, read once by the caller);
     returns images, labels, info."""
-    def attach(model, fingerprint):
-        if adapters:
-            attach_adapters(model, adapters, fingerprint, force=args.force)
-            set_weights(model, adapters, args.lora_scale)
-
-    pipe = load_pipeline(ckpt_path, device, args.weights, attach)
+    pipe = load_pipeline(ckpt_path, device, args.weights, adapters, force=args.force)
+    if adapters:
+        set_weights(pipe.model, adapters, args.lora_scale)
     model, diffusion, ckpt = pipe.model, pipe.diffusion, pipe.ckpt
     labels = torch.arange(model.num_classes).repeat_interleave(args.n_per_label)
     images = []
@@ -268,7 +267,8 @@ def sample_checkpoint(ckpt_path, args, scfg, device, precision, adapters=None, l
             "dataset": ckpt.get("dataset"), "sampler": scfg.sampler,
             "steps": scfg.steps if scfg.sampler != "ddpm" else ckpt["config"]["diffusion"]["timesteps"],
             "guidance": scfg.guidance, "guidance_interval": list(scfg.guidance_interval), "eta": scfg.eta,
-            "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
+            "lora": [str(s) for s in args.lora] if args.lora else None,
+            "lora_scale": args.lora_scale if args.lora else None,
             "sampling_seconds": seconds, "seconds_per_sample": seconds / len(labels)}
     log(f"sampled {len(labels)} images from {ckpt_path} in {seconds:.1f} s")
     return torch.cat(images), labels, info
@@ -391,7 +391,7 @@ def build_parser():
     sampling.add_argument("--batch", type=bounded(int, gt=0, le=BATCH_MAX), default=500,
                           help="images per sampling batch")
     model.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (better) or raw weights")
-    lora.add_argument("--lora", nargs="?", const=DEFAULT_ADAPTER, default=None, action="append",
+    lora.add_argument("--lora", nargs="?", const=DEFAULT_ADAPTER, default=None, action="append", type=lora_spec,
                       metavar="PATH[:WEIGHT]",
                       help=f"LoRA adapter to apply to the checkpoint (default {DEFAULT_ADAPTER}) at WEIGHT (default "
                       "1); repeat for several")
@@ -429,7 +429,7 @@ def check_outputs(args):
     outputs = [(os.path.join(args.out_dir, f"{args.name}.json"), "json")] + [
         (os.path.join(args.out_dir, f"{s}.png"), "png") for s in stems]
     inputs = ([("--ckpt", p) for p in args.ckpt or []] + [("--samples", args.samples)]
-              + [("--lora", parse_lora_spec(spec)[0]) for spec in args.lora or []])
+              + [("--lora", spec.path) for spec in args.lora or []])
     check_inputs_apart([("--out-dir", p) for p, _ in outputs], inputs + [("--classifier", args.classifier),
                        ("--style-data", args.style_data)], "pass another --out-dir or --name")
     check_apart([("--classifier", args.classifier)], inputs, "pass another --classifier")
@@ -493,7 +493,8 @@ def run(args):
         results.append(result)
         stem = args.name if len(sources) == 1 else f"{args.name}-{os.path.splitext(os.path.basename(path))[0]}"
         os.makedirs(args.out_dir, exist_ok=True)
-        title = f"{path or args.samples}" + (f" + {', '.join(args.lora)} x{args.lora_scale}" if args.lora else "")
+        lora_note = f" + {', '.join(map(str, args.lora))} x{args.lora_scale}" if args.lora else ""
+        title = f"{path or args.samples}{lora_note}"
         report_png(result, images, labels, os.path.join(args.out_dir, f"{stem}.png"), title)
         print(f"{title}: accuracy {100 * result['accuracy']:.1f}%, Frechet {result['frechet_distance']:.2f} "
               f"(floor {result['frechet_floor']:.2f}), slant {result['slant']:+.3f} (real "

@@ -26,9 +26,11 @@ import time
 
 import torch
 
-from adapter import (STATE_NAME, Adapter, TrainingState, adapter_from_model, adapter_size, add_adapter_layers,
-                     apply_adapter, check_output_folder, load_adapter, load_training_state, write_adapter)
-from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_pipeline, save_checkpoint
+from adapter import Adapter, TrainingState, adapter_from_model, add_adapter_layers, apply_adapter
+from adapter_formats import (STATE_NAME, adapter_size, check_output_folder, load_adapter, load_training_state,
+                             write_adapter)
+from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from pipeline import load_pipeline
 from files import (check_apart, check_not_in_use, check_replace, check_writable_dir, check_writable_file,
                    lock_output, remove_stale_temps, same_thing)
 from inputs import check_inputs_apart
@@ -219,7 +221,7 @@ def finetune(args):
             spec = Adapter.new(lcfg, fingerprint, base_path=args.ckpt)
             add_adapter_layers(model, spec)
 
-    pipe = load_pipeline(args.ckpt, device, args.weights, attach)
+    pipe = load_pipeline(args.ckpt, device, args.weights, attach=attach)
     model, diffusion, fingerprint = pipe.model, pipe.diffusion, pipe.fingerprint
     if args.full:
         model.requires_grad_(True)

@@ -23,12 +23,13 @@ import os
 
 import torch
 
-from adapter import (Adapter, adapter_size, check_output_folder, check_same_base, check_weight, load_adapter,
-                     load_adapters, parse_lora_spec, resolve_kohya_names, write_adapter, write_kohya)
-from checkpoint import load_model, load_pipeline, model_config_from_checkpoint, state_fingerprint
+from adapter import Adapter, check_same_base, resolve_kohya_names
+from adapter_formats import adapter_size, check_output_folder, load_adapter, load_adapters, write_adapter, write_kohya
+from checkpoint import load_model, model_config_from_checkpoint, state_fingerprint
+from pipeline import load_pipeline
 from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, SEED_MAX, WIDTH_MAX, SampleConfig
-from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, path_arg,
-                 runtime_from_args)
+from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, check_weight, config_from_args, lora_spec,
+                 path_arg, runtime_from_args)
 from errors import CLIError, run_main
 from files import check_apart, check_replace, check_writable_dir, check_writable_file
 from lora import LoraError, resolve_targets, set_lora_weight, short_targets
@@ -168,9 +169,9 @@ def cmd_merge(args):
         if args.rank is None:
             raise CLIError("--mode svd needs --rank K")
         check_rank(args.rank)
-    check_output(args.out, [("PATH", parse_lora_spec(a, "adapter")[0]) for a in args.adapters]
+    check_output(args.out, [("PATH", a.path) for a in args.adapters]
                  + [("--ckpt", args.ckpt)], args.overwrite)
-    adapters = load_adapters(args.adapters, flag="adapter")
+    adapters = load_adapters(args.adapters)
     if len(adapters) < 2:
         raise CLIError("merge needs at least two adapters")
     if not args.force:
@@ -207,7 +208,7 @@ def cmd_merge(args):
     merged = Adapter(tensors, rank, float(rank), targets=modules, style=style, base_fingerprint=first.base_fingerprint,
                      base_path=first.base_path, base_name=first.base_name)
     written = write_any(args.out, merged)
-    print(f"merge: {len(adapters)} adapters ({', '.join(args.adapters)}; styles {styles}) -> {written}, rank {rank}, "
+    print(f"merge: {len(adapters)} adapters ({', '.join(map(str, args.adapters))}; styles {styles}) -> {written}, rank {rank}, "
           f"{adapter_size(written):,} bytes")
     return written
 
@@ -273,19 +274,15 @@ def cmd_grid(args):
         weights.append(check_weight(value, f"--weights {args.weights}"))
     if len(args.adapters) != 2:
         raise CLIError("grid takes exactly two adapters: the rows' and the columns'")
-    check_output(args.out, [("PATH", parse_lora_spec(a, "adapter")[0]) for a in args.adapters]
+    check_output(args.out, [("PATH", a.path) for a in args.adapters]
                  + [("--ckpt", args.ckpt)], args.overwrite)
     device = pick_device(rcfg.device)
     precision = resolve_precision(rcfg.precision, device)  # sampling: the rule, never timed
-    adapters = load_adapters(args.adapters, device, flag="adapter")
+    adapters = load_adapters(args.adapters, device)
     if not args.force:
         check_same_base(adapters)
-    from adapter import attach_adapters
-
-    names = []
-    pipe = load_pipeline(args.ckpt, device, "ema",
-                         lambda model, fp: names.extend(attach_adapters(model, adapters, fp, force=args.force)))
-    model = pipe.model
+    pipe = load_pipeline(args.ckpt, device, "ema", adapters, force=args.force)
+    model, names = pipe.model, [a.name for a in adapters]
     if not 0 <= args.label < model.num_classes:
         raise CLIError(f"--label must be in 0..{model.num_classes - 1}, got {args.label}")
     from diffusion import generate
@@ -369,7 +366,7 @@ def build_parser():
                    help="base checkpoint whose module names map kohya's back")
 
     s = command("merge", cmd_merge, "several adapters, each at a weight, into one")
-    s.add_argument("adapters", nargs="+", metavar="PATH[:WEIGHT]", help="the adapters, each at WEIGHT (default 1)")
+    s.add_argument("adapters", nargs="+", type=lora_spec, metavar="PATH[:WEIGHT]", help="the adapters, each at WEIGHT (default 1)")
     s.add_argument("--out", required=True, type=path_arg, help="where the merged adapter goes")
     s.add_argument("--mode", choices=["cat", "svd"], default="cat",
                    help="cat: exact, rank = the sum of the ranks; svd: re-factored to --rank")
@@ -398,7 +395,7 @@ def build_parser():
     s.add_argument("--force", action="store_true", help="extract against a base the fine-tune did not start from")
 
     s = command("grid", cmd_grid, "two adapters' weights as a grid of one digit")
-    s.add_argument("adapters", nargs="+", metavar="PATH", help="two adapters: the rows' and the columns'")
+    s.add_argument("adapters", nargs="+", type=lora_spec, metavar="PATH", help="two adapters: the rows' and the columns'")
     s.group("model").add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
                                   help="the base both adapters apply to")
     s.group("LoRA").add_argument("--weights", default="0,0.5,1",

@@ -22,8 +22,9 @@ import threading
 import numpy as np
 import torch
 
-from adapter import WEIGHTS_NAME, adapter_name, adapter_size, apply_adapter, load_adapter, resolve_kohya_names
-from checkpoint import load_pipeline
+from adapter import adapter_name, apply_adapter, resolve_kohya_names
+from adapter_formats import WEIGHTS_NAME, adapter_size, load_adapter
+from pipeline import load_pipeline
 from config import DEFAULT_OUT_DIR, SEED_MAX, WEIGHT_RANGE, SampleConfig, preset_config
 from dataset import to_uint8
 from diffusion import generate

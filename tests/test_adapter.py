@@ -13,12 +13,13 @@ import torch.nn as nn
 
 import denoise
 import lora_tools
-from adapter import (CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, Adapter, TrainingState, adapter_from_model, apply_adapter,
-                     attach_adapters, load_adapter, load_adapters, parse_lora_spec, resolve_kohya_names, set_weights,
-                     write_adapter, write_kohya)
+from adapter import (Adapter, TrainingState, adapter_from_model, apply_adapter, attach_adapters, resolve_kohya_names,
+                     set_weights)
+from adapter_formats import (CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, load_adapter, load_adapters, write_adapter,
+                             write_kohya)
 from checkpoint import CHECKPOINT_VERSION, save_checkpoint, state_fingerprint
+from cli import lora_spec
 from config import ModelConfig, preset_config
-from errors import CLIError
 from lora import LoraError, add_lora, lora_layers, merge_lora, unmerge_lora
 from unet import UNet
 
@@ -64,7 +65,8 @@ def trained_adapter(tmp_path, name="ad", seed=1, base_seed=0, r=R, alpha=ALPHA, 
 
 def with_adapters(specs, force=False):
     model = tiny_model()
-    attach_adapters(model, load_adapters(specs, log=lambda _: None), state_fingerprint(model.state_dict()), force)
+    adapters = load_adapters([lora_spec(s) for s in specs], log=lambda _: None)
+    attach_adapters(model, adapters, state_fingerprint(model.state_dict()), force)
     return model
 
 
@@ -264,7 +266,7 @@ def test_fuse_with_a_weight_and_unfuse_exactly(tmp_path):
     a, _ = trained_adapter(tmp_path, "a", seed=1)
     b, _ = trained_adapter(tmp_path, "b", seed=2, targets=("all",))
     model = tiny_model()
-    adapters = load_adapters([f"{a}:0.8", f"{b}:0.5"], log=lambda _: None)
+    adapters = load_adapters([lora_spec(f"{a}:0.8"), lora_spec(f"{b}:0.5")], log=lambda _: None)
     attach_adapters(model, adapters, state_fingerprint(model.state_dict()))
     base = {k: v.clone() for k, v in tiny_model().state_dict().items()}
     set_weights(model, adapters, 0.5)  # every adapter at half its weight
@@ -319,16 +321,22 @@ def test_adapters_of_two_bases_are_refused(tmp_path):
 
 @pytest.mark.parametrize("spec,message", [("x:abc", "'abc' is not a number"), ("x:nan", "finite number"),
                                           ("x:inf", "finite number"), ("x:-inf", "finite number"),
-                                          ("x:1e308", r"from -10 to 10, got 1e\+308"), ("x:-10.5", "from -10 to 10")])
-def test_a_weight_that_is_not_a_number_is_refused(spec, message):
-    with pytest.raises(CLIError, match=message):
-        parse_lora_spec(spec)
+                                          ("x:1e308", "from -10 to 10, got 1e+308"), ("x:-10.5", "from -10 to 10")])
+def test_a_weight_that_is_not_a_number_is_refused_while_parsing(spec, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        denoise.parse_args(["--lora", spec])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--lora {spec!r}: " in err and message in err
 
 
-def test_lora_spec_default_weight_and_colons():
-    assert parse_lora_spec("out/lora") == ("out/lora", 1.0)
-    assert parse_lora_spec("out/lora:-0.5") == ("out/lora", -0.5)
-    assert parse_lora_spec("out/lora:10") == ("out/lora", 10.0)  # the bound itself is allowed
+def test_lora_spec_default_weight_and_colons(tmp_path):
+    assert lora_spec("out/lora") == ("out/lora", 1.0, "out/lora")
+    assert lora_spec("out/lora:-0.5")[:2] == ("out/lora", -0.5) and str(lora_spec("out/lora:-0.5")) == "out/lora:-0.5"
+    assert lora_spec("out/lora:10")[:2] == ("out/lora", 10.0)  # the bound itself is allowed
+    colon = tmp_path / "a:b"
+    colon.mkdir()
+    assert lora_spec(str(colon)) == (str(colon), 1.0, str(colon))  # a path with a colon in it, taken whole
+    assert denoise.parse_args(["--lora"]).lora == [("out/lora", 1.0, "out/lora")]  # the default, parsed too
 
 
 def test_denoise_with_two_weighted_adapters(tiny_ckpt, tiny_adapter, tmp_path, capsys):

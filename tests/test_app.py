@@ -27,7 +27,7 @@ import studio as studio_mod
 import pictures
 import styles
 import uploads
-from adapter import load_adapter
+from adapter_formats import load_adapter
 from config import LoraConfig, RuntimeConfig, SampleConfig, preset_config
 from conftest import ROOT
 from studio import PageError, Studio
@@ -240,7 +240,7 @@ def test_an_adapter_file_linked_from_outside_is_refused(tiny_ckpt, tiny_adapter,
 
 
 def test_adapter_of_another_base_is_listed_with_its_reason(tiny_ckpt, tiny_adapter, tmp_path):
-    from adapter import write_adapter
+    from adapter_formats import write_adapter
 
     out = tmp_path / "out"
     write_adapter(str(out / "other"), load_adapter(tiny_adapter).replace(base_fingerprint="0123456789abcdef"))

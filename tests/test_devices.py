@@ -20,8 +20,8 @@ import runtime
 import train
 from config import DiffusionConfig, ModelConfig, config_dict, preset_config
 from errors import CLIError
-from adapter import (Adapter, adapter_from_model, add_adapter_layers, apply_adapter, load_adapter, load_training_state,
-                     write_adapter)
+from adapter import Adapter, adapter_from_model, add_adapter_layers, apply_adapter
+from adapter_formats import load_adapter, load_training_state, write_adapter
 from checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_model, save_checkpoint, state_fingerprint
 from unet import UNet
 

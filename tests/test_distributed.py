@@ -27,7 +27,7 @@ import lora_finetune
 import train
 from config import ModelConfig
 from errors import CLIError
-from adapter import load_adapter, load_training_state
+from adapter_formats import load_adapter, load_training_state
 from checkpoint import load_checkpoint
 from runtime import Dist, per_rank_batch
 from trainer import draw_batch_noise, epoch_batches

@@ -271,7 +271,7 @@ def test_cli_adapter_against_a_style_set_reports_the_base_beside_and_an_unreliab
 
 def test_scoring_an_adapter_on_a_set_of_its_own_name_says_the_distance_may_flatter_it(
         classifier, real, tiny_ckpt, tiny_adapter, tmp_path, capsys):
-    from adapter import load_adapter, write_adapter
+    from adapter_formats import load_adapter, write_adapter
 
     _, _, clf_path = classifier
     _, test = real

@@ -18,7 +18,7 @@ import zipfile
 import pytest
 import torch
 
-from adapter import load_adapter, load_training_state
+from adapter_formats import load_adapter, load_training_state
 from checkpoint import load_checkpoint, load_model, save_checkpoint
 from errors import UserError
 

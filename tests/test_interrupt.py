@@ -18,7 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 import lora_finetune
 import train
 import trainer
-from adapter import load_adapter
+from adapter_formats import load_adapter
 from dataset import Digits
 from files import is_temp_name
 from diffusion import Diffusion
@@ -266,8 +266,8 @@ def test_every_objective_resumes_exactly(small_data, tmp_path_factory, tmp_path,
 # ------------------------------------------------------------------ lora_finetune.py
 
 def write_adapter_file(monkeypatch, hit):
-    import adapter
-    wrap(monkeypatch, adapter, "save_safetensors", hit)
+    import adapter_formats
+    wrap(monkeypatch, adapter_formats, "save_safetensors", hit)
 
 
 LORA_POINTS = {

@@ -16,8 +16,9 @@ import lora_finetune
 from config import LoraConfig, ModelConfig, preset_config
 from cli import add_config_args, config_from_args
 from dataset import apply_style, load_dataset
-from adapter import (CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, Adapter, adapter_from_model, adapter_size, apply_adapter,
-                     load_adapter, load_training_state, write_adapter)
+from adapter import Adapter, adapter_from_model, apply_adapter
+from adapter_formats import (CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, adapter_size, load_adapter, load_training_state,
+                             write_adapter)
 from checkpoint import load_checkpoint, save_checkpoint, state_fingerprint
 from metrics import ink, slant
 from lora import (LoraError, LoraLayer, add_lora, lora_layers, lora_state_dict, mark_only_lora_as_trainable,

@@ -18,7 +18,7 @@ import denoise
 import lora_finetune
 import pictures
 import train
-from adapter import adapter_size, load_adapter, write_adapter
+from adapter_formats import adapter_size, load_adapter, write_adapter
 from checkpoint import state_fingerprint
 from pictures import preview_size
 

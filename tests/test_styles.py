@@ -323,7 +323,7 @@ def sha256(path):
 def test_finetune_on_a_folder_written_by_render_style(tiny_ckpt, tmp_path, capsys):
     import lora_finetune
     import lora_tools
-    from adapter import load_adapter
+    from adapter_formats import load_adapter
 
     folder = tmp_path / "serif_digits"
     lora_tools.main(["render-style", "font:DejaVu Serif Bold", "--per-label", "10", "--out", str(folder)])
@@ -336,7 +336,7 @@ def test_finetune_on_a_folder_written_by_render_style(tiny_ckpt, tmp_path, capsy
     with Image.open(out / pictures.DATA_PREVIEW_NAME) as im:
         assert im.size == pictures.data_preview_size(10)
     # no --lora-steps: sized to the set (the tiny preset's 4 steps are for 100 images)
-    from adapter import load_training_state
+    from adapter_formats import load_training_state
 
     state = load_training_state(out)
     assert state.step == styles.sized_steps(100, 4) and state.config["data"] == str(folder)
@@ -345,8 +345,9 @@ def test_finetune_on_a_folder_written_by_render_style(tiny_ckpt, tmp_path, capsy
 @pytest.mark.slow
 def test_prior_keeps_the_base_and_the_other_labels(tiny_ckpt, tmp_path):
     import lora_finetune
-    from adapter import apply_adapter, load_adapter
-    from checkpoint import load_pipeline
+    from adapter import apply_adapter
+    from adapter_formats import load_adapter
+    from pipeline import load_pipeline
     from lora import set_lora_weight
 
     folder = tmp_path / "sevens"
@@ -365,7 +366,7 @@ def test_prior_keeps_the_base_and_the_other_labels(tiny_ckpt, tmp_path):
     base = load_pipeline(tiny_ckpt, torch.device("cpu")).model
     adapter = load_adapter(out)
     adapted = load_pipeline(tiny_ckpt, torch.device("cpu"),
-                            apply_adapters=lambda m, fp: apply_adapter(m, adapter, fp)).model
+                            attach=lambda m, fp: apply_adapter(m, adapter, fp)).model
     # the base weights inside the adapted model are the checkpoint's, bit for bit
     base_state = base.state_dict()
     kept = {base_name(k): v for k, v in adapted.state_dict().items() if "lora_" not in k}
