@@ -31,7 +31,7 @@ import torch
 
 from adapter import KOHYA_PREFIX, Adapter, TrainingState, content_hash, kohya_name
 from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
-from config import DEFAULT_ADAPTER, DEFAULT_OUT_DIR
+from config import DEFAULT_ADAPTER, DEFAULT_OUT_DIR, R_MAX, valid_r
 from files import atomic_write, temp_folder
 from errors import CLIError
 from lora import LoraError
@@ -46,7 +46,6 @@ PEFT_PREFIX = "base_model.model."
 # the layout of the tensors a training state carries: 2 is PEFT's (M.lora_A (r, in)); states without the key
 # were written with (in, r) tensors named M.lora_a, and their optimizer moments in that layout too
 STATE_LAYOUT = 2
-R_MAX = 4096  # no layer here is wider (config.WIDTH_MAX); a larger rank in a file is damage
 # alpha / r above this multiplies the update a thousandfold: no trained adapter does that, a damaged field (1e308) does
 SCALE_MAX = 1000.0
 STYLE_RE = re.compile(r"^(none|italic|bold|(font|data):.+)$")
@@ -268,11 +267,11 @@ def _bad(where, source, key, value, rule):
                      "adapter")
 
 
-def check_rank(value, where, source, key="r"):
-    """A whole number 1..R_MAX (a JSON 2.7 or true is not one, nor is a header's "2.7")."""
+def check_r_field(value, where, source, key="r"):
+    """The rank r of a file's field (config.valid_r), a header's string "4" read as 4 (its "2.7" is not one)."""
     if isinstance(value, str):
         value = int(value) if re.fullmatch(r"\d{1,6}", value.strip()) else value
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= R_MAX:
+    if valid_r(value) is None:
         raise _bad(where, source, key, value, f"must be a whole number from 1 to {R_MAX}")
     return value
 
@@ -339,7 +338,7 @@ def _from_peft(tensors, meta, config_path, where):
     notes = []
     if "r" not in cfg:
         raise LoraError(f"{where!r}: {CONFIG_NAME} lacks the rank r, which the tensors alone cannot give")
-    r = check_rank(cfg["r"], where, CONFIG_NAME)
+    r = check_r_field(cfg["r"], where, CONFIG_NAME)
     if "lora_alpha" in cfg:
         alpha = check_alpha(cfg["lora_alpha"], where, CONFIG_NAME, r)
     else:
@@ -359,7 +358,7 @@ def _from_peft(tensors, meta, config_path, where):
                             f"in {CONFIG_NAME}")
         m = key[len(PEFT_PREFIX):]
         out[f"{m}.lora_A"], out[f"{m}.lora_B"] = a.float().contiguous(), b.float().contiguous()
-    if f"{META}r" in meta and check_rank(meta[f"{META}r"], where, "header", f"{META}r") != r or (
+    if f"{META}r" in meta and check_r_field(meta[f"{META}r"], where, "header", f"{META}r") != r or (
             f"{META}lora_alpha" in meta and not cfg.get("use_rslora")
             and check_alpha(meta[f"{META}lora_alpha"], where, "header", r, f"{META}lora_alpha") != alpha):
         raise LoraError(f"{where!r}: {CONFIG_NAME} says r = {r}, lora_alpha = {alpha:g}, the tensors' header "
@@ -416,7 +415,7 @@ def _from_kohya(tensors, meta, where):
                         "LoRA does not apply to this model")
     notes, scales, ranks = [], {}, {}
     for m, (a, _) in mods.items():
-        r_m = check_rank(a.shape[0], where, "tensor", f"{m}.lora_down.weight's rank")
+        r_m = check_r_field(a.shape[0], where, "tensor", f"{m}.lora_down.weight's rank")
         alpha_t = tensors.get(f"{m}.alpha")
         if alpha_t is None:
             alpha_m = float(r_m)  # kohya's convention: no alpha tensor means alpha = rank, a scale of 1
@@ -472,7 +471,7 @@ def _load_legacy(path):
             raise LoraError(f"adapter {path!r} lacks {key!r}; it is corrupt or from another tool; re-create it")
     if not isinstance(ad["targets"], (list, tuple)) or not all(isinstance(t, str) for t in ad["targets"]):
         raise LoraError(f"adapter {path!r}: 'targets' is not a list of layer names; re-create it")
-    r = check_rank(ad["r"], path, "file", "r")
+    r = check_r_field(ad["r"], path, "file", "r")
     alpha = check_alpha(ad["alpha"], path, "file", r, "alpha")
     lora = ad["lora"]
     if not isinstance(lora, dict) or not lora or not all(isinstance(v, torch.Tensor) for v in lora.values()):

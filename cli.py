@@ -104,8 +104,9 @@ class ArgumentParser(argparse.ArgumentParser):
         try:
             return super()._get_value(action, arg_string)
         except argparse.ArgumentError as e:
+            # the flag's own name, not an alias's (--r, not --rank)
             if isinstance(action.type, bounded) and action.option_strings and e.message.startswith("must be "):
-                raise argparse.ArgumentError(None, f"{action.option_strings[-1]} {e.message}") from None
+                raise argparse.ArgumentError(None, f"{action.option_strings[0]} {e.message}") from None
             if action.type is lora_spec:  # "--lora 'x:abc': ...", "adapter 'x:abc': ..." (lora_tools' positionals)
                 name = action.option_strings[-1] if action.option_strings else "adapter"
                 raise argparse.ArgumentError(None, f"{name} {e.message}") from None
@@ -256,15 +257,16 @@ def add_config_args(parser, cls, skip=()):
         help_text = field_help(f, default).replace("%", "%%")
         choices = f.metadata.get("choices")
         metavar = "{" + ",".join(choices) + "}" if choices else None
+        flags = (_flag(f.name), *f.metadata.get("aliases", ()))
         if isinstance(default, bool):
-            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                help=help_text)
         elif isinstance(default, tuple):
-            group.add_argument(_flag(f.name), dest=f.name, type=_parse_tuple(default, f.metadata.get("item")),
+            group.add_argument(*flags, dest=f.name, type=_parse_tuple(default, f.metadata.get("item")),
                                default=None, metavar="A,B,..", help=help_text)
         else:
             kind = finite_float if isinstance(default, float) else path_arg if f.metadata.get("path") else type(default)
-            group.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, metavar=metavar, help=help_text)
+            group.add_argument(*flags, dest=f.name, type=kind, default=None, metavar=metavar, help=help_text)
 
 
 def config_flags(cfg, base=None):

@@ -37,7 +37,7 @@ WEIGHT_RANGE = (-10.0, 10.0)
 
 
 def setting(default, help, *, group=None, ge=None, gt=None, le=None, lt=None, choices=None, item=None, path=False,
-            unit="", why="", hint="", label=""):
+            unit="", why="", hint="", label="", aliases=()):
     """A dataclass field with its one-line ``help`` and its bounds, declared once, beside the field.
 
     ``check_settings`` validates every field from these (in ``__post_init__``), and cli.py builds the flag,
@@ -46,9 +46,11 @@ def setting(default, help, *, group=None, ge=None, gt=None, le=None, lt=None, ch
     path, never empty; ``unit`` names what the number counts ("a number of minutes"); ``why`` says why
     the upper bound is where it is, ``hint`` what to pass instead (both go into the error); ``item``:
     the type of a tuple's items when the default is empty; ``group``: the section of --help (default:
-    the class's); ``label``: what an error calls the field when its name alone says too little."""
+    the class's); ``label``: what an error calls the field when its name alone says too little; ``aliases``:
+    other flags that set it (the name other tools use)."""
     meta = {"help": help, "group": group, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices,
-            "item": item, "path": path, "unit": unit, "why": why, "hint": hint, "label": label}
+            "item": item, "path": path, "unit": unit, "why": why, "hint": hint, "label": label,
+            "aliases": tuple(aliases) or None}
     return field(default=default, metadata={k: v for k, v in meta.items() if v is not None and v is not False
                                             and not (isinstance(v, str) and not v)})
 
@@ -336,9 +338,21 @@ STYLE_T_RANGE = {"italic": (0.2, 0.8), "none": (0.2, 0.8), "bold": (0.0, 0.8),
 STYLES = ("none", "italic", "bold")  # dataset.apply_style's transforms of MNIST; font:NAME and --data are the others
 
 
+R_MAX = WIDTH_MAX  # the LoRA rank r: no layer is wider, so a larger r adds nothing (and in a file it is damage)
+
+
+def valid_r(value):
+    """``value`` when it is a LoRA rank r, a whole number from 1 to R_MAX (True and 2.7 are not), else None: the
+    one check of r, for the flags (through LoraConfig's bounds), the layers (lora.py) and the files."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= R_MAX:
+        return None
+    return value
+
+
 @dataclass
 class LoraConfig:
-    r: int = setting(4, "rank of the update A.B", gt=0, le=WIDTH_MAX, hint="try --r 4", label="LoRA rank r")
+    r: int = setting(4, "rank of the update A.B", gt=0, le=R_MAX, hint="try --r 4", label="LoRA rank r",
+                     aliases=("--rank",))
     alpha: float = setting(4.0, "the update is scaled by alpha / r", gt=0.0, le=1e4,
                            why="alpha / r far above 1 swamps the base model (alpha = r is the usual choice)")
     # a group resolves to module names when the layers are added (lora.resolve_targets), and the adapter file

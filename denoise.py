@@ -139,6 +139,7 @@ def run(args):
     common = dict(device=device, precision=precision, cfg=scfg, seed=rcfg.seed, data_size=pipe.data_size)
     written = []
 
+    shown = ", ".join(map(str, args.lora or []))  # the adapters as given, PATH[:WEIGHT]
     if adapter is not None:
         # the weight sweep runs on the unmerged model, where the weight is a runtime knob
         scales = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -151,7 +152,7 @@ def run(args):
         # a picture for people (labelled, 3x nearest-neighbour): a row per weight, a column per label
         path = os.path.join(out, "lora_weight_sweep.png")
         weight_sweep_png(dict(zip(scales, cols)), sweep_labels.tolist(), path,
-                         f"{', '.join(map(str, args.lora))}: weight 0 to 1 on the same noise ({scfg.sampler}-{scfg.steps}, "
+                         f"{shown}: weight 0 to 1 on the same noise ({scfg.sampler}-{scfg.steps}, "
                          f"guidance {scfg.guidance:g}, seed {rcfg.seed})")
         written.append(path)
         set_weights(model, adapter, args.lora_weight)
@@ -166,7 +167,8 @@ def run(args):
     grid_path = os.path.join(out, f"{name}.png")
     steps = scfg.steps if scfg.sampler != "ddpm" else diffusion.timesteps
     # the settings that drew this picture, in the PNG itself: the same command gives the same picture
-    settings = {"ckpt": args.ckpt, "lora": " ".join(map(str, args.lora or [])) or "none", "lora_weight": args.lora_weight,
+    settings = {"ckpt": args.ckpt, "lora": " ".join(map(str, args.lora or [])) or "none",
+                "lora_weight": args.lora_weight,
                 "merged": bool(args.merge), "labels": ",".join(map(str, labels)), "n_per_label": args.n_per_label,
                 "seed": rcfg.seed, "sampler": scfg.sampler, "steps": steps, "guidance": scfg.guidance,
                 "eta": scfg.eta, "precision": precision}
@@ -181,7 +183,7 @@ def run(args):
         written.append(proc_path)
     lora_note = ""
     if adapter is not None:
-        lora_note = f", LoRA {', '.join(map(str, args.lora))} (weight {args.lora_weight}{', merged' if args.merge else ''})"
+        lora_note = f", LoRA {shown} (weight {args.lora_weight}{', merged' if args.merge else ''})"
     print(f"denoise: {len(label_t)} samples, {scfg.sampler} {steps} steps, guidance {scfg.guidance}{lora_note}; "
           f"wrote {', '.join(written)}")
     return written

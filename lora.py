@@ -33,6 +33,7 @@ import math
 import torch
 import torch.nn as nn
 
+from config import R_MAX, valid_r
 from errors import UserError
 
 ADAPTABLE = (nn.Linear, nn.Conv2d)
@@ -75,6 +76,13 @@ def _init_a(shape):
     return a
 
 
+def require_r(r):
+    """``r`` when it is a LoRA rank (config.valid_r), else a LoraError."""
+    if valid_r(r) is None:
+        raise LoraError(f"LoRA rank r must be a whole number from 1 to {R_MAX}, got {r!r}")
+    return r
+
+
 class LoraLayer(nn.Module):
     """One base layer (nn.Linear or nn.Conv2d, frozen) and any number of LoRA adapters beside it, by name."""
 
@@ -100,8 +108,7 @@ class LoraLayer(nn.Module):
 
     def add_adapter(self, name, r, alpha, dropout=0.0):
         """A new adapter ``name``: A random, B zero (a no-op until trained or loaded), weight 1."""
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-            raise LoraError(f"LoRA rank r must be > 0, got {r}")
+        require_r(r)
         if not isinstance(name, str) or not name or "." in name:
             raise LoraError(f"adapter name must be a non-empty string without dots, got {name!r}")
         if name in self.lora_A:
@@ -269,8 +276,7 @@ def add_lora(model, targets=ATTN, r=4, alpha=4.0, dropout=0.0, adapter_name="def
     A layer without adapters is wrapped in a LoraLayer; one that has some gets this one beside them.
     Names are collected first and replaced afterwards: editing a module while iterating over
     named_modules() skips or revisits layers (the tutorial's loop did)."""
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise LoraError(f"LoRA rank r must be > 0, got {r}")
+    require_r(r)  # before any layer is wrapped: a bad r changes nothing
     names = resolve_targets(model, targets)
     taken = [n for n in names if isinstance(model.get_submodule(n), LoraLayer)
              and adapter_name in model.get_submodule(n).lora_A]

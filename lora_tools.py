@@ -4,9 +4,9 @@
     python lora_tools.py convert out/lora.pt --out out/lora            # an old .pt -> PEFT folder
     python lora_tools.py convert out/lora --out out/lora_kohya.safetensors   # PEFT folder -> kohya file (and back)
     python lora_tools.py merge out/italic:0.8 out/bold:0.5 --out out/both --mode cat           # exact, rank = sum
-    python lora_tools.py merge out/italic out/bold --out out/both4 --mode svd --rank 4         # re-factored
-    python lora_tools.py resize out/lora --rank 2 --out out/lora_r2    # lower rank, same strength
-    python lora_tools.py extract --tuned out/full.pt --base out/ckpt.pt --rank 4 --out out/extracted
+    python lora_tools.py merge out/italic out/bold --out out/both4 --mode svd --r 4            # re-factored
+    python lora_tools.py resize out/lora --r 2 --out out/lora_r2       # lower rank, same strength
+    python lora_tools.py extract --tuned out/full.pt --base out/ckpt.pt --r 4 --out out/extracted
     python lora_tools.py grid out/italic out/bold --weights 0,0.5,1 --label 7   # -> out/lora_grid.png
     python lora_tools.py render-style "font:DejaVu Serif" --per-label 20 --out my_digits   # PNGs in my_digits/0..9/
 
@@ -27,7 +27,7 @@ from adapter import Adapter, check_same_base, resolve_kohya_names
 from adapter_formats import adapter_size, check_output_folder, load_adapter, load_adapters, write_adapter, write_kohya
 from checkpoint import load_model, model_config_from_checkpoint, state_fingerprint
 from pipeline import load_pipeline
-from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, SEED_MAX, WIDTH_MAX, SampleConfig
+from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, R_MAX, SEED_MAX, SampleConfig
 from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, check_weight, config_from_args, lora_spec,
                  path_arg, runtime_from_args)
 from errors import CLIError, run_main
@@ -85,32 +85,32 @@ def resolved(adapter, ckpt_path):
     return resolve_kohya_names(adapter, model_names(ckpt_path))
 
 
-def truncate(delta, rank, name):
-    """Best rank-k factors of an update by SVD, in PEFT's shapes: for a Linear's (out, in) update A (k, in) and
-    B (out, k); for a conv's (out, in, kh, kw) A (k, in, kh, kw) and B (out, k, 1, 1), the SVD taken of the
+def truncate(delta, r, name):
+    """Best rank-r factors of an update by SVD, in PEFT's shapes: for a Linear's (out, in) update A (r, in) and
+    B (out, r); for a conv's (out, in, kh, kw) A (r, in, kh, kw) and B (out, r, 1, 1), the SVD taken of the
     (out, in * kh * kw) matrix, as a conv LoRA's B[:, :, 0, 0] @ A.flatten(1) is. B A is the truncated update;
     returns A, B and the update's kept and total squared norms."""
     matrix = delta.flatten(1)
     out_f, in_f = matrix.shape
-    if rank > min(out_f, in_f):
-        raise LoraError(f"--rank {rank} is larger than layer {name} allows (its weight is {out_f} x {in_f}, "
+    if r > min(out_f, in_f):
+        raise LoraError(f"--r {r} is larger than layer {name} allows (its weight is {out_f} x {in_f}, "
                         f"so at most rank {min(out_f, in_f)})")
     u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    b = u[:, :rank] * root  # (out, k): U sqrt(S)
-    a = root[:, None] * vh[:rank]  # (k, in k k): sqrt(S) V^T
+    root = s[:r].sqrt()
+    b = u[:, :r] * root  # (out, r): U sqrt(S)
+    a = root[:, None] * vh[:r]  # (r, in k k): sqrt(S) V^T
     if delta.dim() == 4:
-        a, b = a.view(rank, *delta.shape[1:]), b.view(out_f, rank, 1, 1)
-    return a.float().contiguous(), b.float().contiguous(), float(s[:rank].pow(2).sum()), float(s.pow(2).sum())
+        a, b = a.view(r, *delta.shape[1:]), b.view(out_f, r, 1, 1)
+    return a.float().contiguous(), b.float().contiguous(), float(s[:r].pow(2).sum()), float(s.pow(2).sum())
 
 
-def low_rank(deltas, rank, what):
-    """Every update of ``deltas`` ({module: update}) cut to rank k by SVD: ({M.lora_A: A, M.lora_B: B}, the share
+def low_rank(deltas, r, what):
+    """Every update of ``deltas`` ({module: update}) cut to rank r by SVD: ({M.lora_A: A, M.lora_B: B}, the share
     of the updates' Frobenius norm kept, their total squared norm). Prints the share, overall and for the worst
     layer, under ``what``."""
     tensors, kept, total = {}, {}, {}
     for m, d in deltas.items():
-        tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"], kept[m], total[m] = truncate(d, rank, m)
+        tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"], kept[m], total[m] = truncate(d, r, m)
     overall = math.sqrt(sum(kept.values()) / max(sum(total.values()), 1e-30))
     worst = min(kept, key=lambda m: kept[m] / max(total[m], 1e-30))
     share = math.sqrt(kept[worst] / max(total[worst], 1e-30))
@@ -118,13 +118,6 @@ def low_rank(deltas, rank, what):
           f"(lowest layer {worst}: {100 * share:.2f}%)")
     return tensors, overall, sum(total.values())
 
-
-def check_rank(rank):
-    if rank <= 0:
-        raise CLIError(f"--rank must be > 0, got {rank}")
-
-
-# ------------------------------------------------------------------ subcommands
 
 def cmd_info(args):
     ad = load_adapter(args.path)
@@ -166,9 +159,8 @@ def cmd_convert(args):
 
 def cmd_merge(args):
     if args.mode == "svd":
-        if args.rank is None:
-            raise CLIError("--mode svd needs --rank K")
-        check_rank(args.rank)
+        if args.r is None:
+            raise CLIError("--mode svd needs --r R (the rank)")
     check_output(args.out, [("PATH", a.path) for a in args.adapters]
                  + [("--ckpt", args.ckpt)], args.overwrite)
     adapters = load_adapters(args.adapters)
@@ -194,44 +186,43 @@ def cmd_merge(args):
                     a_parts.append(ref_a.new_zeros(ad.r, *ref_a.shape[1:]))
                     b_parts.append(ref_b.new_zeros(ref_b.shape[0], ad.r, *ref_b.shape[2:]))
             tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"] = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
-        rank = sum(a.r for a in adapters)
+        r = sum(a.r for a in adapters)
     else:
         sums = {}
         for ad in adapters:
             for m, d in ad.delta_weights().items():
                 sums[m] = sums.get(m, 0) + ad.weight * d
-        tensors = low_rank({m: sums[m] for m in modules}, args.rank, f"merge --mode svd --rank {args.rank}")[0]
-        rank = args.rank
+        tensors = low_rank({m: sums[m] for m in modules}, args.r, f"merge --mode svd --r {args.r}")[0]
+        r = args.r
     styles = "+".join(str(a.style) for a in adapters)
     first = adapters[0]
     style = first.style if len({a.style for a in adapters}) == 1 else None  # a mix is no one style of the list
-    merged = Adapter(tensors, rank, float(rank), targets=modules, style=style, base_fingerprint=first.base_fingerprint,
+    merged = Adapter(tensors, r, float(r), targets=modules, style=style, base_fingerprint=first.base_fingerprint,
                      base_path=first.base_path, base_name=first.base_name)
     written = write_any(args.out, merged)
-    print(f"merge: {len(adapters)} adapters ({', '.join(map(str, args.adapters))}; styles {styles}) -> {written}, rank {rank}, "
+    shown = ", ".join(map(str, args.adapters))
+    print(f"merge: {len(adapters)} adapters ({shown}; styles {styles}) -> {written}, rank {r}, "
           f"{adapter_size(written):,} bytes")
     return written
 
 
 def cmd_resize(args):
-    check_rank(args.rank)
     check_output(args.out, [("SRC", args.src), ("--ckpt", args.ckpt)], args.overwrite)
     ad = resolved(load_adapter(args.src), args.ckpt)
-    if args.rank > ad.r:
-        raise LoraError(f"--rank {args.rank} is larger than the adapter's rank {ad.r}; resize only lowers it")
+    if args.r > ad.r:
+        raise LoraError(f"--r {args.r} is larger than the adapter's rank {ad.r}; resize only lowers it")
     scale = ad.alpha / ad.r
-    tensors = low_rank({m: d / scale for m, d in ad.delta_weights().items()}, args.rank,
-                       f"resize {ad.r} -> {args.rank}")[0]
+    tensors = low_rank({m: d / scale for m, d in ad.delta_weights().items()}, args.r,
+                       f"resize {ad.r} -> {args.r}")[0]
     # alpha / r stays what it was, so the update keeps its strength: alpha' = alpha * k / r (as kohya)
-    out = ad.replace(tensors=tensors, r=args.rank, alpha=scale * args.rank, path=None, format="peft", notes=[])
+    out = ad.replace(tensors=tensors, r=args.r, alpha=scale * args.r, path=None, format="peft", notes=[])
     written = write_any(args.out, out)
-    print(f"resize: {args.src} rank {ad.r} alpha {ad.alpha:g} -> {written} rank {args.rank} alpha "
+    print(f"resize: {args.src} rank {ad.r} alpha {ad.alpha:g} -> {written} rank {args.r} alpha "
           f"{out.alpha:g}, {adapter_size(args.src):,} -> {adapter_size(written):,} bytes")
     return written
 
 
 def cmd_extract(args):
-    check_rank(args.rank)
     check_output(args.out, [("--tuned", args.tuned), ("--base", args.base)], args.overwrite)
     base, base_ckpt = load_model(args.base, "cpu", args.source)
     tuned, tuned_ckpt = load_model(args.tuned, "cpu", args.source)
@@ -246,19 +237,19 @@ def cmd_extract(args):
     names = resolve_targets(base, args.targets)  # Linear and Conv2d layers: a conv's update is factored as one
     b_state, t_state = base.state_dict(), tuned.state_dict()
     tensors, overall, targeted_sq = low_rank(
-        {n: t_state[f"{n}.weight"].float() - b_state[f"{n}.weight"].float() for n in names}, args.rank,
-        f"extract rank {args.rank} from {len(names)} layers")
+        {n: t_state[f"{n}.weight"].float() - b_state[f"{n}.weight"].float() for n in names}, args.r,
+        f"extract rank {args.r} from {len(names)} layers")
     targeted = {f"{n}.weight" for n in names}
     rest = sum((t_state[k].float() - b_state[k].float()).pow(2).sum().item() for k in b_state
                if k not in targeted and b_state[k].is_floating_point())
     style = tuned_ckpt.get("fine_tune", {}).get("style")
-    out = Adapter(tensors, args.rank, float(args.rank), targets=names, style=style, base_fingerprint=fingerprint,
+    out = Adapter(tensors, args.r, float(args.r), targets=names, style=style, base_fingerprint=fingerprint,
                   base_path=args.base, base_name=os.path.basename(args.base))
     all_change = math.sqrt(targeted_sq + rest)
     print(f"extract: the targeted weights hold {100 * math.sqrt(targeted_sq) / max(all_change, 1e-30):.1f}% "
           "of the fine-tune's whole change (Frobenius norm over every tensor); the rest is not in the adapter")
     written = write_any(args.out, out)
-    print(f"extract: {args.tuned} - {args.base} -> {written}, rank {args.rank}, {adapter_size(written):,} bytes")
+    print(f"extract: {args.tuned} - {args.base} -> {written}, rank {args.r}, {adapter_size(written):,} bytes")
     return written, overall
 
 
@@ -345,7 +336,7 @@ def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do; COMMAND --help "
                            "tells more")
-    rank = bounded(int, gt=0, le=WIDTH_MAX)
+    r = bounded(int, gt=0, le=R_MAX)  # the rank, as lora_finetune.py --r (LoraConfig.r)
 
     def command(name, fn, help_text):
         s = sub.add_parser(name, help=help_text, description=help_text)
@@ -366,27 +357,28 @@ def build_parser():
                    help="base checkpoint whose module names map kohya's back")
 
     s = command("merge", cmd_merge, "several adapters, each at a weight, into one")
-    s.add_argument("adapters", nargs="+", type=lora_spec, metavar="PATH[:WEIGHT]", help="the adapters, each at WEIGHT (default 1)")
+    s.add_argument("adapters", nargs="+", type=lora_spec, metavar="PATH[:WEIGHT]",
+                   help="the adapters, each at WEIGHT (default 1)")
     s.add_argument("--out", required=True, type=path_arg, help="where the merged adapter goes")
     s.add_argument("--mode", choices=["cat", "svd"], default="cat",
-                   help="cat: exact, rank = the sum of the ranks; svd: re-factored to --rank")
-    s.add_argument("--rank", type=rank, default=None, help="rank of --mode svd")
+                   help="cat: exact, r = the sum of the ranks; svd: re-factored to rank --r")
+    s.add_argument("--r", "--rank", dest="r", type=r, default=None, help="the rank r of --mode svd (no default: --mode svd needs it)")
     s.add_argument("--force", action="store_true", help="merge adapters trained on different bases")
     s.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
                    help="base checkpoint whose module names map kohya's back")
 
     s = command("resize", cmd_resize, "one adapter to a lower rank by SVD, at the same strength")
     s.add_argument("src", type=path_arg, help="the adapter to resize")
-    s.add_argument("--rank", type=rank, required=True, help="the new rank, below the adapter's")
+    s.add_argument("--r", "--rank", dest="r", type=r, required=True, help="the new rank r, below the adapter's (no default: required)")
     s.add_argument("--out", required=True, type=path_arg, help="where the resized adapter goes")
     s.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
                    help="base checkpoint whose module names map kohya's back")
 
-    s = command("extract", cmd_extract, "a rank-k adapter from a full fine-tune and its base (truncated SVD)")
+    s = command("extract", cmd_extract, "a rank-r adapter from a full fine-tune and its base (truncated SVD)")
     s.add_argument("--tuned", required=True, type=path_arg,
                    help="the fully fine-tuned checkpoint (lora_finetune.py --full)")
     s.add_argument("--base", default=DEFAULT_CKPT, type=path_arg, help="the base it was fine-tuned from")
-    s.add_argument("--rank", type=rank, default=4, help="rank of the adapter extracted")
+    s.add_argument("--r", "--rank", dest="r", type=r, default=4, help="the rank r of the adapter extracted")
     s.add_argument("--targets", default="attn", help="the layers to extract: a group (attn = Wq,Wk,Wv; attn-all; "
                    "all: every Linear and Conv2d of the blocks) or layer names")
     s.add_argument("--from", dest="source", default="ema", choices=["ema", "model"],
@@ -395,7 +387,8 @@ def build_parser():
     s.add_argument("--force", action="store_true", help="extract against a base the fine-tune did not start from")
 
     s = command("grid", cmd_grid, "two adapters' weights as a grid of one digit")
-    s.add_argument("adapters", nargs="+", type=lora_spec, metavar="PATH", help="two adapters: the rows' and the columns'")
+    s.add_argument("adapters", nargs="+", type=lora_spec, metavar="PATH",
+                   help="two adapters: the rows' and the columns'")
     s.group("model").add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
                                   help="the base both adapters apply to")
     s.group("LoRA").add_argument("--weights", default="0,0.5,1",

@@ -473,7 +473,7 @@ def test_info_says_what_a_file_holds(tmp_path, capsys):
     (["merge", "{a}", "{a}", "--mode", "svd", "--rank", "100", "--out", "{out}"], "larger than layer"),
     (["merge", "{a}", "{a}:abc", "--out", "{out}"], "'abc' is not a number"),
     (["merge", "{a}", "{other}", "--out", "{out}"], "different bases"),
-    (["resize", "{a}", "--rank", "0", "--out", "{out}"], "--rank must be > 0"),
+    (["resize", "{a}", "--rank", "0", "--out", "{out}"], "--r must be > 0"),  # --rank: the alias of --r
 ])
 def test_tools_refuse_bad_input_with_one_line_and_write_nothing(tmp_path, capsys, args, message):
     a, _ = trained_adapter(tmp_path, "a")

@@ -148,7 +148,7 @@ def test_a_bad_choice_is_one_line(capsys):
 
 
 @pytest.mark.parametrize("name,typed,expected", [
-    ("lora_finetune", "--rank", "--r"), ("lora_finetune", "--network_dim", "--r"),
+    ("lora_finetune", "--network_dim", "--r"),
     ("lora_finetune", "--network-dim", "--r"), ("lora_finetune", "--network_alpha", "--alpha"),
     ("lora_finetune", "--epochs", "--lora-steps"), ("lora_finetune", "--num_train_epochs", "--lora-steps"),
     ("lora_finetune", "--learning_rate", "--lora-lr"), ("lora_finetune", "--output_dir", "--out"),
@@ -179,6 +179,16 @@ def test_only_flags_the_script_has_are_offered(name):
         for suggestion in cli.suggest(typed, flags):
             assert suggestion in flags, (typed, suggestion)
     assert "--r" not in cli.suggest("--rank", flags) or "--r" in flags
+
+
+def test_the_rank_is_r_everywhere_and_rank_its_alias():
+    import lora_finetune
+    import lora_tools
+    for argv in (["--r", "8"], ["--rank", "8"]):
+        assert lora_finetune.parse_args(argv).r == 8
+        assert lora_tools.parse_args(["resize", "a", "--out", "b", *argv]).r == 8
+        assert lora_tools.parse_args(["extract", "--tuned", "t", "--out", "b", *argv]).r == 8
+        assert lora_tools.parse_args(["merge", "a", "b", "--out", "c", "--mode", "svd", *argv]).r == 8
 
 
 def test_a_sub_commands_flags_are_offered_for_it(capsys):

@@ -102,10 +102,12 @@ def test_lora_layer_matches_its_formula_with_non_zero_b():
 
 
 def test_lora_rank_must_be_positive():
-    with pytest.raises(LoraError, match="r must be > 0, got 0"):
+    with pytest.raises(LoraError, match="r must be a whole number from 1 to 4096, got 0"):
         LoraLayer(nn.Linear(4, 4)).add_adapter("default", 0, 1.0)
-    with pytest.raises(LoraError, match="r must be > 0"):
+    with pytest.raises(LoraError, match="r must be a whole number from 1 to 4096, got -1"):
         add_lora(tiny_model(), r=-1)
+    with pytest.raises(LoraError, match="got 2.0"):
+        add_lora(tiny_model(), r=2.0)
     with pytest.raises(ValueError, match="--r 4"):
         LoraConfig(r=0)
 
