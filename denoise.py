@@ -74,7 +74,8 @@ def build_parser():
     lora.add_argument("--merge", action="store_true", help="merge the adapter into the weights (needs --lora)")
     weight = bounded(float, ge=WEIGHT_RANGE[0], le=WEIGHT_RANGE[1])
     lora.add_argument("--lora-weight", type=weight, default=1.0,
-                   help="strength of the adapters, times each one's own WEIGHT: 0 off, 1 as trained")
+                   help="strength of the adapters, times each one's own WEIGHT: 0 off, 1 as trained, negative "
+                   "pushes the other way")
     # the flag's name before "weight" became the one word for an adapter's strength: old commands still run
     lora.add_argument("--lora-scale", dest="lora_weight", type=weight, default=argparse.SUPPRESS,
                       help=argparse.SUPPRESS)
@@ -119,8 +120,6 @@ def run(args):
     rcfg = runtime_from_args(args)
     if args.merge and not args.lora:
         raise CLIError("--merge needs --lora (there is no adapter to merge)")
-    if args.lora_weight < 0:
-        raise CLIError(f"--lora-weight must be >= 0, got {args.lora_weight}")
     check_outputs(args)
     device = pick_device(rcfg.device)
     precision = resolve_precision(rcfg.precision, device)  # sampling: the rule, never timed (same seed, same pictures)
@@ -142,16 +141,16 @@ def run(args):
     shown = ", ".join(map(str, args.lora or []))  # the adapters as given, PATH[:WEIGHT]
     if adapter is not None:
         # the weight sweep runs on the unmerged model, where the weight is a runtime knob
-        scales = [0.0, 0.25, 0.5, 0.75, 1.0]
+        weights = [0.0, 0.25, 0.5, 0.75, 1.0]
         sweep_labels = torch.tensor(sorted(set(labels)))
         cols = []
-        for s in scales:
-            set_weights(model, adapter, s)
+        for w in weights:
+            set_weights(model, adapter, w)
             imgs, _ = generate(model, diffusion, sweep_labels, **common)
             cols.append(imgs)
         # a picture for people (labelled, 3x nearest-neighbour): a row per weight, a column per label
         path = os.path.join(out, "lora_weight_sweep.png")
-        weight_sweep_png(dict(zip(scales, cols)), sweep_labels.tolist(), path,
+        weight_sweep_png(dict(zip(weights, cols)), sweep_labels.tolist(), path,
                          f"{shown}: weight 0 to 1 on the same noise ({scfg.sampler}-{scfg.steps}, "
                          f"guidance {scfg.guidance:g}, seed {rcfg.seed})")
         written.append(path)

@@ -1,7 +1,7 @@
 """Measure sample quality with a reference classifier: conditional accuracy, Frechet distance, slant, ink.
 
     python evaluate.py                                           # out/ckpt.pt: samples 100 per label, then scores
-    python evaluate.py --ckpt out/ckpt.pt --lora out/lora        # the same with the adapter (--lora-scale S)
+    python evaluate.py --ckpt out/ckpt.pt --lora out/lora        # the same with the adapter (--lora-weight W)
     python evaluate.py --ckpt out/ckpt.pt --lora out/italic:0.8 --lora out/bold:0.5   # several, with weights
     python evaluate.py --samples out/samples.npz                 # scores images written by denoise.py
     python evaluate.py --ckpt a.pt b.pt c.pt                     # several checkpoints: + a time-to-quality curve
@@ -43,6 +43,7 @@ With a style set (--style-data PATH, --style font:NAME, or an adapter fine-tuned
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import time
@@ -253,7 +254,7 @@ def sample_checkpoint(ckpt_path, args, scfg, device, precision, adapters=None, l
     returns images, labels, info."""
     pipe = load_pipeline(ckpt_path, device, args.weights, adapters, force=args.force)
     if adapters:
-        set_weights(pipe.model, adapters, args.lora_scale)
+        set_weights(pipe.model, adapters, args.lora_weight)
     model, diffusion, ckpt = pipe.model, pipe.diffusion, pipe.ckpt
     labels = torch.arange(model.num_classes).repeat_interleave(args.n_per_label)
     images = []
@@ -268,7 +269,7 @@ def sample_checkpoint(ckpt_path, args, scfg, device, precision, adapters=None, l
             "steps": scfg.steps if scfg.sampler != "ddpm" else ckpt["config"]["diffusion"]["timesteps"],
             "guidance": scfg.guidance, "guidance_interval": list(scfg.guidance_interval), "eta": scfg.eta,
             "lora": [str(s) for s in args.lora] if args.lora else None,
-            "lora_scale": args.lora_scale if args.lora else None,
+            "lora_weight": args.lora_weight if args.lora else None,
             "sampling_seconds": seconds, "seconds_per_sample": seconds / len(labels)}
     log(f"sampled {len(labels)} images from {ckpt_path} in {seconds:.1f} s")
     return torch.cat(images), labels, info
@@ -395,8 +396,13 @@ def build_parser():
                       metavar="PATH[:WEIGHT]",
                       help=f"LoRA adapter to apply to the checkpoint (default {DEFAULT_ADAPTER}) at WEIGHT (default "
                       "1); repeat for several")
-    lora.add_argument("--lora-scale", type=bounded(float, ge=WEIGHT_RANGE[0], le=WEIGHT_RANGE[1]), default=1.0,
-                      help="strength of the adapters, times each one's own WEIGHT: 0 off, 1 as trained")
+    weight = bounded(float, ge=WEIGHT_RANGE[0], le=WEIGHT_RANGE[1])
+    lora.add_argument("--lora-weight", type=weight, default=1.0,
+                      help="strength of the adapters, times each one's own WEIGHT: 0 off, 1 as trained, negative "
+                      "pushes the other way")
+    # the flag's name before "weight" became the one word for an adapter's strength: old commands still run
+    lora.add_argument("--lora-scale", dest="lora_weight", type=weight, default=argparse.SUPPRESS,
+                      help=argparse.SUPPRESS)
     lora.add_argument("--force", action="store_true", help="apply an adapter trained on another base")
     data.add_argument("--style", default=None, metavar="{none,italic,bold,font:NAME}",
                    help="also report the real data in this style, or score against the digits of font NAME as a "
@@ -493,7 +499,7 @@ def run(args):
         results.append(result)
         stem = args.name if len(sources) == 1 else f"{args.name}-{os.path.splitext(os.path.basename(path))[0]}"
         os.makedirs(args.out_dir, exist_ok=True)
-        lora_note = f" + {', '.join(map(str, args.lora))} x{args.lora_scale}" if args.lora else ""
+        lora_note = f" + {', '.join(map(str, args.lora))} x{args.lora_weight}" if args.lora else ""
         title = f"{path or args.samples}{lora_note}"
         report_png(result, images, labels, os.path.join(args.out_dir, f"{stem}.png"), title)
         print(f"{title}: accuracy {100 * result['accuracy']:.1f}%, Frechet {result['frechet_distance']:.2f} "

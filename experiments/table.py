@@ -36,6 +36,15 @@ def _quality():
     return old["base"], old["lora"], old["adapter_size"], "experiments/default/results.json"
 
 
+def _weight(scores):
+    """The adapter's weight an eval.json records: ``lora_weight``, or ``lora_scale`` as files written before the
+    strength had one name call it; 1 when it says neither (results.json's summary)."""
+    for key in ("lora_weight", "lora_scale"):
+        if scores.get(key) is not None:
+            return scores[key]
+    return 1.0
+
+
 def _minutes(seconds):
     m, s = divmod(round(seconds), 60)
     return f"{m} min {s} s"
@@ -84,7 +93,7 @@ def table() -> str:
         "",
         f"- Machine: {speed[0]['machine']}.",
         f"- Quality: the default base and italic adapter ({base['trained']}), scored by `evaluate.py` on the base"
-        f" ({_sampling(base)}) and with the adapter at weight 1 ({_sampling(lora)}), seed 0; Frechet distances in the"
+        f" ({_sampling(base)}) and with the adapter at weight {_weight(lora):g} ({_sampling(lora)}), seed 0; Frechet distances in the"
         f" reference classifier's features against {_reference(base)}; from [{where}]({where}).",
         f"- Speed: the quick start's first command from a fresh clone, requirements installed; laptop setting:"
         f" {speed[0]['settings']}.",

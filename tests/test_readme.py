@@ -141,3 +141,10 @@ def test_table_falls_back_to_the_transcribed_figures(tmp_path, monkeypatch):
     out = module.table()
     assert "| base: conditional accuracy | **100.0%** |" in out
     assert "**64%**" in out and "experiments/default/results.json" in out
+
+
+def test_the_table_reads_the_adapter_weight_under_its_old_name_too():
+    weight = _table_module()._weight
+    assert weight({"lora_weight": -0.5}) == -0.5
+    assert weight({"lora_scale": 0.5}) == 0.5  # an eval.json written before the strength was "weight"
+    assert weight({}) == 1.0

@@ -272,6 +272,13 @@ def test_time_budget_sizes_the_run_from_a_timed_step(tmp_path, monkeypatch, caps
         assert torch.equal(v, budget["ema"][k]), k
 
 
+def test_the_strength_is_one_weight_negatives_allowed():
+    import evaluate
+    for module in (denoise, evaluate):
+        for flag in ("--lora-weight", "--lora-scale"):  # --lora-scale: the old name, kept
+            assert module.parse_args([flag, "-0.5"]).lora_weight == -0.5
+
+
 @pytest.mark.parametrize("args,message", [
     (["--labels", "11"], "every label must be in 0..9"),
     (["--labels", "a,b"], "expected integers"),
@@ -280,8 +287,8 @@ def test_time_budget_sizes_the_run_from_a_timed_step(tmp_path, monkeypatch, caps
     (["--sampler", "euler"], "sampler must be one of ddim, dpmpp-2m, heun, ddpm"),
     (["--merge"], "--merge needs --lora"),
     (["--n-per-label", "0"], "--n-per-label must be > 0"),
-    (["--lora-weight", "-1"], "--lora-weight must be >= 0"),
-    (["--lora-scale", "-1"], "--lora-weight must be >= 0"),  # the flag's old name still runs
+    (["--lora-weight", "-10.5"], "--lora-weight must be >= -10"),  # config.WEIGHT_RANGE
+    (["--lora-scale", "11"], "--lora-scale must be <= 10"),  # the flag's old name still runs
 ])
 def test_denoise_bad_arguments_exit_2(tiny_ckpt, tmp_path, capsys, args, message):
     err = expect_exit_2(denoise.main, ["--ckpt", str(tiny_ckpt), "--out-dir", str(tmp_path / "out"), *args], capsys)
