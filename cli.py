@@ -24,8 +24,8 @@ import tomllib
 from dataclasses import fields
 from typing import NamedTuple
 
-from config import (PRESETS, SECTIONS, DiffusionConfig, LoraConfig, ModelConfig, RuntimeConfig, SampleConfig,
-                    WEIGHT_RANGE, TrainConfig, from_saved, preset_config, range_text)
+from config import (DEFAULT_ADAPTER, PRESETS, SECTIONS, WEIGHT_RANGE, DiffusionConfig, LoraConfig, ModelConfig,
+                    RuntimeConfig, SampleConfig, TrainConfig, from_saved, preset_config, range_text)
 from errors import CLIError, exit_with
 from inputs import CONFIG_MAX_BYTES, read_regular
 
@@ -448,6 +448,21 @@ def check_weight(value, what):
     if problem:
         raise CLIError(f"{what}: {problem}")
     return value
+
+
+def add_lora_args(group):
+    """--lora PATH[:WEIGHT] (repeatable; alone, config.DEFAULT_ADAPTER) and --lora-weight, the strength of them all
+    (--lora-scale: its name before "weight" became the one word for an adapter's strength; old commands still run)."""
+    group.add_argument("--lora", nargs="?", const=DEFAULT_ADAPTER, default=None, action="append", type=lora_spec,
+                       metavar="PATH[:WEIGHT]",
+                       help=f"apply a LoRA adapter (default {DEFAULT_ADAPTER}) at WEIGHT (default 1); repeat for "
+                       "several")
+    weight = bounded(float, ge=WEIGHT_RANGE[0], le=WEIGHT_RANGE[1])
+    group.add_argument("--lora-weight", type=weight, default=1.0,
+                       help="strength of the adapters, times each one's own WEIGHT: 0 off, 1 as trained, negative "
+                       "pushes the other way")
+    group.add_argument("--lora-scale", dest="lora_weight", type=weight, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
 
 
 def lora_spec(text):

@@ -15,7 +15,6 @@ Writes, in --out-dir (default out/), with NAME = samples (or lora_samples with -
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -23,8 +22,8 @@ import torch
 from adapter import set_weights
 from adapter_formats import LEGACY_DEFAULT_ADAPTER, load_adapters
 from files import check_apart, check_replace, check_writable_dir, remove_stale_temps
-from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, WEIGHT_RANGE, SampleConfig
-from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, lora_spec, name_arg,
+from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, SampleConfig
+from cli import (ArgumentParser, add_config_args, add_lora_args, add_runtime_args, bounded, config_from_args, name_arg,
                  path_arg, runtime_from_args)
 from errors import CLIError, run_main
 from diffusion import generate
@@ -68,17 +67,8 @@ def build_parser():
     out.add_argument("--frames", type=bounded(int, ge=0, le=100), default=10,
                      help="columns of the denoising-process figure (0: no figure)")
     out.add_argument("--show", action="store_true", help="also open the figures in a window")
-    lora.add_argument("--lora", nargs="?", const=DEFAULT_ADAPTER, default=None, action="append", type=lora_spec,
-                      metavar="PATH[:WEIGHT]",
-                      help=f"apply a LoRA adapter (default {DEFAULT_ADAPTER}) at WEIGHT (default 1); repeat for several")
+    add_lora_args(lora)
     lora.add_argument("--merge", action="store_true", help="merge the adapter into the weights (needs --lora)")
-    weight = bounded(float, ge=WEIGHT_RANGE[0], le=WEIGHT_RANGE[1])
-    lora.add_argument("--lora-weight", type=weight, default=1.0,
-                   help="strength of the adapters, times each one's own WEIGHT: 0 off, 1 as trained, negative "
-                   "pushes the other way")
-    # the flag's name before "weight" became the one word for an adapter's strength: old commands still run
-    lora.add_argument("--lora-scale", dest="lora_weight", type=weight, default=argparse.SUPPRESS,
-                      help=argparse.SUPPRESS)
     lora.add_argument("--force", action="store_true", help="load an adapter trained on another base checkpoint")
     add_config_args(p, SampleConfig)
     add_runtime_args(p)

@@ -43,7 +43,6 @@ With a style set (--style-data PATH, --style font:NAME, or an adapter fine-tuned
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -55,9 +54,8 @@ from adapter_formats import load_adapters
 from checkpoint import load_checkpoint
 from files import atomic_write, check_apart, check_replace, check_writable_dir, remove_stale_temps, write_json
 from inputs import check_inputs_apart
-from config import (BATCH_MAX, DATASETS, DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, WEIGHT_RANGE,
-                    SampleConfig)
-from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, config_from_args, lora_spec, name_arg,
+from config import BATCH_MAX, DATASETS, DEFAULT_CKPT, DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, SampleConfig
+from cli import (ArgumentParser, add_config_args, add_lora_args, add_runtime_args, bounded, config_from_args, name_arg,
                  path_arg, runtime_from_args)
 from errors import CLIError, run_main
 from dataset import MNIST_CLASSES, apply_style, load_dataset
@@ -392,17 +390,7 @@ def build_parser():
     sampling.add_argument("--batch", type=bounded(int, gt=0, le=BATCH_MAX), default=500,
                           help="images per sampling batch")
     model.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (better) or raw weights")
-    lora.add_argument("--lora", nargs="?", const=DEFAULT_ADAPTER, default=None, action="append", type=lora_spec,
-                      metavar="PATH[:WEIGHT]",
-                      help=f"LoRA adapter to apply to the checkpoint (default {DEFAULT_ADAPTER}) at WEIGHT (default "
-                      "1); repeat for several")
-    weight = bounded(float, ge=WEIGHT_RANGE[0], le=WEIGHT_RANGE[1])
-    lora.add_argument("--lora-weight", type=weight, default=1.0,
-                      help="strength of the adapters, times each one's own WEIGHT: 0 off, 1 as trained, negative "
-                      "pushes the other way")
-    # the flag's name before "weight" became the one word for an adapter's strength: old commands still run
-    lora.add_argument("--lora-scale", dest="lora_weight", type=weight, default=argparse.SUPPRESS,
-                      help=argparse.SUPPRESS)
+    add_lora_args(lora)
     lora.add_argument("--force", action="store_true", help="apply an adapter trained on another base")
     data.add_argument("--style", default=None, metavar="{none,italic,bold,font:NAME}",
                    help="also report the real data in this style, or score against the digits of font NAME as a "
