@@ -31,7 +31,7 @@ import torch
 
 from adapter import KOHYA_PREFIX, Adapter, TrainingState, content_hash, kohya_name
 from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
-from config import DEFAULT_ADAPTER, DEFAULT_OUT_DIR, R_MAX, valid_r
+from config import DEFAULT_ADAPTER, DEFAULT_OUT_DIR, R_MAX, STYLES, valid_r
 from files import atomic_write, temp_folder
 from errors import CLIError
 from lora import LoraError
@@ -48,7 +48,7 @@ PEFT_PREFIX = "base_model.model."
 STATE_LAYOUT = 2
 # alpha / r above this multiplies the update a thousandfold: no trained adapter does that, a damaged field (1e308) does
 SCALE_MAX = 1000.0
-STYLE_RE = re.compile(r"^(none|italic|bold|(font|data):.+)$")
+STYLE_RE = re.compile(rf"^({'|'.join(STYLES)}|(font|data):.+)$")  # config.STYLES, or a font's or data set's name
 
 
 def adapter_size(path):
@@ -104,7 +104,7 @@ def save_safetensors(tensors, path, metadata):
     atomic_write(path, write)
 
 
-def check_output_folder(path):
+def check_adapter_folder(path):
     """An adapter is a folder now: refuse a path that is a file (an old lora.pt) before any work is done."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise CLIError(f"{path!r} is a file, but an adapter is written as a folder (PEFT's layout); choose "
@@ -122,7 +122,7 @@ def write_adapter(folder, adapter, training_state=None):
     consecutive saves of the same run (same r, alpha and targets). The header repeats r and alpha,
     so load_adapter names any other mix instead of using it, and the training state
     carries its own copy of the tensors, so --resume never depends on the shared file."""
-    check_output_folder(folder)
+    check_adapter_folder(folder)
     tensors = {f"{PEFT_PREFIX}{k}.weight": v.detach().float().cpu().contiguous() for k, v in adapter.tensors.items()}
     tmp = temp_folder(folder)  # named so that a later run removes it, should this one be killed
     try:
@@ -303,7 +303,7 @@ def check_style(value, where, source, key="style"):
     if value is None:
         return None
     if not isinstance(value, str) or not STYLE_RE.match(value):
-        raise _bad(where, source, key, value, "must be none, italic, bold, font:NAME or data:NAME")
+        raise _bad(where, source, key, value, f"must be {', '.join(STYLES)}, font:NAME or data:NAME")
     return value
 
 

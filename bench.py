@@ -748,7 +748,7 @@ def is_bench_json(path):
     return isinstance(obj, dict) and {"version", "machine", "table"} <= set(obj)
 
 
-def check_out(args):
+def check_outputs(args):
     """Before any timing: --out is a file path that can be written, and replaces only an earlier bench JSON,
     only with --overwrite (a checkpoint, a folder or another JSON given as --out are left alone)."""
     check_writable_file(args.out, "--out")
@@ -762,7 +762,7 @@ def bench(args, argv):
     if rcfg.device == "mps":
         raise CLIError("bench.py measures CPUs and CUDA GPUs (its peaks and memory readings are theirs); "
                        "pass --device cpu")
-    check_out(args)
+    check_outputs(args)
     start = time.perf_counter()
     device = pick_device(rcfg.device)
     check_precision(rcfg.precision, device)  # an impossible choice (fp16 on a CPU) fails before any work

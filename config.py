@@ -361,7 +361,7 @@ class LoraConfig:
                              "group: attn (Wq,Wk,Wv), attn-all (+ Wo and the feed-forward), all (every Linear and "
                              "Conv2d of the blocks)")
     lora_dropout: float = setting(0.0, "dropout on the LoRA path only", ge=0.0, lt=1.0)
-    style: str = setting("italic", "the fine-tuning digits: none, italic or bold (transforms of MNIST), or "
+    style: str = setting("italic", f"the fine-tuning digits: {', '.join(STYLES)} (transforms of MNIST), or "
                          "font:NAME (a font's digits, e.g. font:DejaVu Serif Bold; an unknown NAME lists them)")
     lora_steps: int = setting(300, "optimizer steps of the fine-tune; with --data or a font and no --lora-steps, "
                               "sized to the set: 300 for up to 200 images, more in proportion, at most 1.5 times",

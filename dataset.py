@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import DEFAULT_DATA_DIR
+from config import DEFAULT_DATA_DIR, STYLES
 from errors import UserError
 
 DATASETS = ("auto", "mnist", "mnist-5k", "fashion-mnist")
@@ -205,7 +205,7 @@ def apply_style(images_u8, style, amount=None):
         for _ in range(1 if amount is None else int(amount)):
             x = F.max_pool2d(x, 3, stride=1, padding=1)
     else:
-        raise ValueError(f"unknown style {style!r}; choose none, italic or bold")
+        raise ValueError(f"unknown style {style!r}; choose {', '.join(STYLES)}")
     return (x.squeeze(1) * 255).round().clamp(0, 255).to(torch.uint8)
 
 

@@ -54,7 +54,7 @@ from adapter_formats import load_adapters
 from checkpoint import load_checkpoint
 from files import atomic_write, check_apart, check_replace, check_writable_dir, remove_stale_temps, write_json
 from inputs import check_inputs_apart
-from config import BATCH_MAX, DATASETS, DEFAULT_CKPT, DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, SampleConfig
+from config import BATCH_MAX, DATASETS, DEFAULT_CKPT, DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, STYLES, SampleConfig
 from cli import (ArgumentParser, add_config_args, add_lora_args, add_runtime_args, bounded, config_from_args, name_arg,
                  path_arg, runtime_from_args)
 from errors import CLIError, run_main
@@ -114,7 +114,6 @@ def score(images_u8, labels, classifier, train, test, style="none", seed=0):
 
 # ------------------------------------------------------------------ style set
 
-STYLES = ("none", "italic", "bold")  # apply_style's transforms of the real digits; anything else is a style set
 STYLE_HELD_OUT = 0.2  # of each label's style images: held out for the distance, its floor and the share check
 STYLE_SPLIT_SEED = 0  # the split does not move with --seed: every evaluation of a style holds out the same images
 STYLE_MIN_HELD_OUT = 10
@@ -158,7 +157,7 @@ def resolve_style(args, adapters, log=print):
         return style, None
     if style.startswith("font:"):
         return "none", style
-    raise CLIError(f"--style {style!r}: choose none, italic, bold or font:NAME (or --style-data PATH)")
+    raise CLIError(f"--style {style!r}: choose {', '.join(STYLES)} or font:NAME (or --style-data PATH)")
 
 
 def read_style_set(spec):

@@ -27,7 +27,7 @@ import time
 import torch
 
 from adapter import Adapter, TrainingState, adapter_from_model, add_adapter_layers, apply_adapter
-from adapter_formats import (STATE_NAME, adapter_size, check_output_folder, load_adapter, load_training_state,
+from adapter_formats import (STATE_NAME, adapter_size, check_adapter_folder, load_adapter, load_training_state,
                              write_adapter)
 from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from pipeline import load_pipeline
@@ -98,7 +98,7 @@ def lora_steps_range(fractions, timesteps):
     return lo, hi
 
 
-def check_resume_flags(args, adapter, state):
+def check_flags_match_adapter(args, adapter, state):
     saved = {"r": adapter.r, "alpha": adapter.alpha, "style": adapter.style,
              "targets": list(state.config.get("targets") or adapter.targets or [])}  # as given, e.g. Wq,Wk,Wv
     for name, value in saved.items():
@@ -108,7 +108,7 @@ def check_resume_flags(args, adapter, state):
                            "drop the flag to resume, or write a new adapter with --out")
 
 
-def check_out(args):
+def check_outputs(args):
     """Before any work: --out can be written, is none of the files it reads, holds nothing of another kind, and
     replaces an earlier result only with --overwrite (or when it continues the very adapter it resumes)."""
     resume = None if args.resume is None else (args.resume or args.out)
@@ -126,7 +126,7 @@ def check_out(args):
                                f"it is ({e}); pass another --out") from None
             check_replace(args.out, "--out", ("checkpoint",), args.overwrite, "a base checkpoint")
     else:
-        check_output_folder(args.out)
+        check_adapter_folder(args.out)
         check_writable_dir(args.out, "--out")
         check_apart([("--out", args.out)], inputs, "pass another --out")
         check_replace(args.out, "--out", ("adapter folder",), None if in_place else args.overwrite, "an adapter")
@@ -182,13 +182,13 @@ def finetune(args):
     if args.tensorboard:
         require_tensorboard()
     args.out = args.out or (FULL_DEFAULT if args.full else DEFAULT_ADAPTER)
-    check_out(args)
+    check_outputs(args)
     if args.resume is not None:
         adapter = load_adapter(args.resume or args.out)
         state = load_training_state(args.resume or args.out)
         # the state's own copy of the tensors: always the ones its optimizer state belongs to
         adapter = adapter.replace(tensors=state.tensors)
-        check_resume_flags(args, adapter, state)
+        check_flags_match_adapter(args, adapter, state)
         # the adapter's own settings, not the preset's; flags given now (say --lora-steps) still win
         lcfg = config_from_args(args, LoraConfig, saved=state.config)
         tcfg = config_from_args(args, TrainConfig, saved=state.train_config)

@@ -24,7 +24,7 @@ import os
 import torch
 
 from adapter import Adapter, check_same_base, resolve_kohya_names
-from adapter_formats import adapter_size, check_output_folder, load_adapter, load_adapters, write_adapter, write_kohya
+from adapter_formats import adapter_size, check_adapter_folder, load_adapter, load_adapters, write_adapter, write_kohya
 from checkpoint import load_model, model_config_from_checkpoint, state_fingerprint
 from pipeline import load_pipeline
 from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, R_MAX, SEED_MAX, SampleConfig
@@ -46,7 +46,7 @@ def write_any(path, adapter):
     return write_adapter(path, adapter)
 
 
-def check_output(out, inputs, overwrite, flag="--out"):
+def check_outputs(out, inputs, overwrite, flag="--out"):
     """Before anything is read: ``out`` is none of ``inputs`` (resolved: symlinks and a/../a count, and an adapter
     folder and its files are one), holds nothing of another kind, and replaces an earlier result only with
     --overwrite. A .png is a picture, a .safetensors a kohya file, anything else a PEFT folder."""
@@ -58,7 +58,7 @@ def check_output(out, inputs, overwrite, flag="--out"):
         check_writable_file(out, flag)
         check_replace(out, flag, _is_adapter, overwrite, "an adapter")
     else:
-        check_output_folder(out)
+        check_adapter_folder(out)
         check_writable_dir(out, flag)
         check_replace(out, flag, ("adapter folder",), overwrite, "an adapter")
 
@@ -146,7 +146,7 @@ def cmd_convert(args):
     if not dst:
         raise CLIError("convert needs the destination: --out FOLDER (PEFT's layout) or --out FILE.safetensors "
                        "(kohya's)")
-    check_output(dst, [("SRC", args.src), ("--ckpt", args.ckpt)], args.overwrite)
+    check_outputs(dst, [("SRC", args.src), ("--ckpt", args.ckpt)], args.overwrite)
     ad = resolved(load_adapter(args.src), args.ckpt)
     written = write_any(dst, ad)
     back = load_adapter(written)
@@ -161,7 +161,7 @@ def cmd_merge(args):
     if args.mode == "svd":
         if args.r is None:
             raise CLIError("--mode svd needs --r R (the rank)")
-    check_output(args.out, [("PATH", a.path) for a in args.adapters]
+    check_outputs(args.out, [("PATH", a.path) for a in args.adapters]
                  + [("--ckpt", args.ckpt)], args.overwrite)
     adapters = load_adapters(args.adapters)
     if len(adapters) < 2:
@@ -207,7 +207,7 @@ def cmd_merge(args):
 
 
 def cmd_resize(args):
-    check_output(args.out, [("SRC", args.src), ("--ckpt", args.ckpt)], args.overwrite)
+    check_outputs(args.out, [("SRC", args.src), ("--ckpt", args.ckpt)], args.overwrite)
     ad = resolved(load_adapter(args.src), args.ckpt)
     if args.r > ad.r:
         raise LoraError(f"--r {args.r} is larger than the adapter's rank {ad.r}; resize only lowers it")
@@ -223,7 +223,7 @@ def cmd_resize(args):
 
 
 def cmd_extract(args):
-    check_output(args.out, [("--tuned", args.tuned), ("--base", args.base)], args.overwrite)
+    check_outputs(args.out, [("--tuned", args.tuned), ("--base", args.base)], args.overwrite)
     base, base_ckpt = load_model(args.base, "cpu", args.source)
     tuned, tuned_ckpt = load_model(args.tuned, "cpu", args.source)
     if base_ckpt["config"]["model"] != tuned_ckpt["config"]["model"]:
@@ -265,7 +265,7 @@ def cmd_grid(args):
         weights.append(check_weight(value, f"--weights {args.weights}"))
     if len(args.adapters) != 2:
         raise CLIError("grid takes exactly two adapters: the rows' and the columns'")
-    check_output(args.out, [("PATH", a.path) for a in args.adapters]
+    check_outputs(args.out, [("PATH", a.path) for a in args.adapters]
                  + [("--ckpt", args.ckpt)], args.overwrite)
     device = pick_device(rcfg.device)
     precision = resolve_precision(rcfg.precision, device)  # sampling: the rule, never timed

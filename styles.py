@@ -192,7 +192,7 @@ def _shrink(gray):
     return gray[:h, :w].reshape(h // k, k, w // k, k).mean(axis=(1, 3))
 
 
-def _preprocess(gray, where):
+def _mnist_like(gray, where):
     """float (H, W) in [0, 1] -> (uint8 (28, 28) ink bright on dark, whether it was inverted)."""
     gray = _shrink(gray)
     border = _border(gray)
@@ -224,7 +224,7 @@ def preprocess_image(img, where="image"):
         gray = _array_gray(img) if isinstance(img, np.ndarray) else _gray(img)
     except ValueError as e:
         raise StyleDataError(f"{where}: {e}") from None
-    return _preprocess(gray, where)[0]
+    return _mnist_like(gray, where)[0]
 
 
 # ------------------------------------------------------------------ a folder of images
@@ -289,7 +289,7 @@ def read_digit(source, where=None):
         gray = _gray(img)
     except ValueError as e:
         raise StyleDataError(f"{where}: {e}; save it as an 8- or 16-bit image") from None
-    return _preprocess(gray, where)
+    return _mnist_like(gray, where)
 
 
 def label_from_name(path):
@@ -482,7 +482,7 @@ def _load_font(spec, per_label, seed):
     name, pages = render_font(spec, per_label, seed)
     images, inverted = [], 0
     for label, page in pages:
-        arr, inv = _preprocess(page.astype(np.float32) / 255.0, f"{name} digit {label}")
+        arr, inv = _mnist_like(page.astype(np.float32) / 255.0, f"{name} digit {label}")
         images.append(arr)
         inverted += inv
     labels = torch.tensor([label for label, _ in pages], dtype=torch.int64)

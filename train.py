@@ -69,7 +69,7 @@ def parse_args(argv):
     return build_parser().parse_args(argv)
 
 
-def check_resume_flags(args, ckpt, path):
+def check_flags_match_checkpoint(args, ckpt, path):
     """On --resume the model and schedule come from the checkpoint; a flag that contradicts them is an error."""
     for cls, key in ((ModelConfig, "model"), (DiffusionConfig, "diffusion")):
         for f in dataclasses.fields(cls):
@@ -89,7 +89,7 @@ def train(args):
     if args.tensorboard:
         require_tensorboard()
     tcfg, mcfg, dcfg, rcfg, ckpt, resume_path = resolve_configs(args)
-    check_out_dir(tcfg.out_dir, resume_path, args.overwrite, args.config)
+    check_outputs(tcfg.out_dir, resume_path, args.overwrite, args.config)
     dist_info, device = setup_distributed(rcfg.device)
     check_precision(rcfg.precision, device)
     enable_tf32(device)
@@ -175,9 +175,9 @@ def train(args):
         if last or epoch % tcfg.save_every == 0:
             save(epoch, step)
         if dist_info.main and (last or (tcfg.sample_every and epoch % tcfg.sample_every == 0)):
-            sample_grid(ema, diffusion, mcfg.num_classes, device, precision, rcfg.seed, data_size,
-                        os.path.join(out_dir, "samples", "final.png" if last else f"epoch_{epoch:04d}.png"),
-                        rows=4 if last else 1, steps=min(20, dcfg.timesteps))
+            save_progress_grid(ema, diffusion, mcfg.num_classes, device, precision, rcfg.seed, data_size,
+                               os.path.join(out_dir, "samples", "final.png" if last else f"epoch_{epoch:04d}.png"),
+                               rows=4 if last else 1, steps=min(20, dcfg.timesteps))
 
     settings = FitSettings(max_steps=tcfg.max_steps, lr_fn=lambda s: lr_at(s, tcfg), grad_clip=tcfg.grad_clip,
                            device=device, precision=precision, desc="train", resume_hint=resume_hint, lr_flag="--lr",
@@ -220,7 +220,7 @@ def size_to_budget(tcfg, model, diffusion, data, *, batch_size, device, precisio
     return dataclasses.replace(tcfg, max_steps=steps)
 
 
-def check_out_dir(out_dir, resume_path, overwrite, config=None):
+def check_outputs(out_dir, resume_path, overwrite, config=None):
     """Before any work: the folder can be written and no other run writes there, no file it writes is the
     checkpoint it resumes (other than ckpt.pt itself, which a resumed run continues) or the --config it read,
     none holds a file of another kind, and a fresh run does not replace another run's checkpoint."""
@@ -280,7 +280,7 @@ def resolve_configs(args):
             and isinstance(ckpt.get("rng"), dict) and isinstance(ckpt["rng"].get("noise"), torch.Tensor)):
         raise CLIError(f"{resume_path!r} lacks the training state --resume needs (optimizer, RNG, settings); "
                        "it can be sampled from, not continued")
-    check_resume_flags(args, ckpt, resume_path)
+    check_flags_match_checkpoint(args, ckpt, resume_path)
     saved = ckpt["config"]
     # the run's own settings, not the preset's; training flags given now (say --max-steps) still win
     return (config_from_args(args, TrainConfig, saved=saved["train"]), from_saved(ModelConfig, saved["model"]),
@@ -288,7 +288,7 @@ def resolve_configs(args):
             runtime_from_args(args, saved=saved_runtime(saved.get("runtime"), saved["train"])), ckpt, resume_path)
 
 
-def sample_grid(ema, diffusion, num_classes, device, precision, seed, data_size, path, *, rows, steps):
+def save_progress_grid(ema, diffusion, num_classes, device, precision, seed, data_size, path, *, rows, steps):
     """A grid of EMA samples, one column per label, ``rows`` rows: the run's progress at a glance."""
     ema.eval()
     labels = torch.arange(num_classes).repeat(rows)
