@@ -328,9 +328,8 @@ class RuntimeConfig:
 
 
 # The fine-tune's default t range for each style (fractions of T). A slant is decided at middle noise, and
-# t from 0..0.8 gave it no more slant but a larger distance to real italic digits; a bold adapter never
-# trained at the least noisy steps speckles its strokes there (88.6% accuracy against 94.2% with them).
-# experiments/lora_studies
+# the least noisy steps added no slant, only distance to real italic digits; a bold adapter never trained at
+# those steps speckles its strokes there. The figures: experiments/lora_studies/notes.md (the t-range rows)
 STYLE_T_RANGE = {"italic": (0.2, 0.8), "none": (0.2, 0.8), "bold": (0.0, 0.8),
                  # a user's own digits (--data, font:NAME) can change anything from the layout (decided at high
                  # noise) to the stroke (low noise, as bold showed); not measured here, so every step, as DreamBooth

@@ -53,8 +53,8 @@ from trainer import (LORA_GRAD_CLIP, FitSettings, Hooks, TrainData, fit, load_da
 # the training flags that make sense for a fine-tune (the rest come from LoraConfig)
 SHARED_TRAIN_FLAGS = ("dataset", "data_dir", "label_drop", "batch_scope")
 FULL_DEFAULT = os.path.join(DEFAULT_OUT_DIR, "full.pt")
-# --full's learning rate when --lora-lr is not given: 600 steps of it, t drawn from all of T, moved the slant 92%
-# of the way to real italic digits (experiments/cpu_levers)
+# --full's learning rate when --lora-lr is not given: 600 steps of it, t drawn from all of T, was the recipe that
+# moved every weight's slant furthest (experiments/lora_studies/notes.md, the --full row)
 FULL_LR = 3e-4
 PREVIEW_EVERY = 50  # six previews over the default 300 steps
 

@@ -563,9 +563,8 @@ AUGMENT_SHIFT = 2.0  # pixels either way; MNIST's centring by mass leaves digits
 AUGMENT_DEGREES = 10.0  # rotation either way: a hand's slant varies this much
 AUGMENT_SCALE = (0.9, 1.1)  # the 20x20 fit varies with the digit's shape by as much
 # --lora-steps when not given: the preset's steps for STEPS_REFERENCE_IMAGES images (20 a label) or fewer, and
-# for more, in proportion up to 1.5 times. Measured on a typeface (experiments/own_style): a smaller set needs no
-# fewer steps (10 a label: style share 84% at 150 steps, 95% at 300, the distance 31.5 against 24.6); on 200
-# images (augmented) 600 steps moved the share 5 points past 300's for twice the time, and the distance not at all.
+# for more, in proportion up to 1.5 times. On a typeface a smaller set needed no fewer steps, and doubling the
+# steps of a larger one bought little for twice the time (experiments/own_style/notes.md, "the steps rule").
 STEPS_REFERENCE_IMAGES = 200
 STEPS_RANGE = (1.0, 1.5)
 
