@@ -181,7 +181,7 @@ def test_merge_of_several_adapters_and_exact_unmerge(conv):
 
 def test_names_and_ranks_are_checked():
     layer = LoraLayer(nn.Linear(4, 4))
-    with pytest.raises(LoraError, match="r must be > 0, got 0"):
+    with pytest.raises(LoraError, match="r must be a whole number from 1 to 4096, got 0"):
         layer.add_adapter("x", 0, 1.0)
     with pytest.raises(LoraError, match="without dots"):
         layer.add_adapter("a.b", 2, 1.0)
