@@ -362,14 +362,16 @@ def build_parser():
     s.add_argument("--out", required=True, type=path_arg, help="where the merged adapter goes")
     s.add_argument("--mode", choices=["cat", "svd"], default="cat",
                    help="cat: exact, r = the sum of the ranks; svd: re-factored to rank --r")
-    s.add_argument("--r", "--rank", dest="r", type=r, default=None, help="the rank r of --mode svd (no default: --mode svd needs it)")
+    s.add_argument("--r", "--rank", dest="r", type=r, default=None,
+                   help="the rank r of --mode svd (no default: --mode svd needs it)")
     s.add_argument("--force", action="store_true", help="merge adapters trained on different bases")
     s.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
                    help="base checkpoint whose module names map kohya's back")
 
     s = command("resize", cmd_resize, "one adapter to a lower rank by SVD, at the same strength")
     s.add_argument("src", type=path_arg, help="the adapter to resize")
-    s.add_argument("--r", "--rank", dest="r", type=r, required=True, help="the new rank r, below the adapter's (no default: required)")
+    s.add_argument("--r", "--rank", dest="r", type=r, required=True,
+                   help="the new rank r, below the adapter's (no default: required)")
     s.add_argument("--out", required=True, type=path_arg, help="where the resized adapter goes")
     s.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
                    help="base checkpoint whose module names map kohya's back")
