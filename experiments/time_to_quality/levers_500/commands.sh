@@ -1,0 +1,18 @@
+#!/bin/bash
+# The objective lever alone, at 500 training steps (the schedule fitted to 500), then two samplers on each base.
+# One thread each, two side by side (OMP_NUM_THREADS=1): the durations in the files are not speed figures.
+set -euo pipefail
+for run in "A_eps500" "B_v500 --objective v"; do
+    set -- $run
+    OMP_NUM_THREADS=1 python train.py --out-dir "$1" --max-steps 500 --precision fp32 --sample-every 0 "${@:2}"
+done
+for run in A_eps500 B_v500; do
+    OMP_NUM_THREADS=1 python evaluate.py --ckpt $run/ckpt.pt --n-per-label 50 --precision fp32 --sampler ddim --steps 50 \
+        --out-dir $run/eval_ddim50
+    OMP_NUM_THREADS=1 python evaluate.py --ckpt $run/ckpt.pt --n-per-label 50 --precision fp32 --sampler dpmpp-2m \
+        --steps 10 --out-dir $run/eval_dpm10
+done
+# the italic adapter (every default) on the v base
+OMP_NUM_THREADS=1 python lora_finetune.py --ckpt B_v500/ckpt.pt --out B_v500_italic --precision fp32 --preview-every 0
+OMP_NUM_THREADS=1 python evaluate.py --ckpt B_v500/ckpt.pt --lora B_v500_italic --n-per-label 50 --precision fp32 \
+    --out-dir B_v500/eval_italic_ddim50
