@@ -46,6 +46,8 @@ FOREIGN_FLAGS = {
     "--train-batch-size": ("--batch-size", "--lora-batch-size"),
     "--max-train-steps": ("--max-steps", "--lora-steps"), "--mixed-precision": ("--precision",),
     "--network-dropout": ("--lora-dropout",),
+    # train.py's flags given to lora_finetune.py, whose own carry the lora- prefix (difflib alone offers --r for --lr)
+    "--lr": ("--lora-lr",), "--max-steps": ("--lora-steps",), "--batch-size": ("--lora-batch-size",),
 }
 EPOCH_FLAGS = ("--epochs", "--num-train-epochs")
 

@@ -161,6 +161,9 @@ def test_a_bad_choice_is_one_line(capsys):
     ("train", "--max_train_steps", "--max-steps"), ("train", "--batch_size", "--batch-size"),
     ("denoise", "--output_dir", "--out-dir"), ("denoise", "--guidance_scale", "--guidance"),
     ("denoise", "--lora_weight", "--lora-weight"),
+    # train.py's flags, given to the fine-tune, name its own (and not --r, which --lr is closest to by spelling)
+    ("lora_finetune", "--lr", "--lora-lr"), ("lora_finetune", "--max-steps", "--lora-steps"),
+    ("lora_finetune", "--batch-size", "--lora-batch-size"),
 ])
 def test_an_unknown_flag_names_the_nearest(name, typed, expected, capsys):
     module = importlib.import_module(name)
