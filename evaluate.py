@@ -65,6 +65,7 @@ from pipeline import load_pipeline
 from metrics import (STYLE_SHARE_MAX_REAL, STYLE_SHARE_MIN_STYLE, classify, frechet_distance, get_classifier, ink,
                      slant, style_share, train_style_share, zero_share)
 from runtime import pick_device, resolve_precision
+from samplers import model_evals
 
 
 # ---------------------------------------------------------------------- scores
@@ -265,6 +266,9 @@ def sample_checkpoint(ckpt_path, args, scfg, device, precision, adapters=None, l
             "dataset": ckpt.get("dataset"), "sampler": scfg.sampler,
             "steps": scfg.steps if scfg.sampler != "ddpm" else ckpt["config"]["diffusion"]["timesteps"],
             "guidance": scfg.guidance, "guidance_interval": list(scfg.guidance_interval), "eta": scfg.eta,
+            # network evaluations an image costs, guidance's second half included (every step counted as guided)
+            "model_evals_per_image": model_evals(scfg.sampler, scfg.steps if scfg.sampler != "ddpm"
+                                                 else ckpt["config"]["diffusion"]["timesteps"], scfg.guidance > 0),
             "lora": [str(s) for s in args.lora] if args.lora else None,
             "lora_weight": args.lora_weight if args.lora else None,
             "sampling_seconds": seconds, "seconds_per_sample": seconds / len(labels)}

@@ -123,6 +123,7 @@ def test_cli_scores_an_npz_and_writes_json_and_png(classifier, real, tmp_path):
     data = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert data["num_samples"] == 200 and data["accuracy"] >= 0.97
     assert len(data["per_class_accuracy"]) == 10
+    assert data["zero_share"] == pytest.approx(data["real_zero_share"], abs=0.03)  # real digits: as black as real
     assert out["accuracy"] == data["accuracy"]
     from PIL import Image
     with Image.open(tmp_path / "eval" / "eval.png") as im:
@@ -263,6 +264,8 @@ def test_cli_adapter_against_a_style_set_reports_the_base_beside_and_an_unreliab
     assert set(data["base"]) == set(evaluate.BASE_KEYS)
     assert data["prior_labels"] == [3]
     assert data["base"]["prior_accuracy"] is not None
+    assert data["model_evals_per_image"] == 4  # DDIM-2, each step guided: two network calls
+    assert 0 <= data["zero_share"] <= 1 and 0.7 < data["real_zero_share"] < 0.9  # real MNIST: about 0.8 is black
     # real digits as the style: the share classifier cannot tell them from MNIST, and the report says so
     assert data["style_share_reliable"] is False
     printed = capsys.readouterr().out
