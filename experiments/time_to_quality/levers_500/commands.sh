@@ -16,3 +16,10 @@ done
 OMP_NUM_THREADS=1 python lora_finetune.py --ckpt B_v500/ckpt.pt --out B_v500_italic --precision fp32 --preview-every 0
 OMP_NUM_THREADS=1 python evaluate.py --ckpt B_v500/ckpt.pt --lora B_v500_italic --n-per-label 50 --precision fp32 \
     --out-dir B_v500/eval_italic_ddim50
+# EDM's recipe as a whole: the preconditioned denoiser, log-normal noise levels, its own loss weight
+OMP_NUM_THREADS=1 python train.py --out-dir C_edm500 --max-steps 500 --precision fp32 --sample-every 0 \
+    --objective edm --t-sampling lognormal --min-snr-gamma 0
+OMP_NUM_THREADS=1 python evaluate.py --ckpt C_edm500/ckpt.pt --n-per-label 50 --precision fp32 --sampler dpmpp-2m \
+    --steps 10 --out-dir C_edm500/eval_dpm10
+OMP_NUM_THREADS=1 python evaluate.py --ckpt C_edm500/ckpt.pt --n-per-label 50 --precision fp32 --sampler ddim \
+    --steps 50 --out-dir C_edm500/eval_ddim50
