@@ -57,6 +57,13 @@ def rescale_zero_terminal_snr(betas):
     return 1 - torch.cat([ab[:1], ab[1:] / ab[:-1]])
 
 
+def nearest_step(table, values):
+    """For each of ``values``, the index of the nearest entry of the increasing 1-D ``table`` (log sigma per step)."""
+    t = torch.searchsorted(table.contiguous(), values.contiguous()).clamp(max=len(table) - 1)
+    below = (t - 1).clamp(min=0)
+    return torch.where((values - table[below]).abs() < (table[t] - values).abs(), below, t)
+
+
 def _extract(a, t, ndim):
     """a[t] shaped (B, 1, 1, 1) to broadcast over images."""
     return a.gather(0, t).view(-1, *([1] * (ndim - 1)))
@@ -174,12 +181,7 @@ class Diffusion(nn.Module):
         if self.t_sampling == "uniform":
             return torch.randint(lo, hi, (n,), generator=generator)
         log_sigma = LOGNORMAL_MEAN + LOGNORMAL_STD * torch.randn(n, generator=generator)
-        t = torch.searchsorted(self.log_sigma.cpu().contiguous(), log_sigma.contiguous())
-        below = (t - 1).clamp(min=0)  # the nearer of the two neighbours in log sigma
-        closer = (log_sigma - self.log_sigma.cpu()[below]).abs() < (self.log_sigma.cpu()[t.clamp(max=self.timesteps - 1)]
-                                                                     - log_sigma).abs()
-        t = torch.where(closer, below, t)
-        return t.clamp(lo, hi - 1)
+        return nearest_step(self.log_sigma.cpu(), log_sigma).clamp(lo, hi - 1)
 
     def loss_weight(self, t):
         """Min-SNR-gamma (Hang et al. 2023, eq. 8): the error on x0 weighted min(SNR, gamma), written for this
@@ -252,9 +254,7 @@ class Diffusion(nn.Module):
         ls = self.log_sigma.double().cpu()
         top = self.timesteps - 1 if torch.isfinite(ls[-1]) else self.timesteps - 2
         grid = torch.linspace(float(ls[top]), float(ls[0]), steps, dtype=torch.float64)
-        t = torch.searchsorted(ls[:top + 1].contiguous(), grid).clamp(max=top)
-        below = (t - 1).clamp(min=0)
-        t = torch.where((grid - ls[below]).abs() < (ls[t] - grid).abs(), below, t)
+        t = nearest_step(ls[:top + 1], grid)
         t[0] = self.timesteps - 1
         return t.unique_consecutive().tolist()
 
