@@ -232,7 +232,7 @@ class DiffusionConfig:
                                    "the objective's output)", ge=0.0, le=1e4, group="training",
                                    why="above the largest SNR of any schedule here it changes nothing")
     # diffusion.OBJECTIVES; what a checkpoint without this field used: SAVED_BEFORE
-    objective: str = setting("eps", "what the network predicts: eps (the noise, Ho et al. 2020) | v (Salimans & Ho "
+    objective: str = setting("v", "what the network predicts: eps (the noise, Ho et al. 2020) | v (Salimans & Ho "
                              "2022) | edm (Karras et al. 2022's preconditioned denoiser)", choices=("eps", "v", "edm"),
                              group="model")
     t_sampling: str = setting("uniform", "the noise levels training draws: uniform over the T steps | lognormal "
@@ -292,10 +292,10 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     # samplers.SAMPLERS; a test holds the two lists equal
-    sampler: str = setting("ddim", "ddim (Song et al. 2021) | dpmpp-2m (DPM-Solver++, Lu et al. 2022) | heun (EDM, "
+    sampler: str = setting("dpmpp-2m", "ddim (Song et al. 2021) | dpmpp-2m (DPM-Solver++, Lu et al. 2022) | heun (EDM, "
                            "Karras et al. 2022; two evaluations a step) | ddpm (ancestral, Algorithm 2 of Ho et al. "
                            "2020)", choices=("ddim", "dpmpp-2m", "heun", "ddpm"))
-    steps: int = setting(50, "denoising steps (ddpm always uses all T)", gt=0, le=100000)
+    steps: int = setting(10, "denoising steps (ddpm always uses all T)", gt=0, le=100000)
     eta: float = setting(0.0, "DDIM noise: 0 deterministic, 1 ~ DDPM", ge=0.0, le=1.0,
                          why="above 1 the noise added outgrows the schedule and the images go black")
     guidance: float = setting(2.0, "classifier-free guidance w (Ho & Salimans 2022): eps_c + w*(eps_c - eps_u); "
@@ -417,7 +417,9 @@ PRESETS: dict[str, dict[type, dict]] = {
         ModelConfig: dict(img_size=48, patch_size=1, channels=(64, 128, 256, 512, 1024), attn_levels=(0, 1, 2, 3, 4),
                           num_heads=1, context_dim=32, time_dim=256, arch="tutorial", attn_dim=16, ff_dim=32,
                           pos_emb=False),
-        DiffusionConfig: dict(min_snr_gamma=0.0),
+        # the tutorial predicts the noise and samples with DDIM-50
+        DiffusionConfig: dict(min_snr_gamma=0.0, objective="eps"),
+        SampleConfig: dict(sampler="ddim", steps=50),
         # DDPM's own optimiser (Adam 2e-4, warm-up, clipping 1.0, EMA 0.9999), not the tutorial's
         # Adam 1e-3, which collapses this model: experiments/tutorial_gpu says how it was seen
         TrainConfig: dict(batch_size=400, lr=2e-4, max_steps=30000, warmup_steps=1000, min_lr_ratio=1.0,

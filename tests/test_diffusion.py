@@ -130,7 +130,7 @@ def test_q_sample_matches_closed_form_in_float64():
 
 @pytest.mark.parametrize("gamma", [1.0, 5.0])
 def test_min_snr_weight_is_min_snr_gamma_over_snr(gamma):
-    d = Diffusion(min_snr_gamma=gamma)
+    d = Diffusion(min_snr_gamma=gamma, objective="eps")  # Hang et al.'s weight for the noise objective
     t = torch.arange(0, 1000, 7)
     ab = reference_alphas_cumprod()[t.numpy()]
     snr = ab / (1 - ab)
@@ -147,7 +147,7 @@ def test_min_snr_weight_is_one_when_gamma_is_zero():
 
 
 def test_loss_is_weighted_per_sample_mse():
-    d = Diffusion(min_snr_gamma=5.0)
+    d = Diffusion(min_snr_gamma=5.0, objective="eps")
     g = torch.Generator().manual_seed(2)
     x0 = torch.rand((4, 1, 28, 28), generator=g) * 2 - 1
     noise = torch.randn((4, 1, 28, 28), generator=g)

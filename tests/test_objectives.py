@@ -101,7 +101,7 @@ def test_zero_terminal_snr_keeps_the_first_step_and_ends_in_pure_noise():
     with pytest.raises(ValueError, match="needs objective v or edm"):
         Diffusion(objective="eps", zero_terminal_snr=True)
     with pytest.raises(ValueError, match="pass --objective v"):
-        DiffusionConfig(zero_terminal_snr=True)
+        DiffusionConfig(objective="eps", zero_terminal_snr=True)
 
 
 def test_lognormal_t_follows_edms_sigma_distribution_and_its_generator():

@@ -416,7 +416,7 @@ def test_denoise_png_carries_its_settings_as_text(tiny_ckpt, tiny_adapter, tmp_p
         text = dict(im.text)
     assert text["ckpt"] == str(tiny_ckpt) and text["lora"] == f"{tiny_adapter}:0.5"
     assert (text["seed"], text["labels"], text["guidance"], text["steps"]) == ("5", "3,7", "1.5", "5")
-    assert "seed: 5" in text["parameters"] and "sampler: ddim" in text["parameters"]
+    assert "seed: 5" in text["parameters"] and "sampler: dpmpp-2m" in text["parameters"]
 
 
 def test_lora_finetune_config_file_is_the_same_fine_tune_as_its_flags(tiny_ckpt, tmp_path, capsys):
