@@ -5,33 +5,45 @@
     python denoise.py --lora --merge               # + the adapter in out/lora/, merged into the weights
     python denoise.py --lora --lora-weight 0.5     # half the adapter's effect, unmerged
     python denoise.py --lora out/italic:0.8 --lora out/bold:0.5   # two adapters, each at its own weight
+    python denoise.py --lora "<lora:italic:0.8>" --lora-dir ~/adapters   # an adapter by its folder's name
+    python denoise.py --init my7.png --strength 0.6 --labels 7 --lora out/lora   # img2img: restyle your digit
+    python denoise.py --from-png out/samples.png --out-dir again   # the same grid again, from its PNG's settings
 
 Writes, in --out-dir (default out/), with NAME = samples (or lora_samples with --lora):
     NAME_process.png   the denoising process: one row per label asked for (its first sample),
                        noise -> digit across columns
     NAME.png           a grid of the final samples, one column per label
     NAME.npz           images (uint8, N x 28 x 28 at the data set's resolution) and labels (N)
+                       (NAME.png keeps the settings as PNG text: --from-png reads them back)
     lora_weight_sweep.png  with --lora: a row per LoRA weight 0 -> 1, a column per label, labelled
 """
 from __future__ import annotations
 
+import io
 import os
+import sys
 
 import torch
 
 from adapter import set_weights
 from adapter_formats import LEGACY_DEFAULT_ADAPTER, load_adapters
-from files import check_apart, check_replace, check_writable_dir, remove_stale_temps
-from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, SampleConfig
-from cli import (ArgumentParser, add_config_args, add_lora_args, add_runtime_args, bounded, config_from_args, name_arg,
-                 path_arg, runtime_from_args)
-from errors import CLIError, run_main
+from files import check_replace, check_writable_dir, remove_stale_temps
+from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, RuntimeConfig, SampleConfig
+from cli import (ArgumentParser, add_config_args, add_lora_args, add_runtime_args, bounded, config_flags,
+                 config_from_args, name_arg, path_arg, runtime_from_args)
+from errors import CLIError, exit_with, run_main
+from dataset import to_model_range
 from diffusion import generate
+from inputs import check_inputs_apart, read_regular
 from lora import merge_lora
 from pipeline import load_pipeline
-from pictures import (column_order, process_figure, process_rows, save_grid, weight_sweep_png,
-                      write_samples_npz)
+from pictures import (SETTINGS_KEY, column_order, process_figure, process_rows, read_png_settings, save_grid,
+                      settings_text, weight_sweep_png, write_samples_npz)
 from runtime import pick_device, resolve_precision
+from styles import read_digit
+
+INIT_MAX_BYTES = 64 << 20  # a phone's photo of a digit is a few MB; --init larger than this is the wrong file
+DEFAULT_STRENGTH = 0.75  # --init without --strength: AUTOMATIC1111's default denoising strength
 
 def parse_labels(text, num_classes):
     """'0..9' (a range), '3,3,7' (a list) or a mix: '0..2,7'. Every label must be in 0..num_classes-1."""
@@ -70,13 +82,78 @@ def build_parser():
     add_lora_args(lora)
     lora.add_argument("--merge", action="store_true", help="merge the adapter into the weights (needs --lora)")
     lora.add_argument("--force", action="store_true", help="load an adapter trained on another base checkpoint")
+    sampling.add_argument("--init", default=None, type=path_arg, metavar="IMAGE",
+                          help="img2img (SDEdit, Meng et al. 2021): start from this digit image, made MNIST-like as "
+                          "--data's images are, noised to t = strength x T, then denoised towards each label")
+    sampling.add_argument("--strength", default=None, type=bounded(float, ge=0.0, le=1.0),
+                          help=f"with --init: how much of the way back to noise; 0 returns the image as "
+                          f"preprocessed, 1 is plain sampling from the same noise (default {DEFAULT_STRENGTH})")
+    sampling.add_argument("--from-png", default=None, type=path_arg, metavar="PNG",
+                          help="draw again with the settings a grid PNG of denoise.py holds (--ckpt, --lora, "
+                          "--labels, --seed, the sampler...); flags given beside it win over the PNG's")
     add_config_args(p, SampleConfig)
     add_runtime_args(p)
     return p
 
 
-def parse_args(argv):
-    return build_parser().parse_args(argv)
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = given_dests(parser, sys.argv[1:] if argv is None else argv)  # what --from-png leaves alone
+    return args
+
+
+def png_argv(settings):
+    """The command-line flags that give back ``settings`` (pictures.read_png_settings' dict): every value goes
+    through the flag it came from, so a changed value meets the same checks as one typed."""
+    try:
+        sample = config_flags(SampleConfig(**settings["sample"]))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"its sampler settings are wrong ({e})") from None
+    argv = [f"--ckpt={settings['ckpt']}", f"--weights={settings['weights']}", f"--labels={settings['labels']}",
+            f"--n-per-label={settings['n_per_label']}", f"--seed={settings['seed']}",
+            f"--precision={settings['precision']}", f"--lora-weight={settings['lora_weight']!r}", *sample]
+    argv += [f"--lora={text}" for text in settings["lora"]]
+    argv += [flag for flag in ("--merge", "--force") if settings[flag[2:]]]
+    if settings["init"] is not None:
+        argv += [f"--init={settings['init']}", f"--strength={settings['strength']!r}"]
+    return argv
+
+
+def given_dests(parser, argv):
+    """The dests of the flags typed in ``argv`` (aliases and --flag=value included)."""
+    actions = parser._option_string_actions
+    return {actions[tok.split("=", 1)[0]].dest for tok in argv
+            if tok.startswith("--") and tok.split("=", 1)[0] in actions}
+
+
+def apply_png_settings(args):
+    """--from-png: every setting the PNG holds that no flag typed gives (``args.given``), parsed as if typed; a
+    path it names that is gone is named."""
+    png = args.from_png
+    settings = read_png_settings(png, "--from-png")
+    fix = "write the picture again with denoise.py, or give the flags yourself"
+    try:
+        flags = png_argv(settings)
+    except ValueError as e:
+        exit_with(CLIError(f"--from-png {png!r}: {e}; {fix}"))
+    png_parser = build_parser()
+    png_parser.error = lambda message: exit_with(CLIError(f"--from-png {png!r} holds a bad setting: {message}; {fix}"))
+    from_png = png_parser.parse_args(flags)
+    try:  # the ranges of settings are checked when their config is built: here, so that the PNG is named
+        config_from_args(from_png, SampleConfig)
+        config_from_args(from_png, RuntimeConfig)
+    except CLIError as e:
+        raise CLIError(f"--from-png {png!r} holds a bad setting: {e}; {fix}") from None
+    given = args.given
+    for dest in given_dests(png_parser, flags) - given:
+        setattr(args, dest, getattr(from_png, dest))
+    gone = [(flag, path) for flag, path in [("--ckpt", args.ckpt if "ckpt" not in given else None),
+                                            ("--init", args.init if "init" not in given else None)]
+            + [("--lora", s.path) for s in (args.lora or []) if "lora" not in given] if path and not os.path.exists(path)]
+    for flag, path in gone:
+        raise CLIError(f"--from-png {png!r} names {flag} {path!r}, which no longer exists; restore it, or pass "
+                       f"{flag} with the file to use instead")
 
 
 def main(argv=None):
@@ -99,18 +176,74 @@ def check_outputs(args):
         inputs.append(("--lora", path))
         if path == DEFAULT_ADAPTER:
             inputs.append(("--lora", LEGACY_DEFAULT_ADAPTER))  # what it falls back to
+    inputs += [("--init", args.init), ("--from-png", args.from_png)]
     paths = [("--out-dir", os.path.join(args.out_dir, f)) for f, _ in outputs]
-    check_apart(paths, inputs, "pass another --out-dir or --name")
+    check_inputs_apart(paths, inputs, "pass another --out-dir or --name")
     for (_, path), (_, kind) in zip(paths, outputs):
         check_replace(path, "--out-dir", (kind,), None, f"a {'picture' if kind == 'png' else 'samples .npz'}")
 
 
-def run(args):
-    scfg = config_from_args(args, SampleConfig)
-    rcfg = runtime_from_args(args)
+def read_init(path):
+    """--init as the model sees it: the file read bounded (inputs.read_regular), then made MNIST-like exactly as
+    --data's images are (styles.read_digit); uint8 (28, 28)."""
+    if not os.path.lexists(path):
+        raise CLIError(f"--init {path!r}: no such file; pass the image of a digit to start from")
+    data = read_regular(path, "--init", INIT_MAX_BYTES)
+    image, _ = read_digit(io.BytesIO(data), f"--init {path!r}")
+    return torch.from_numpy(image)
+
+
+def sweep_weights(model, diffusion, adapter, labels, common, title, path):
+    """lora_weight_sweep.png: the unmerged adapters at weight 0 -> 1 (a runtime knob), a row per weight, a column per
+    label, on the same noise (and from the same --init)."""
+    weights = [0.0, 0.25, 0.5, 0.75, 1.0]
+    sweep_labels = torch.tensor(sorted(set(labels)))
+    cols = []
+    for w in weights:
+        set_weights(model, adapter, w)
+        cols.append(generate(model, diffusion, sweep_labels, **common)[0])
+    # a picture for people (labelled, 3x nearest-neighbour): a row per weight, a column per label
+    weight_sweep_png(dict(zip(weights, cols)), sweep_labels.tolist(), path, title)
+    return path
+
+
+def png_settings(args, scfg, rcfg, labels, precision, steps_run):
+    """The text save_grid keeps in the PNG: the settings that drew it, as A1111's "parameters" line and one key each
+    for people, and as JSON (pictures.SETTINGS_KEY) for --from-png; the same command gives the same picture."""
+    shown = {"ckpt": args.ckpt, "lora": " ".join(map(str, args.lora or [])) or "none",
+             "lora_weight": args.lora_weight, "merged": bool(args.merge), "labels": ",".join(map(str, labels)),
+             "n_per_label": args.n_per_label, "seed": rcfg.seed, "sampler": scfg.sampler, "steps": steps_run,
+             "guidance": scfg.guidance, "eta": scfg.eta, "precision": precision}
+    if args.init is not None:
+        shown.update(init=args.init, strength=args.strength)
+    exact = {"ckpt": args.ckpt, "weights": args.weights, "lora": [str(s) for s in args.lora or []],
+             "lora_weight": args.lora_weight, "merge": bool(args.merge), "force": bool(args.force),
+             "labels": ",".join(map(str, labels)), "n_per_label": args.n_per_label, "seed": rcfg.seed,
+             "precision": precision, "sample": dict(vars(scfg)), "init": args.init,
+             "strength": args.strength if args.init is not None else None}
+    exact["sample"]["guidance_interval"] = list(scfg.guidance_interval)
+    return {"parameters": ", ".join(f"{k}: {v}" for k, v in shown.items()), **shown,
+            SETTINGS_KEY: settings_text(exact)}
+
+
+def check_flags(args):
+    """What the flags say together, before any file is read."""
     if args.merge and not args.lora:
         raise CLIError("--merge needs --lora (there is no adapter to merge)")
+    if args.strength is not None and args.init is None:
+        raise CLIError("--strength needs --init (the image to start from); pass --init IMAGE or drop --strength")
+    if args.init is not None and args.strength is None:
+        args.strength = DEFAULT_STRENGTH
+
+
+def run(args):
+    if args.from_png is not None:
+        apply_png_settings(args)
+    scfg = config_from_args(args, SampleConfig)
+    rcfg = runtime_from_args(args)
+    check_flags(args)
     check_outputs(args)
+    init = read_init(args.init) if args.init is not None else None
     device = pick_device(rcfg.device)
     precision = resolve_precision(rcfg.precision, device)  # sampling: the rule, never timed (same seed, same pictures)
     # the flags are checked above; the labels and step count need the model, so they are checked
@@ -126,24 +259,16 @@ def run(args):
     os.makedirs(out, exist_ok=True)
     remove_stale_temps(out)  # what a killed run left half-written there
     common = dict(device=device, precision=precision, cfg=scfg, seed=rcfg.seed, data_size=pipe.data_size)
+    if init is not None:
+        common.update(init=to_model_range(init[None], model.cfg.img_size), strength=args.strength)
     written = []
 
     shown = ", ".join(map(str, args.lora or []))  # the adapters as given, PATH[:WEIGHT]
     if adapter is not None:
-        # the weight sweep runs on the unmerged model, where the weight is a runtime knob
-        weights = [0.0, 0.25, 0.5, 0.75, 1.0]
-        sweep_labels = torch.tensor(sorted(set(labels)))
-        cols = []
-        for w in weights:
-            set_weights(model, adapter, w)
-            imgs, _ = generate(model, diffusion, sweep_labels, **common)
-            cols.append(imgs)
-        # a picture for people (labelled, 3x nearest-neighbour): a row per weight, a column per label
-        path = os.path.join(out, "lora_weight_sweep.png")
-        weight_sweep_png(dict(zip(weights, cols)), sweep_labels.tolist(), path,
-                         f"{shown}: weight 0 to 1 on the same noise ({scfg.sampler}-{scfg.steps}, "
-                         f"guidance {scfg.guidance:g}, seed {rcfg.seed})")
-        written.append(path)
+        written.append(sweep_weights(model, diffusion, adapter, labels, common,
+                                     f"{shown}: weight 0 to 1 on the same noise ({scfg.sampler}-{scfg.steps}, "
+                                     f"guidance {scfg.guidance:g}, seed {rcfg.seed})",
+                                     os.path.join(out, "lora_weight_sweep.png")))
         set_weights(model, adapter, args.lora_weight)
         if args.merge:
             merge_lora(model)
@@ -155,13 +280,7 @@ def run(args):
                               progress=lambda ts: tqdm(ts, desc=f"{scfg.sampler} x{len(label_t)}", leave=False))
     grid_path = os.path.join(out, f"{name}.png")
     steps = scfg.steps if scfg.sampler != "ddpm" else diffusion.timesteps
-    # the settings that drew this picture, in the PNG itself: the same command gives the same picture
-    settings = {"ckpt": args.ckpt, "lora": " ".join(map(str, args.lora or [])) or "none",
-                "lora_weight": args.lora_weight,
-                "merged": bool(args.merge), "labels": ",".join(map(str, labels)), "n_per_label": args.n_per_label,
-                "seed": rcfg.seed, "sampler": scfg.sampler, "steps": steps, "guidance": scfg.guidance,
-                "eta": scfg.eta, "precision": precision}
-    text = {"parameters": ", ".join(f"{k}: {v}" for k, v in settings.items()), **settings}
+    text = png_settings(args, scfg, rcfg, labels, precision, steps)
     save_grid(images[column_order(len(labels), args.n_per_label)], grid_path, nrow=len(labels), text=text)
     npz_path = write_samples_npz(os.path.join(out, f"{name}.npz"), images.numpy(), label_t.numpy())
     written += [grid_path, npz_path]
@@ -173,6 +292,8 @@ def run(args):
     lora_note = ""
     if adapter is not None:
         lora_note = f", LoRA {shown} (weight {args.lora_weight}{', merged' if args.merge else ''})"
+    if init is not None:
+        lora_note += f", from {args.init} at strength {args.strength:g}"
     print(f"denoise: {len(label_t)} samples, {scfg.sampler} {steps} steps, guidance {scfg.guidance}{lora_note}; "
           f"wrote {', '.join(written)}")
     return written

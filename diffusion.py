@@ -328,7 +328,8 @@ def generate(model, diffusion, labels, device, precision="fp32", cfg=None, *, se
 
     A torch.Generator seeded with ``seed`` makes the result the same on every run; images are
     resized back to ``data_size`` (the data set's side) when the model works at another size. ``init`` and
-    ``strength``: image to image, as Diffusion.sample (init in the model's range and size)."""
+    ``strength``: image to image, as Diffusion.sample (init in the model's range and size; one image (1, C, H, W)
+    starts every sample)."""
     cfg = cfg or SampleConfig()
     g = torch.Generator(device).manual_seed(seed)
     labels = labels.to(device)
@@ -337,5 +338,5 @@ def generate(model, diffusion, labels, device, precision="fp32", cfg=None, *, se
         x, frames = diffusion.sample(model, labels, shape, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
                                      guidance=cfg.guidance, guidance_interval=cfg.guidance_interval, generator=g,
                                      num_frames=num_frames, progress=progress, callback=callback,
-                                     init=None if init is None else init.to(device), strength=strength)
+                                     init=None if init is None else init.to(device).expand(shape), strength=strength)
     return to_uint8(x, data_size), [to_uint8(f, data_size) for f in frames]

@@ -5,6 +5,7 @@
     data_preview_png(images, labels, "out/lora/data_preview.png", title="...")   # a row per label of a data set
     process_figure(frames, labels, "out/samples_process.png")                   # noise -> digit, a row per label
     write_samples_npz("out/samples.npz", images, labels)    # read back with read_samples_npz
+    settings = read_png_settings("out/samples.png")         # what save_grid wrote under SETTINGS_KEY, checked
 
 Every picture for people draws 28-pixel digits upscaled nearest-neighbour (PREVIEW_SCALE in files, PAGE_SCALE
 on the page) with DejaVu Sans labels, so a digit stays a digit and a label is readable at a glance. Nothing
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from files import atomic_write
-from inputs import InputError, npz_members
+from inputs import InputError, npz_members, read_regular
 
 DIGIT_SIZE = 28
 PREVIEW_SCALE = 3  # in files: 28-pixel digits drawn 84 pixels high, nearest-neighbour: readable at a glance
@@ -83,6 +84,90 @@ def save_grid(images_u8, path, nrow=10, pad=GRID_PAD, text=None):
     for key, value in (text or {}).items():
         info.add_text(key, str(value))
     atomic_write(path, lambda tmp: Image.fromarray(canvas.numpy(), mode="L").save(tmp, format="PNG", pnginfo=info))
+
+
+# ------------------------------------------------------------------ a picture's settings, back from its PNG
+
+SETTINGS_KEY = "sd-settings"  # the PNG text chunk holding the settings that drew a picture, as JSON
+SETTINGS_VERSION = 1
+PNG_MAX_BYTES = 64 << 20  # a grid of 10,000 digits is a few MB; more is not one of our pictures
+SETTINGS_MAX_BYTES = 64 << 10  # the settings are a few hundred bytes; a long list of adapters fits many times
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# every key the settings hold and the JSON types its value may have (None: JSON null); the values' ranges are
+# checked where they are used, by the same checks as the flags they came from
+_NUM, _STR = (int, float), (str,)
+PNG_SETTINGS_FIELDS = {
+    "version": (int,), "ckpt": _STR, "weights": _STR, "lora": (list,), "lora_weight": _NUM, "merge": (bool,),
+    "force": (bool,), "labels": _STR, "n_per_label": (int,), "seed": (int,), "precision": _STR, "sample": (dict,),
+    "init": (str, type(None)), "strength": (int, float, type(None)),
+}
+SETTINGS_FIX = "pass a PNG that denoise.py wrote (it keeps its settings as PNG text), or give the flags yourself"
+
+
+def settings_text(settings):
+    """``settings`` ({key: value}, PNG_SETTINGS_FIELDS' keys) as the JSON save_grid stores under SETTINGS_KEY."""
+    return json.dumps({"version": SETTINGS_VERSION, **settings}, sort_keys=True, ensure_ascii=True)
+
+
+def _png_text(data, where):
+    """{key: bytes} of the tEXt chunks of a PNG's bytes, each chunk's CRC checked (a byte changed by hand or by
+    a damaged copy is refused, not half-read); an InputError if the bytes are no PNG or end mid-chunk."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise InputError(f"{where} is not a PNG file; {SETTINGS_FIX}")
+    out, pos = {}, len(PNG_SIGNATURE)
+    while pos < len(data):
+        if pos + 8 > len(data):
+            raise InputError(f"{where} ends inside a chunk header (truncated); {SETTINGS_FIX}")
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            raise InputError(f"{where} ends inside its {kind!r} chunk (truncated); {SETTINGS_FIX}")
+        if kind == b"tEXt":
+            body = data[pos + 8:pos + 8 + length]
+            if zlib.crc32(kind + body) != struct.unpack(">I", data[end - 4:end])[0]:
+                raise InputError(f"{where}: a text chunk is damaged (its checksum does not match); {SETTINGS_FIX}")
+            key, _, value = body.partition(b"\0")
+            out[key.decode("latin-1")] = value
+        elif kind == b"IEND":
+            break
+        pos = end
+    return out
+
+
+def read_png_settings(path, flag="--from-png"):
+    """The settings save_grid stored in the PNG ``path`` (under SETTINGS_KEY), as a dict with exactly the keys of
+    PNG_SETTINGS_FIELDS, each of its JSON type. At most PNG_MAX_BYTES are read, and no pixel is decoded. A file
+    that is no PNG, holds no settings of ours, or holds them damaged or changed is one InputError naming it."""
+    where = f"{flag} {str(path)!r}"
+    chunks = _png_text(read_regular(path, flag, PNG_MAX_BYTES), where)
+    raw = chunks.get(SETTINGS_KEY)
+    if raw is None:
+        raise InputError(f"{where} holds no {SETTINGS_KEY!r} text (not written by denoise.py, or its text was "
+                         f"stripped); {SETTINGS_FIX}")
+    if len(raw) > SETTINGS_MAX_BYTES:
+        raise InputError(f"{where}: its settings are {len(raw):,} bytes, more than the {SETTINGS_MAX_BYTES:,} they "
+                         f"can be; {SETTINGS_FIX}")
+    try:
+        settings = json.loads(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{where}: its settings are not JSON ({str(e).splitlines()[0]}); {SETTINGS_FIX}") from None
+    if not isinstance(settings, dict):
+        raise InputError(f"{where}: its settings are not a JSON object; {SETTINGS_FIX}")
+    if settings.get("version") != SETTINGS_VERSION:
+        raise InputError(f"{where}: settings version {settings.get('version')!r}, this code reads version "
+                         f"{SETTINGS_VERSION}; {SETTINGS_FIX}")
+    missing, unknown = sorted(set(PNG_SETTINGS_FIELDS) - set(settings)), sorted(set(settings) - set(PNG_SETTINGS_FIELDS))
+    if missing or unknown:
+        raise InputError(f"{where}: its settings lack {missing} and hold unknown {unknown}; {SETTINGS_FIX}")
+    for key, kinds in PNG_SETTINGS_FIELDS.items():
+        value = settings[key]
+        # bool is an int to Python, never to these settings: true is no seed
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+            raise InputError(f"{where}: setting {key!r} is {json.dumps(value)[:40]}, which is not of its type; "
+                             f"{SETTINGS_FIX}")
+    if not all(isinstance(v, str) for v in settings["lora"]):
+        raise InputError(f"{where}: setting 'lora' must be a list of PATH:WEIGHT texts; {SETTINGS_FIX}")
+    return settings
 
 
 def annotate(picture, col_titles=(), row_titles=(), cell=DIGIT_SIZE + GRID_PAD, pad=GRID_PAD, title=None):

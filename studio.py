@@ -4,6 +4,7 @@ sweep, the base against the adapters, and saving a grid. No Gradio here; app.py 
     studio = Studio("out/ckpt.pt", "out", ["~/adapters"], device=torch.device("cpu"))
     request = studio.request(labels=["3", "7"], n_per_label=2, seed=5)   # checked: one PageError line if wrong
     grid = studio.sample(request, {"italic": 0.5})   # denoise.py --labels 3,7 --n-per-label 2 --seed 5 --lora ..:0.5
+    grid = studio.img2img(drawn, request, 0.6, {"italic": 1})   # denoise.py --init drawn.png --strength 0.6 ...
 
 The Studio holds what every visitor shares: the model, loaded once, and the adapters attached to it. What one
 visitor chose (the weights, the grid, the drawings) is passed in on every call and never kept here, so that
@@ -13,6 +14,7 @@ does not name is at 0) under the model's lock.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import queue
@@ -26,16 +28,18 @@ from adapter import adapter_name, apply_adapter, resolve_kohya_names
 from adapter_formats import WEIGHTS_NAME, adapter_size, load_adapter
 from pipeline import load_pipeline
 from config import DEFAULT_OUT_DIR, SEED_MAX, WEIGHT_RANGE, SampleConfig, preset_config
-from dataset import to_uint8
+from dataset import to_model_range, to_uint8
 from diffusion import generate
 from errors import UserError
 from files import atomic_write, check_writable_dir
 from lora import set_lora_weight
-from pictures import PAGE_SCALE, annotate, label_columns, weight_sweep_picture, write_samples_npz
+from pictures import PAGE_SCALE, annotate, label_columns, tile_grid, weight_sweep_picture, write_samples_npz
+from styles import StyleDataError, preprocess_image, read_digit
 
 SWEEP_WEIGHTS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)  # the sweep's columns: the span the sliders show
 MAX_IMAGES = 200  # samples one request may ask for (labels x per label): a minute of CPU at the default steps
 MAX_PER_LABEL = 20
+MAX_IMAGE_BYTES = 64 << 20  # an image to start from, as sent: denoise.py's --init bound
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 APP_DIR = "app"  # under --out-dir: saved grids, style data, fine-tunes and the page's upload cache
 ADAPTER_DEPTH = 4  # folders below a root searched for adapters
@@ -148,6 +152,23 @@ def check_labels(labels, num_classes):
             raise PageError(f"labels must be digits in 0..{num_classes - 1}, got {shown(v)}")
         out.append(whole(v, "each label", 0, num_classes - 1))
     return tuple(out)
+
+
+def digit_image(image):
+    """An image to start from, as the page has it (a PIL image or an array from a drawing or an upload, or an image
+    file's bytes), made MNIST-like exactly as --data's images are: uint8 (28, 28); a PageError otherwise."""
+    if image is None:
+        raise PageError("no image to start from: draw or upload a digit first")
+    try:
+        if isinstance(image, (bytes, bytearray)):
+            if len(image) > MAX_IMAGE_BYTES:
+                raise PageError(f"the image is over {MAX_IMAGE_BYTES >> 20} MB; send a smaller one")
+            return torch.from_numpy(read_digit(io.BytesIO(bytes(image)), "the image")[0])
+        if isinstance(image, np.ndarray) or hasattr(image, "getbands"):  # an array, or a PIL image
+            return torch.from_numpy(preprocess_image(image, "the image"))
+    except StyleDataError as e:
+        raise PageError(str(e)) from None
+    raise PageError(f"the image must be a picture or an image file's bytes, got {shown(image)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,10 +345,16 @@ class Studio:
             raise PageError(str(e)) from None
         return SampleRequest(labels, n, seed, cfg)
 
-    def _generate(self, labels, req, callback=None):
+    def _generate(self, labels, req, callback=None, **img2img):
         images, _ = generate(self.model, self.pipe.diffusion, labels, device=self.device, precision=self.precision,
-                             cfg=req.cfg, seed=req.seed, data_size=self.pipe.data_size, callback=callback)
+                             cfg=req.cfg, seed=req.seed, data_size=self.pipe.data_size, callback=callback, **img2img)
         return images
+
+    def _settings(self, req, on):
+        """What drew a grid of ``req`` with the adapters ``on`` ({name: weight}): the .npz keeps it beside the images."""
+        return dict(labels=list(req.labels), n_per_label=req.n_per_label, seed=req.seed,
+                    **dataclasses.asdict(req.cfg), weights=on, ckpt=self.ckpt, base_weights=self.weights,
+                    precision=self.precision, adapters={k: self.adapters[k].path for k in on})
 
     def sample(self, req, weights=None, callback=None):
         """denoise.py's samples for ``req`` at ``weights`` ({name: weight}): its seeding, sampler call and layout."""
@@ -338,12 +365,36 @@ class Studio:
             images = self._generate(label_t, req, callback)
         picture = label_columns(images, len(req.labels), req.n_per_label)
         on = {k: w for k, w in weights.items() if w != 0}
-        info = dict(labels=list(req.labels), n_per_label=req.n_per_label, seed=req.seed,
-                    **dataclasses.asdict(req.cfg), weights=on, ckpt=self.ckpt, base_weights=self.weights,
-                    precision=self.precision, adapters={k: self.adapters[k].path for k in on})
+        info = self._settings(req, on)
         title = f"{req.cfg.sampler} {req.steps_run(self.timesteps)} steps, guidance {req.cfg.guidance:g}, " \
                 f"seed {req.seed}" + (f", {weights_text(on)}" if on else "")
         return Grid(images, label_t.to(torch.int64), picture, info, annotate(picture, req.labels, title=title))
+
+    def img2img(self, image, req, strength, weights=None, callback=None):
+        """img2img (SDEdit, Meng et al. 2021) as ``denoise.py --init IMAGE --strength S`` draws it: ``image``
+        (digit_image) noised to t = strength x T and denoised towards each label of ``req`` at ``weights``. Strength
+        0 gives the preprocessed input back, 1 is ``sample(req, weights)``. The Grid's display shows the input
+        (as the model sees it) left of the results."""
+        init = digit_image(image)
+        strength = number(strength, "strength", 0.0, 1.0)
+        weights = self.check_weights(weights)
+        label_t = torch.tensor(req.labels).repeat_interleave(req.n_per_label)
+        with self.lock:
+            self._apply(weights)
+            images = self._generate(label_t, req, callback, init=to_model_range(init[None], self.model.cfg.img_size),
+                                    strength=strength)
+        picture = label_columns(images, len(req.labels), req.n_per_label)
+        on = {k: w for k, w in weights.items() if w != 0}
+        info = {**self._settings(req, on), "strength": strength}
+        # the input, then a column per label; the input's column only in the first row
+        rows = torch.full((req.n_per_label, 1 + len(req.labels), *init.shape), 0, dtype=torch.uint8)
+        rows[0, 0] = init
+        rows[:, 1:] = images.view(len(req.labels), req.n_per_label, *init.shape).transpose(0, 1)
+        title = f"from the image at strength {strength:g}, {req.cfg.sampler} {req.steps_run(self.timesteps)} " \
+                f"steps, seed {req.seed}" + (f", {weights_text(on)}" if on else "")
+        display = annotate(tile_grid(rows.flatten(0, 1), nrow=1 + len(req.labels)).numpy(), ["in", *req.labels],
+                           title=title)
+        return Grid(images, label_t.to(torch.int64), picture, info, display)
 
     def preview_picture(self, x0, req):
         """The current x0 estimate (model range) as the grid will look."""
