@@ -19,10 +19,12 @@ loss_curve.png at the end (with --full: out/full_loss.csv and so on).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import shlex
 import time
+from typing import Callable, Optional
 
 import torch
 
@@ -34,7 +36,8 @@ from pipeline import load_pipeline
 from files import (check_apart, check_not_in_use, check_replace, check_writable_dir, check_writable_file,
                    lock_output, remove_stale_temps, same_thing)
 from inputs import check_inputs_apart
-from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, STEPS_MAX, LoraConfig, TrainConfig, saved_runtime
+from config import (DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, STEPS_MAX, LoraConfig, RuntimeConfig, TrainConfig,
+                    saved_runtime)
 from cli import (ArgumentParser, add_config_args, add_config_file_arg, add_preset_arg, add_runtime_args, bounded,
                  config_file_note, config_from_args, path_arg, runtime_from_args)
 from errors import CLIError, run_main
@@ -45,7 +48,7 @@ from lora import mark_only_lora_as_trainable
 from metrics import ink, slant
 from pictures import DATA_PREVIEW_NAME, training_preview_png
 from styles import load_style_data, sized_steps, training_set
-from runtime import (check_precision, enable_tf32, end_run, per_rank_batch, rank0_logger,
+from runtime import (Dist, check_precision, enable_tf32, end_run, per_rank_batch, rank0_logger,
                      resolve_precision, setup_distributed, wrap_ddp)
 from trainer import (LORA_GRAD_CLIP, FitSettings, Hooks, TrainData, fit, load_dataset_distributed, lora_lr_at,
                      make_optimizer, precision_probe)
@@ -170,7 +173,67 @@ def main(argv=None):
     return run_main(finetune, parse_args(argv), end_run)
 
 
+@dataclasses.dataclass
+class FinetuneRun:
+    """What every step of a fine-tune reads: the flags, the settings, where it runs, how it logs, and what it
+    resumes (the adapter and its training state, or None for a fresh one)."""
+    args: argparse.Namespace
+    lcfg: LoraConfig
+    tcfg: TrainConfig
+    rcfg: RuntimeConfig
+    dist_info: Dist
+    device: torch.device
+    log: Callable
+    adapter: Optional[Adapter] = None
+    state: Optional[TrainingState] = None
+    own: object = None  # the --data / --style font:NAME digits (styles.StyleData), None for MNIST's transforms
+
+
 def finetune(args):
+    """Check, load the base with an adapter on it, train it with trainer.fit, save; returns the output path."""
+    run = start_run(args)
+    slot = AdapterSlot(run)
+    pipe = load_pipeline(args.ckpt, run.device, args.weights, attach=slot)
+    model, diffusion = pipe.model, pipe.diffusion
+    if args.full:
+        model.requires_grad_(True)
+        trainable = total = sum(p.numel() for p in model.parameters())
+    else:
+        trainable, total = mark_only_lora_as_trainable(model)
+    opt = make_optimizer(model.parameters(), run.lcfg.lora_lr, 0.0, run.device)
+    local_batch, global_batch = per_rank_batch(run.lcfg.lora_batch_size, run.tcfg.batch_scope, run.dist_info.world)
+    data, styled, own_set, train_data = load_train_data(run, model, diffusion, global_batch)
+    step = restore_state(run, opt, train_data)
+    # decided once, as in train.py: auto on CUDA times this fine-tune's step in both precisions, rank 0 decides
+    probe = precision_probe(model, diffusion, train_data, diffusion.timesteps, local_batch, run.device)
+    precision = resolve_precision(run.rcfg.precision, run.device, probe, run.log, run.dist_info)
+    # DDP all-reduces the gradients of the LoRA tensors only; the frozen base is ignored
+    fwd_model = wrap_ddp(model, run.dist_info, run.device, frozen_ignored=True)
+    log_start(run, pipe.fingerprint, data=data, styled=styled, trainable=trainable, total=total,
+              local_batch=local_batch, global_batch=global_batch, train_data=train_data, step=step,
+              precision=precision)
+
+    start = time.time()
+    save = FinetuneSaver(run, pipe, model, opt, train_data, slot, own_set)
+    settings = FitSettings(max_steps=run.lcfg.lora_steps, lr_fn=lambda s: lora_lr_at(s, run.lcfg),
+                           grad_clip=LORA_GRAD_CLIP, device=run.device, precision=precision, desc="lora",
+                           resume_hint=resume_hint(args), lr_flag="--lora-lr",
+                           checkpoint="" if args.full else os.path.join(args.out, STATE_NAME))
+    hooks = Hooks(on_epoch_end=lambda e, s, last: save(e, s), on_interrupt=save)
+    paths = LogPaths.of(args.out, folder=not args.full)
+    loss_log = open_loss_log(run, pipe, model, paths, hooks, global_batch, step, precision)
+    try:
+        step, running = fit(fwd_model, opt, diffusion, train_data, settings, step, hooks)
+    finally:
+        if loss_log is not None:
+            loss_log.close()
+    log_done(run, paths, step, running, start)
+    return args.out
+
+
+def start_run(args):
+    """The checks that need no model, the settings (from the flags, or on --resume from the adapter), the device,
+    and the style data; nothing is written yet."""
     adapter = state = None
     if args.full and args.resume is not None:
         raise CLIError("--full cannot --resume: a full fine-tune is short; run it again")
@@ -204,66 +267,77 @@ def finetune(args):
     enable_tf32(device)
     log = rank0_logger(dist_info)
     lcfg, own = load_own_data(args, lcfg, adapter is not None, log)
+    return FinetuneRun(args, lcfg, tcfg, rcfg, dist_info, device, log, adapter, state, own)
 
-    # the adapter being trained: its settings (rank, alpha, targets...) travel in this one object to the file
-    spec = adapter.replace(base_path=args.ckpt, base_name=os.path.basename(args.ckpt)) if adapter else None
 
-    def attach(model, fingerprint):
-        nonlocal spec
-        if args.full:
+class AdapterSlot:
+    """The adapter being trained, attached to the fresh base by load_pipeline: its settings (rank, alpha,
+    targets...) travel in ``spec``, this one object, to the file. Nothing is attached with --full."""
+
+    def __init__(self, run):
+        self.run = run
+        args, adapter = run.args, run.adapter
+        self.spec = (adapter.replace(base_path=args.ckpt, base_name=os.path.basename(args.ckpt))
+                     if adapter else None)
+
+    def __call__(self, model, fingerprint):
+        run = self.run
+        if run.args.full:
             return
-        if adapter is not None:
+        if run.adapter is not None:
             # no --force here: resume on its own base; the file then names the modules it adapts
-            spec.targets = list(apply_adapter(model, adapter, fingerprint, force_flag=None))
+            self.spec.targets = list(apply_adapter(model, run.adapter, fingerprint, force_flag=None))
         else:
             # seeded: A's random init is the same on every run, so torchrun and one process agree
-            torch.manual_seed(rcfg.seed)
-            spec = Adapter.new(lcfg, fingerprint, base_path=args.ckpt)
-            add_adapter_layers(model, spec)
+            torch.manual_seed(run.rcfg.seed)
+            self.spec = Adapter.new(run.lcfg, fingerprint, base_path=run.args.ckpt)
+            add_adapter_layers(model, self.spec)
 
-    pipe = load_pipeline(args.ckpt, device, args.weights, attach=attach)
-    model, diffusion, fingerprint = pipe.model, pipe.diffusion, pipe.fingerprint
-    if args.full:
-        model.requires_grad_(True)
-        trainable = total = sum(p.numel() for p in model.parameters())
-    else:
-        trainable, total = mark_only_lora_as_trainable(model)
-    opt = make_optimizer(model.parameters(), lcfg.lora_lr, 0.0, device)
 
-    local_batch, global_batch = per_rank_batch(lcfg.lora_batch_size, tcfg.batch_scope, dist_info.world)
-    data = load_dataset_distributed(tcfg.dataset, "train", tcfg.data_dir, dist_info, log)
+def load_train_data(run, model, diffusion, global_batch):
+    """The digits it trains on (MNIST in its style, or the style data with its prior), checked against the base,
+    on the device; then, the inputs being good, the lock on --out. Returns (data, styled, own_set, TrainData)."""
+    args, lcfg, tcfg, rcfg, log = run.args, run.lcfg, run.tcfg, run.rcfg, run.log
+    data = load_dataset_distributed(tcfg.dataset, "train", tcfg.data_dir, run.dist_info, log)
     if len(data.classes) != model.num_classes:
         raise CLIError(f"{data.name} has {len(data.classes)} classes, the base model {model.num_classes}")
     if global_batch > len(data):
         raise CLIError(f"batch {global_batch} is larger than the {len(data)} images; lower --lora-batch-size")
-    if dist_info.main:  # the inputs are good: one run at a time on --out, then what a killed one left beside it
+    if run.dist_info.main:  # the inputs are good: one run at a time on --out, then what a killed one left beside it
         lock_output(args.out, "--out", folder=not args.full, log=log)
         remove_stale_temps(os.path.dirname(os.path.abspath(args.out)), log)
-    if own is None:
+    own_set = None
+    if run.own is None:
         styled, labels = apply_style(data.images, lcfg.style), data.labels
     else:
-        own_set = training_set(own, data.images, data.labels, augment_mode=lcfg.augment,
+        own_set = training_set(run.own, data.images, data.labels, augment_mode=lcfg.augment,
                                prior_weight=lcfg.prior_weight, min_size=global_batch, seed=rcfg.seed)
         styled, labels = own_set.images, own_set.labels
         log(f"lora: trains on {own_set.summary(lcfg.prior_weight)}")
-    train_data = TrainData(images=to_model_range(styled, model.cfg.img_size).to(device),
-                           labels=labels.to(device), global_batch=global_batch, seed=rcfg.seed,
-                           label_drop=tcfg.label_drop, null_label=model.num_classes, dist=dist_info,
+    train_data = TrainData(images=to_model_range(styled, model.cfg.img_size).to(run.device),
+                           labels=labels.to(run.device), global_batch=global_batch, seed=rcfg.seed,
+                           label_drop=tcfg.label_drop, null_label=model.num_classes, dist=run.dist_info,
                            gen=torch.Generator().manual_seed(rcfg.seed + 2),
                            t_range=lora_steps_range(lcfg.lora_t_range, diffusion.timesteps))
-    step = 0
-    if adapter is not None:
-        opt.load_state_dict(state.optimizer)
-        train_data.gen.set_state(state.rng["noise"])
-        if "torch" in state.rng:
-            torch.set_rng_state(state.rng["torch"])
-        step = state.step
-    # decided once, as in train.py: auto on CUDA times this fine-tune's step in both precisions, rank 0 decides
-    probe = precision_probe(model, diffusion, train_data, diffusion.timesteps, local_batch, device)
-    precision = resolve_precision(rcfg.precision, device, probe, log, dist_info)
-    # DDP all-reduces the gradients of the LoRA tensors only; the frozen base is ignored
-    fwd_model = wrap_ddp(model, dist_info, device, frozen_ignored=True)
+    return data, styled, own_set, train_data
 
+
+def restore_state(run, opt, train_data):
+    """On --resume: the optimizer and the random streams where the adapter's run left them; the step to go on."""
+    if run.adapter is None:
+        return 0
+    state = run.state
+    opt.load_state_dict(state.optimizer)
+    train_data.gen.set_state(state.rng["noise"])
+    if "torch" in state.rng:
+        torch.set_rng_state(state.rng["torch"])
+    return state.step
+
+
+def log_start(run, fingerprint, *, data, styled, trainable, total, local_batch, global_batch, train_data, step,
+              precision):
+    """The summary lines at the start: the base, the adapter's settings, what it trains on, the batch and steps."""
+    args, lcfg, log = run.args, run.lcfg, run.log
     if config_file_note(args):
         log(f"lora: {config_file_note(args)}")
     log(f"lora: base {args.ckpt} [{args.weights}] (fingerprint {fingerprint}), targets {list(lcfg.targets)}, "
@@ -271,79 +345,86 @@ def finetune(args):
     log(f"lora: trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%); "
         f"{data.name} slant {slant(data.images).mean():+.3f} -> styled {slant(styled).mean():+.3f}, "
         f"ink {ink(data.images).mean():.3f} -> {ink(styled).mean():.3f}")
-    log(f"lora: {dist_info.world} process(es) x batch {local_batch} = global batch {global_batch}, "
+    log(f"lora: {run.dist_info.world} process(es) x batch {local_batch} = global batch {global_batch}, "
         f"lr {lcfg.lora_lr}, steps {step}->{lcfg.lora_steps}, t drawn from {train_data.t_range[0]}.."
-        f"{train_data.t_range[1] - 1}, device {device}, {precision}")
+        f"{train_data.t_range[1] - 1}, device {run.device}, {precision}")
 
-    def save(epoch, step):
-        if not dist_info.main:
+
+class FinetuneSaver:
+    """``save(epoch, step)``: the adapter folder (with its training state) or, with --full, a base checkpoint;
+    rank 0 alone writes. The style data's preview goes with the first save, so that a run stopped before it
+    leaves no folder holding a preview alone."""
+
+    def __init__(self, run, pipe, model, opt, train_data, slot, own_set):
+        self.run, self.pipe, self.model, self.opt = run, pipe, model, opt
+        self.train_data, self.slot, self.own_set = train_data, slot, own_set
+        out = run.args.out
+        self.preview_path = (f"{os.path.splitext(out)[0]}_{DATA_PREVIEW_NAME}" if run.args.full
+                             else os.path.join(out, DATA_PREVIEW_NAME))
+        self.previews_written = set()
+
+    def __call__(self, epoch, step):
+        run, pipe = self.run, self.pipe
+        if not run.dist_info.main:
             return
-        if args.full:
+        lcfg, out = run.lcfg, run.args.out
+        if run.args.full:
             # a base checkpoint that load_model reads; no EMA is kept, so "ema" holds the weights too
-            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             save_checkpoint({"version": CHECKPOINT_VERSION, "kind": "base", "model": weights, "ema": weights,
                              "step": step, "epoch": epoch, "config": pipe.ckpt["config"], "data_size": pipe.data_size,
-                             "fine_tune": {"base_fingerprint": fingerprint, "style": lcfg.style,
-                                           "config": dataclasses.asdict(lcfg)}}, args.out)
-            write_data_preview()
-            return
-        trained = adapter_from_model(model, spec)
-        write_adapter(args.out, trained, TrainingState(
-            trained.tensors, opt.state_dict(), {"noise": train_data.gen.get_state(), "torch": torch.get_rng_state()},
-            step, epoch=epoch, config=dataclasses.asdict(lcfg),
-            # the runtime settings (seed, device, precision) beside the training ones, where they always were
-            train_config={**dataclasses.asdict(tcfg), **dataclasses.asdict(rcfg)},
-            base_config=pipe.ckpt["config"], data_size=pipe.data_size))
-        write_data_preview()
+                             "fine_tune": {"base_fingerprint": pipe.fingerprint, "style": lcfg.style,
+                                           "config": dataclasses.asdict(lcfg)}}, out)
+        else:
+            trained = adapter_from_model(self.model, self.slot.spec)
+            gen = self.train_data.gen
+            write_adapter(out, trained, TrainingState(
+                trained.tensors, self.opt.state_dict(), {"noise": gen.get_state(), "torch": torch.get_rng_state()},
+                step, epoch=epoch, config=dataclasses.asdict(lcfg),
+                # the runtime settings (seed, device, precision) beside the training ones, where they always were
+                train_config={**dataclasses.asdict(run.tcfg), **dataclasses.asdict(run.rcfg)},
+                base_config=pipe.ckpt["config"], data_size=pipe.data_size))
+        if run.own is not None and self.preview_path not in self.previews_written:
+            training_preview_png(self.preview_path, run.own, self.own_set, lcfg.prior_weight)
+            self.previews_written.add(self.preview_path)
 
-    preview_path = (f"{os.path.splitext(args.out)[0]}_{DATA_PREVIEW_NAME}" if args.full
-                    else os.path.join(args.out, DATA_PREVIEW_NAME))
 
-    def write_data_preview():
-        # with the first save, so that a run stopped before it leaves no folder holding a preview alone
-        if own is not None and preview_path not in previews_written:
-            training_preview_png(preview_path, own, own_set, lcfg.prior_weight)
-            previews_written.add(preview_path)
-    previews_written = set()
+def open_loss_log(run, pipe, model, paths, hooks, global_batch, step, precision):
+    """On rank 0: the loss log and (--preview-every) the previews beside the output, hooked in after each logged
+    step; returns the LossLog to close, or None on the other ranks."""
+    if not run.dist_info.main:
+        return None
+    args, lcfg, device = run.args, run.lcfg, run.device
+    resume_step = step if run.adapter is not None else None
+    loss_log = LossLog(paths.csv, global_batch, resume_step=resume_step,
+                       tensorboard_dir=paths.tensorboard if args.tensorboard else None)
+    previews = None
+    if args.preview_every:
+        with fork_rng(device):  # building the frozen base's copy draws its init from the run's stream
+            base = load_pipeline(args.ckpt, device, args.weights).model
+        previews = Previews(base, pipe.diffusion, paths.previews, every=args.preview_every, max_steps=lcfg.lora_steps,
+                            device=device, precision=precision, data_size=pipe.data_size, seed=run.rcfg.seed,
+                            name="full" if args.full else "adapter", resume_step=resume_step)
+        del base
 
-    start = time.time()
-    settings = FitSettings(max_steps=lcfg.lora_steps, lr_fn=lambda s: lora_lr_at(s, lcfg), grad_clip=LORA_GRAD_CLIP,
-                           device=device, precision=precision, desc="lora",
-                           resume_hint=resume_hint(args),
-                           lr_flag="--lora-lr", checkpoint="" if args.full else os.path.join(args.out, STATE_NAME))
-    hooks = Hooks(on_epoch_end=lambda e, s, last: save(e, s), on_interrupt=save)
-    paths = LogPaths.of(args.out, folder=not args.full)
-    loss_log = previews = None
-    if dist_info.main:  # the loss log and previews beside the adapter; rank 0 alone writes there
-        resume_step = step if adapter is not None else None
-        loss_log = LossLog(paths.csv, global_batch, resume_step=resume_step,
-                           tensorboard_dir=paths.tensorboard if args.tensorboard else None)
-        if args.preview_every:
-            with fork_rng(device):  # building the frozen base's copy draws its init from the run's stream
-                base = load_pipeline(args.ckpt, device, args.weights).model
-            previews = Previews(base, diffusion, paths.previews, every=args.preview_every, max_steps=lcfg.lora_steps,
-                                device=device, precision=precision, data_size=pipe.data_size, seed=rcfg.seed,
-                                name="full" if args.full else "adapter", resume_step=resume_step)
-            del base
+    def after_log(s, loss, lr):
+        loss_log.step(s, loss, lr)
+        if previews is not None:
+            previews.step(model, s, loss)
+    hooks.after_log = after_log
+    return loss_log
 
-        def after_log(s, loss, lr):
-            loss_log.step(s, loss, lr)
-            if previews is not None:
-                previews.step(model, s, loss)
-        hooks.after_log = after_log
-    try:
-        step, running = fit(fwd_model, opt, diffusion, train_data, settings, step, hooks)
-    finally:
-        if loss_log is not None:
-            loss_log.close()
+
+def log_done(run, paths, step, running, start):
+    """The loss curve (rank 0) and the closing line: time, loss, where the files went and how large."""
+    args, lcfg, main_rank = run.args, run.lcfg, run.dist_info.main
     curve = loss_curve_png(paths.csv, paths.curve, f"lora_finetune.py: style {lcfg.style}, r={lcfg.r}, "
-                           f"targets {','.join(lcfg.targets)}, lr {lcfg.lora_lr}") if dist_info.main else None
-    size = adapter_size(args.out) if dist_info.main else 0
-    log(f"lora: done, {step} steps in {(time.time() - start) / 60:.1f} min, loss {running:.4f}; "
-        f"{'full fine-tune' if args.full else 'adapter'} "
-        f"{args.out} ({size / 1024:.0f} KB, base checkpoint {os.path.getsize(args.ckpt) / 2**20:.1f} MB)"
-        + (f"; loss log {paths.csv} and {curve}" if curve else ""))
-    return args.out
+                           f"targets {','.join(lcfg.targets)}, lr {lcfg.lora_lr}") if main_rank else None
+    size = adapter_size(args.out) if main_rank else 0
+    run.log(f"lora: done, {step} steps in {(time.time() - start) / 60:.1f} min, loss {running:.4f}; "
+            f"{'full fine-tune' if args.full else 'adapter'} "
+            f"{args.out} ({size / 1024:.0f} KB, base checkpoint {os.path.getsize(args.ckpt) / 2**20:.1f} MB)"
+            + (f"; loss log {paths.csv} and {curve}" if curve else ""))
 
 
 if __name__ == "__main__":

@@ -97,40 +97,9 @@ def train(args):
     if config_file_note(args):
         log(f"train: {config_file_note(args)}")
     local_batch, global_batch = per_rank_batch(tcfg.batch_size, tcfg.batch_scope, dist_info.world)
-
-    # ---- data: the whole set in memory, on the device (no data wait)
     torch.manual_seed(rcfg.seed)
-    data = load_dataset_distributed(tcfg.dataset, "train", tcfg.data_dir, dist_info, log)
-    if mcfg.num_classes != len(data.classes):
-        raise CLIError(f"--num-classes {mcfg.num_classes} but {data.name} has {len(data.classes)} classes")
-    if global_batch > len(data):
-        raise CLIError(f"batch {global_batch} is larger than the {len(data)} training images; lower --batch-size")
-    if dist_info.main:  # the inputs are good: one run at a time in the folder, then what a killed one left there
-        lock_output(tcfg.out_dir, "--out-dir", log=log)
-        for folder in (tcfg.out_dir, os.path.join(tcfg.out_dir, "samples")):
-            remove_stale_temps(folder, log)
-    data_size = data.images.shape[-1]
-    diffusion = Diffusion.from_config(dcfg).to(device)
-    train_data = TrainData(images=to_model_range(data.images, mcfg.img_size).to(device),
-                           labels=data.labels.to(device), global_batch=global_batch, seed=rcfg.seed,
-                           label_drop=tcfg.label_drop, null_label=mcfg.num_classes, dist=dist_info,
-                           gen=torch.Generator().manual_seed(rcfg.seed + 1),  # noise, timesteps, label drop
-                           draw_t=diffusion.draw_t)
-
-    # ---- model, EMA, optimizer (and their saved state on --resume)
-    model = UNet(mcfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = make_optimizer(model.parameters(), tcfg.lr, tcfg.weight_decay, device)
-    step, prior_seconds = 0, 0.0
-    if ckpt is not None:
-        load_state_strict(model, ckpt["model"], f"{resume_path!r} [model]")
-        load_state_strict(ema, ckpt["ema"], f"{resume_path!r} [ema]")
-        opt.load_state_dict(ckpt["optimizer"])
-        train_data.gen.set_state(ckpt["rng"]["noise"])
-        if "torch" in ckpt["rng"]:  # the global generator (dropout), saved since the step-boundary Ctrl-C
-            torch.set_rng_state(ckpt["rng"]["torch"])
-        step = ckpt["step"]
-        prior_seconds = ckpt.get("train_seconds", 0.0)
+    data, diffusion, train_data = load_train_data(tcfg, mcfg, dcfg, rcfg, dist_info, device, log, global_batch)
+    model, ema, opt, step, prior_seconds = build_model(mcfg, tcfg, device, train_data, ckpt, resume_path)
     # decided once, as in every script: auto on CUDA times this model's step in both precisions, rank 0 decides
     probe = precision_probe(model, diffusion, train_data, dcfg.timesteps, local_batch, device)
     precision = resolve_precision(rcfg.precision, device, probe, log, dist_info)
@@ -142,47 +111,23 @@ def train(args):
         fwd_model = torch.compile(fwd_model)
 
     out_dir = tcfg.out_dir
-    cfg_all = config_dict(mcfg, dcfg, tcfg, rcfg)
     ckpt_path = os.path.join(out_dir, CKPT_NAME)
     resume_hint = f"python train.py --resume {shlex.quote(ckpt_path)} --out-dir {shlex.quote(out_dir)}"
-    log(f"train: {data.name} ({len(data)} images, {data_size}x{data_size} -> {mcfg.img_size}), device {device}, "
-        f"{precision}, {count_parameters(model) / 1e6:.2f}M parameters, preset {args.preset}")
+    log(f"train: {data.name} ({len(data)} images, {data.images.shape[-1]}x{data.images.shape[-1]} -> "
+        f"{mcfg.img_size}), device {device}, {precision}, {count_parameters(model) / 1e6:.2f}M parameters, "
+        f"preset {args.preset}")
     log(f"train: {dist_info.world} process(es) x batch {local_batch} = global batch {global_batch}, "
         f"lr {tcfg.lr} (not scaled with the batch), steps {step}->{tcfg.max_steps}, "
         f"{train_data.steps_per_epoch} steps per epoch")
 
     start = time.time()
-    config_written = []  # config.json goes with the first checkpoint: a run that fails before it rewrites nothing
-
-    def save(epoch, step):
-        if not dist_info.main:
-            return
-        save_checkpoint({
-            "version": CHECKPOINT_VERSION, "kind": "base",
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "step": step, "epoch": epoch, "rng": {"noise": train_data.gen.get_state(), "torch": torch.get_rng_state()},
-            "config": cfg_all, "dataset": data.name, "data_size": data_size,
-            "train_seconds": prior_seconds + time.time() - start,  # wall time of training, across resumes
-        }, ckpt_path)
-        if not config_written:
-            write_json(os.path.join(out_dir, "config.json"), cfg_all)
-            config_written.append(True)
-        if tcfg.snapshot_every and epoch % tcfg.snapshot_every == 0:
-            atomic_write(os.path.join(out_dir, f"ckpt_step{step:06d}.pt"),
-                         lambda tmp: shutil.copyfile(ckpt_path, tmp))
-
-    def on_epoch_end(epoch, step, last):
-        if last or epoch % tcfg.save_every == 0:
-            save(epoch, step)
-        if dist_info.main and (last or (tcfg.sample_every and epoch % tcfg.sample_every == 0)):
-            save_progress_grid(ema, diffusion, mcfg.num_classes, device, precision, rcfg.seed, data_size,
-                               os.path.join(out_dir, "samples", "final.png" if last else f"epoch_{epoch:04d}.png"),
-                               rows=4 if last else 1, steps=min(20, dcfg.timesteps))
-
+    saver = TrainSaver(model=model, ema=ema, opt=opt, train_data=train_data, diffusion=diffusion, data=data,
+                       configs=(mcfg, dcfg, tcfg, rcfg), dist_info=dist_info, device=device, precision=precision,
+                       ckpt_path=ckpt_path, prior_seconds=prior_seconds, start=start)
     settings = FitSettings(max_steps=tcfg.max_steps, lr_fn=lambda s: lr_at(s, tcfg), grad_clip=tcfg.grad_clip,
                            device=device, precision=precision, desc="train", resume_hint=resume_hint, lr_flag="--lr",
                            checkpoint=ckpt_path)
-    hooks = Hooks(on_epoch_end=on_epoch_end, on_interrupt=save,
+    hooks = Hooks(on_epoch_end=saver.on_epoch_end, on_interrupt=saver.save,
                   after_step=lambda s: ema_update(ema, model, tcfg.ema_decay, s))
     # the loss log: a row per step, flushed as it goes; a resumed run drops the rows after its checkpoint's step
     loss_log = LossLog(os.path.join(out_dir, LOSS_CSV), global_batch, resume_step=step if ckpt is not None else None,
@@ -202,6 +147,94 @@ def train(args):
         f"checkpoint {ckpt_path}, samples in {os.path.join(out_dir, 'samples')}, loss log "
         f"{os.path.join(out_dir, LOSS_CSV)}" + (f" and {curve}" if curve else ""))
     return ckpt_path
+
+
+def load_train_data(tcfg, mcfg, dcfg, rcfg, dist_info, device, log, global_batch):
+    """The whole data set in memory, on the device (no data wait), checked against the model's settings; then,
+    the inputs being good, the lock on the folder. Returns (data, the diffusion schedule, TrainData)."""
+    data = load_dataset_distributed(tcfg.dataset, "train", tcfg.data_dir, dist_info, log)
+    if mcfg.num_classes != len(data.classes):
+        raise CLIError(f"--num-classes {mcfg.num_classes} but {data.name} has {len(data.classes)} classes")
+    if global_batch > len(data):
+        raise CLIError(f"batch {global_batch} is larger than the {len(data)} training images; lower --batch-size")
+    if dist_info.main:  # the inputs are good: one run at a time in the folder, then what a killed one left there
+        lock_output(tcfg.out_dir, "--out-dir", log=log)
+        for folder in (tcfg.out_dir, os.path.join(tcfg.out_dir, "samples")):
+            remove_stale_temps(folder, log)
+    diffusion = Diffusion.from_config(dcfg).to(device)
+    train_data = TrainData(images=to_model_range(data.images, mcfg.img_size).to(device),
+                           labels=data.labels.to(device), global_batch=global_batch, seed=rcfg.seed,
+                           label_drop=tcfg.label_drop, null_label=mcfg.num_classes, dist=dist_info,
+                           gen=torch.Generator().manual_seed(rcfg.seed + 1),  # noise, timesteps, label drop
+                           draw_t=diffusion.draw_t)
+    return data, diffusion, train_data
+
+
+def build_model(mcfg, tcfg, device, train_data, ckpt, resume_path):
+    """The model, its EMA and the optimizer, with their saved state on --resume (and the random streams where
+    the run left them). Returns (model, ema, opt, step, the seconds trained before)."""
+    model = UNet(mcfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = make_optimizer(model.parameters(), tcfg.lr, tcfg.weight_decay, device)
+    if ckpt is None:
+        return model, ema, opt, 0, 0.0
+    load_state_strict(model, ckpt["model"], f"{resume_path!r} [model]")
+    load_state_strict(ema, ckpt["ema"], f"{resume_path!r} [ema]")
+    opt.load_state_dict(ckpt["optimizer"])
+    train_data.gen.set_state(ckpt["rng"]["noise"])
+    if "torch" in ckpt["rng"]:  # the global generator (dropout), saved since the step-boundary Ctrl-C
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    return model, ema, opt, ckpt["step"], ckpt.get("train_seconds", 0.0)
+
+
+@dataclasses.dataclass
+class TrainSaver:
+    """The checkpoint (every --save-every epochs, at the end, on Ctrl-C), config.json with the first one, the
+    --snapshot-every copies, and the sample grids; rank 0 alone writes."""
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    train_data: TrainData
+    diffusion: Diffusion
+    data: object  # dataset.Digits: its name and image size go into the checkpoint
+    configs: tuple  # (model, diffusion, train, runtime)
+    dist_info: object
+    device: torch.device
+    precision: str
+    ckpt_path: str
+    prior_seconds: float  # wall time of training before a --resume
+    start: float
+    config_written: bool = False  # config.json goes with the first checkpoint: a run failing before it rewrites none
+
+    def save(self, epoch, step):
+        if not self.dist_info.main:
+            return
+        tcfg = self.configs[2]
+        out_dir, cfg_all = tcfg.out_dir, config_dict(*self.configs)
+        save_checkpoint({
+            "version": CHECKPOINT_VERSION, "kind": "base",
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+            "step": step, "epoch": epoch,
+            "rng": {"noise": self.train_data.gen.get_state(), "torch": torch.get_rng_state()},
+            "config": cfg_all, "dataset": self.data.name, "data_size": self.data.images.shape[-1],
+            "train_seconds": self.prior_seconds + time.time() - self.start,  # wall time of training, across resumes
+        }, self.ckpt_path)
+        if not self.config_written:
+            write_json(os.path.join(out_dir, "config.json"), cfg_all)
+            self.config_written = True
+        if tcfg.snapshot_every and epoch % tcfg.snapshot_every == 0:
+            atomic_write(os.path.join(out_dir, f"ckpt_step{step:06d}.pt"),
+                         lambda tmp: shutil.copyfile(self.ckpt_path, tmp))
+
+    def on_epoch_end(self, epoch, step, last):
+        mcfg, dcfg, tcfg, rcfg = self.configs
+        if last or epoch % tcfg.save_every == 0:
+            self.save(epoch, step)
+        if self.dist_info.main and (last or (tcfg.sample_every and epoch % tcfg.sample_every == 0)):
+            name = "final.png" if last else f"epoch_{epoch:04d}.png"
+            save_progress_grid(self.ema, self.diffusion, mcfg.num_classes, self.device, self.precision, rcfg.seed,
+                               self.data.images.shape[-1], os.path.join(tcfg.out_dir, "samples", name),
+                               rows=4 if last else 1, steps=min(20, dcfg.timesteps))
 
 
 def size_to_budget(tcfg, model, diffusion, data, *, batch_size, device, precision, dist_info, log):
