@@ -43,9 +43,7 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -60,25 +58,16 @@ from errors import CLIError, run_main
 from dataset import DATASETS, load_dataset, to_model_range
 from diffusion import Diffusion, generate
 from lora import add_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
-from runtime import (Dist, autocast, check_precision, cpu_has_fast_bf16, enable_tf32, pick_device,
+from runtime import (Dist, autocast, check_precision, enable_tf32, pick_device,
                      resolve_precision)
 from trainer import (LORA_GRAD_CLIP, TrainData, ema_update, epoch_batches, make_optimizer, make_train_step,
                      precision_probe)
 from unet import UNet, count_parameters
+from bench_report import evaluate_targets, markdown_table
+from timing import (PEAK_DTYPES, count_train_flops, default_matmul_size, machine_info, matmul_fns, matmul_kinds,
+                    measure, memory_kind, ms, peak_from, peak_key, profile_step, sync)
 
 BENCH_VERSION = 1
-MB = 2 ** 20
-
-# (name, what it measures, comparison, threshold): the issue's targets, reported, never enforced
-TARGETS = (
-    ("train_fp32_peak_fraction", "training GFLOP/s / fp32 matmul peak", ">=", 0.50),
-    ("lora_step_ratio", "LoRA step / full fine-tune step", "<=", 0.75),
-    ("lora_opt_state_ratio", "LoRA AdamW state / full fine-tune's", "<=", 0.05),
-    ("merged_over_base", "merged LoRA forward / base forward", "<=", 1.02),
-    ("unmerged_over_base", "unmerged LoRA forward / base forward", "<=", 1.10),
-    ("ddpm_over_ddim50", "DDPM-T / DDIM-50 time per sample (guided)", ">=", 15.0),
-    ("data_wait_share", "data wait / training step", "<", 0.05),
-)
 
 
 # ------------------------------------------------------------------ arguments
@@ -133,218 +122,6 @@ def build_parser():
 
 def parse_args(argv):
     return build_parser().parse_args(argv)
-
-
-# ------------------------------------------------------------ machine, memory
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device):
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        available = os.cpu_count()
-    return {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_available": available,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_bf16_hardware": cpu_has_fast_bf16(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-    }
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def _proc_status_bytes(key):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:  # not Linux
-        pass
-    return None
-
-
-def reset_peak_memory(device):
-    """Start a new peak; returns the memory in use now (bytes)."""
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux >= 4.0: resets VmHWM (the peak RSS) to the current RSS
-    except OSError:  # not Linux, or not allowed: the peak stays that of the whole process
-        pass
-    return _proc_status_bytes("VmRSS") or 0
-
-
-def peak_memory(device):
-    """Peak since reset_peak_memory (bytes): max_memory_allocated on CUDA, peak RSS elsewhere."""
-    if device.type == "cuda":
-        sync(device)
-        return torch.cuda.max_memory_allocated(device)
-    hwm = _proc_status_bytes("VmHWM")
-    if hwm is not None:
-        return hwm
-    import resource  # Unix without /proc: ru_maxrss is the lifetime peak (kB on Linux, bytes on macOS)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
-def memory_kind(device):
-    return "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss"
-
-
-# --------------------------------------------------------------------- timing
-
-@dataclasses.dataclass
-class Timing:
-    median_s: float  # per call
-    runs_s: list  # per call, one value per timed round
-    number: int  # calls per timed round
-    warmup_s: list  # each warm-up call (the first holds one-time costs: allocation, compilation)
-    mem_start: int  # bytes in use before the last warm-up call
-    mem_peak: int  # peak bytes during it
-
-    def mem(self, prefix=""):
-        return {prefix + "mem_peak_mb": round(self.mem_peak / MB, 1),
-                prefix + "mem_delta_mb": round((self.mem_peak - self.mem_start) / MB, 1)}
-
-
-def _time_calls(fn, number, device):
-    """Seconds that ``number`` calls of ``fn`` take, the device's queued work included.
-
-    On CUDA the time between two events recorded on the stream around the calls: the GPU's own
-    clock, without the host's synchronisation latency at the two ends."""
-    sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(number):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def measure(fns, device, repeats, warmup, min_time):
-    """Time each callable of ``fns`` ({name: fn}); returns {name: Timing}.
-
-    Each gets ``warmup`` untimed calls (the peak memory of the last one is recorded), then
-    ``repeats`` rounds call every fn in turn, so a slow spell of a shared machine does not
-    land on one variant only. A round calls fn ``number`` times, enough to last ``min_time``."""
-    warm, number, mem = {}, {}, {}
-    for name, fn in fns.items():
-        warm[name] = []
-        for _ in range(warmup):
-            start = reset_peak_memory(device)
-            warm[name].append(_time_calls(fn, 1, device))
-            mem[name] = (start, peak_memory(device))
-        number[name] = max(1, math.ceil(min_time / max(warm[name][-1], 1e-9)))
-    runs = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            runs[name].append(_time_calls(fn, number[name], device) / number[name])
-    return {name: Timing(statistics.median(runs[name]), runs[name], number[name], warm[name], *mem[name])
-            for name in fns}
-
-
-def ms(seconds):
-    return round(seconds * 1e3, 4)
-
-
-# ----------------------------------------------------------------------- peak
-
-PEAK_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def default_matmul_size(device):
-    """n of the peak's n x n products: large enough on a GPU for the product to outlast its launch by far."""
-    return 8192 if device.type == "cuda" else 2048
-
-
-def peak_key(precision, device):
-    """Which matmul peak a training precision is held against: fp32 on CUDA runs as TF32 (train.py allows it)."""
-    return "tf32" if precision == "fp32" and device.type == "cuda" else precision
-
-
-def matmul_kinds(device, precision):
-    kinds = ["fp32"]
-    if device.type == "cuda":
-        kinds.append("tf32")
-    has_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
-    if has_bf16 or precision == "bf16":
-        kinds.append("bf16")
-    if device.type == "cuda" and precision == "fp16":
-        kinds.append("fp16")
-    return kinds
-
-
-def matmul_fns(device, n, kinds):
-    """{"matmul_<kind>": fn}: an n x n by n x n matmul (2 n^3 FLOPs) per kind, into a preallocated output."""
-    fns = {}
-    for kind in kinds:
-        dtype = PEAK_DTYPES[kind]
-        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-        out = torch.empty(n, n, device=device, dtype=dtype)
-        fns[f"matmul_{kind}"] = (lambda a=a, b=b, out=out, kind=kind: _mm(a, b, out, kind, device))
-    return fns
-
-
-def peak_from(timings, n):
-    """GFLOP/s of each matmul_<kind> timing: the machine's practical peak for that kind."""
-    return {f"{name[len('matmul_'):]}_gflops": round(2 * n ** 3 / t.median_s / 1e9, 2)
-            for name, t in timings.items() if name.startswith("matmul_")}
-
-
-def _mm(a, b, out, kind, device):
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = kind == "tf32"
-    torch.mm(a, b, out=out)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py sets it
-
-
-# ---------------------------------------------------------------------- FLOPs
-
-def count_train_flops(model, diffusion, batch):
-    """FLOPs of one forward+backward of the training loss (matmuls, convolutions, attention).
-
-    On the CPU the UNet's attention is plain matmuls (see unet.Attention), which the counter sees;
-    on CUDA it counts the fused attention kernels itself."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        diffusion.loss(model, *batch).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 
 # ------------------------------------------------------------------- training
@@ -444,36 +221,6 @@ def bench_train(model, diffusion, data_fn, tcfg, device, precision, args):
              "step_includes": "data, forward, backward, grad clip, AdamW, EMA update, loss.item()",
              "precision_used": precision, "headline": headline, "runs": runs, "compile": compile_info}
     return peak, train, steps[headline]
-
-
-def profile_step(step, device, num_steps=3, top=15):
-    """torch.profiler over a few training steps: the top ops by self CPU time (by self GPU time on CUDA)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    step()
-    with profile(activities=activities) as prof:
-        for _ in range(num_steps):
-            step()
-        sync(device)
-    events = prof.key_averages()
-    total_cpu = sum(e.self_cpu_time_total for e in events) or 1
-    total_dev = sum(getattr(e, "self_device_time_total", 0) for e in events) or 1
-    rows = []
-    on_gpu = device.type == "cuda"
-    by = (lambda e: getattr(e, "self_device_time_total", 0)) if on_gpu else (lambda e: e.self_cpu_time_total)
-    for e in sorted(events, key=by, reverse=True)[:top]:
-        row = {"op": e.key, "calls_per_step": round(e.count / num_steps, 1),
-               "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / num_steps, 3),
-               "self_cpu_share": round(e.self_cpu_time_total / total_cpu, 4)}
-        if on_gpu:
-            dev = getattr(e, "self_device_time_total", 0)
-            row.update(self_device_ms_per_step=round(dev / 1e3 / num_steps, 3),
-                       self_device_share=round(dev / total_dev, 4))
-        rows.append(row)
-    return {"steps": num_steps, "sorted_by": "self_device_time" if on_gpu else "self_cpu_time",
-            "total_self_cpu_ms_per_step": round(total_cpu / 1e3 / num_steps, 2),
-            "total_self_device_ms_per_step": round(total_dev / 1e3 / num_steps, 2) if on_gpu else None, "top": rows}
 
 
 # ----------------------------------------------------------------------- LoRA
@@ -601,132 +348,6 @@ def sample_steps(model, diffusion, labels, device, precision, cfg, *, seed, num_
         pass
 
 
-# -------------------------------------------------------------------- targets
-
-def evaluate_targets(res):
-    """Every target whose section ran, with its value, pass or fail."""
-    values = {}
-    if "train" in res:
-        head = res["train"]["runs"][res["train"]["headline"]]
-        values.update(train_fp32_peak_fraction=head["fp32_peak_fraction"], data_wait_share=head["data_wait_share"])
-    if "lora" in res:
-        values.update(lora_step_ratio=res["lora"]["step_ratio"], lora_opt_state_ratio=res["lora"]["opt_state_ratio"])
-    if "inference" in res:
-        values.update(merged_over_base=res["inference"]["merged_over_base"],
-                      unmerged_over_base=res["inference"]["unmerged_over_base"])
-    if "sampling" in res:
-        values.update(ddpm_over_ddim50=res["sampling"]["ddpm_over_ddim50_guided"])
-    ops = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
-    return [{"name": name, "what": what, "value": values[name], "op": op, "threshold": thr,
-             "pass": bool(ops[op](values[name], thr))} for name, what, op, thr in TARGETS if name in values]
-
-
-# ---------------------------------------------------------------------- table
-
-def _fmt_ms(v):
-    return f"{v:.3g} ms" if v < 10 else f"{v:,.0f} ms" if v >= 1000 else f"{v:.1f} ms"
-
-
-def _fmt_bytes(n):
-    return f"{n / MB:.2f} MB" if n >= 0.1 * MB else f"{n / 1024:.1f} KB"
-
-
-def markdown_table(res):
-    m, c = res["machine"], res["config"]
-    gpu = f", GPU {m['gpu']}" if m["gpu"] else ""
-    lines = [
-        f"### bench.py: preset {c['preset']}, device {m['device']}{gpu}",
-        "",
-        f"CPU {m['cpu']}; torch uses {m['torch_threads']} thread(s) of {m['cpus_available']} available "
-        f"core(s) ({m['cpu_count']} in the machine); bf16 hardware: {'yes' if m['cpu_bf16_hardware'] else 'no'}; "
-        f"torch {m['torch']}, Python {m['python']}. Medians of {c['repeats']} rounds after {c['warmup']} warm-up "
-        f"call(s); {c['parameters'] / 1e6:.2f}M parameters; memory = {res['memory_kind']}.",
-        "",
-        "| what | median | derived | peak memory | target | met |",
-        "|---|---:|---|---:|---|:---:|",
-    ]
-    targets = {t["name"]: t for t in res["targets"]}
-
-    def row(what, median, derived="", mem="", target=None):
-        t = targets.get(target)
-        goal = f"{t['op']} {t['threshold']:g}" if t else ""
-        met = ("PASS" if t["pass"] else "FAIL") if t else ""
-        lines.append(f"| {what} | {median} | {derived} | {mem} | {goal} | {met} |")
-
-    def mem(d, prefix=""):
-        return f"{d[prefix + 'mem_peak_mb']:,.0f} MB (+{d[prefix + 'mem_delta_mb']:,.0f})"
-
-    if "train" in res:
-        pk = res["peak"]
-        n = pk["matmul_size"]
-        for kind in ("fp32", "tf32", "bf16", "fp16"):
-            if pk.get(f"{kind}_gflops") is not None:
-                row(f"matmul {kind} {n}x{n}", "", f"{pk[f'{kind}_gflops']:,.1f} GFLOP/s")
-        tr = res["train"]
-        for name, r in tr["runs"].items():
-            label = f"train step {name}" + (" (auto)" if name == tr["precision_used"] else "")
-            head = name == tr["headline"]
-            row(label, _fmt_ms(r["step_ms"]),
-                f"{r['images_per_s']:,.1f} img/s, {r['achieved_gflops']:,.1f} GFLOP/s = "
-                f"{100 * r['peak_fraction']:.1f}% of {r['peak_key']} peak, "
-                f"{100 * r['fp32_peak_fraction']:.1f}% of fp32 peak",
-                mem(r), "train_fp32_peak_fraction" if head else None)
-            row(f"  data wait ({name})", _fmt_ms(r["data_ms"]), f"{100 * r['data_wait_share']:.2f}% of the step", "",
-                "data_wait_share" if head else None)
-        if tr["compile"]:
-            cp = tr["compile"]
-            row("  torch.compile", "", f"{cp['speedup']:.2f}x eager ({'kept' if cp['kept'] else 'not kept'}; "
-                f"first call {cp['first_call_s']:.0f} s)")
-    if "lora" in res:
-        lo = res["lora"]
-        row(f"full fine-tune step ({lo['precision']})", _fmt_ms(lo["full_step_ms"]), "", mem(lo, "full_"))
-        row(f"LoRA fine-tune step (r={lo['r']}, {','.join(lo['targets'])})", _fmt_ms(lo["step_ms"]),
-            f"{lo['step_ratio']:.2f}x full", mem(lo), "lora_step_ratio")
-        row("LoRA AdamW state", _fmt_bytes(lo["opt_state_bytes"]),
-            f"{100 * lo['opt_state_ratio']:.2f}% of full ({_fmt_bytes(lo['full_opt_state_bytes'])}); "
-            f"{lo['trainable_params']:,} of {lo['total_params']:,} parameters trained", "", "lora_opt_state_ratio")
-    if "inference" in res:
-        inf = res["inference"]
-        row(f"forward base (batch {inf['batch_size']}, {inf['precision']})", _fmt_ms(inf["base_ms"]), "",
-            mem(inf, "base_"))
-        row("forward LoRA unmerged", _fmt_ms(inf["unmerged_ms"]), f"{inf['unmerged_over_base']:.3f}x base",
-            mem(inf, "unmerged_"), "unmerged_over_base")
-        row("forward LoRA merged", _fmt_ms(inf["merged_ms"]),
-            f"{inf['merged_over_base']:.3f}x base (max |merged - unmerged| {inf['merged_max_abs_diff']:.1e})",
-            mem(inf, "merged_"), "merged_over_base")
-    if "sampling" in res:
-        sa = res["sampling"]
-        for name, r in sa["runs"].items():
-            for g, w in (("guided", sa["guidance"]), ("unguided", 0.0)):
-                label = f"sample {r['sampler'].upper()}-{r['steps']}, w={w:g}"
-                derived = f"per sample, batch {sa['batch_size']}, {sa['precision']}"
-                if r["extrapolated"]:
-                    derived += f"; {r['steps_timed']} of {r['steps']} steps timed, extrapolated"
-                target = None
-                if name == "ddim50":
-                    derived += f"; DDPM-{sa['T']} / this = {sa[f'ddpm_over_ddim50_{g}']:.1f}x"
-                    target = "ddpm_over_ddim50" if g == "guided" else None
-                row(label, _fmt_ms(r[f"{g}_ms_per_sample"]), derived, mem(r, f"{g}_"), target)
-    passed = sum(t["pass"] for t in res["targets"])
-    lines += ["", f"{passed} of {len(res['targets'])} targets met; total {res['total_s']:.0f} s."]
-    if res.get("profile"):
-        pr = res["profile"]
-        gpu = pr["sorted_by"] == "self_device_time"
-        total = pr["total_self_device_ms_per_step"] if gpu else pr["total_self_cpu_ms_per_step"]
-        lines += ["", f"Top ops of the training step ({res['train']['headline']}, torch.profiler) by self "
-                  f"{'GPU' if gpu else 'CPU'} time, {total:,.1f} ms per step in all:", "",
-                  "| op | calls/step | self CPU ms/step | CPU share |"
-                  + (" self GPU ms/step | GPU share |" if gpu else ""),
-                  "|---|---:|---:|---:|" + ("---:|---:|" if gpu else "")]
-        for r in pr["top"]:
-            line = (f"| {r['op'][:80]} | {r['calls_per_step']:g} | {r['self_cpu_ms_per_step']:.2f} | "
-                    f"{100 * r['self_cpu_share']:.1f}% |")
-            if gpu:
-                line += f" {r['self_device_ms_per_step']:.2f} | {100 * r['self_device_share']:.1f}% |"
-            lines.append(line)
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -756,92 +377,15 @@ def check_outputs(args):
 
 
 def bench(args, argv):
-    if (args.compile or args.profile) and "train" not in args.sections:
-        raise CLIError(f"--{'compile' if args.compile else 'profile'} times the training step: add train to --sections")
-    rcfg = runtime_from_args(args)  # checked; args.seed holds its value from here on
-    if rcfg.device == "mps":
-        raise CLIError("bench.py measures CPUs and CUDA GPUs (its peaks and memory readings are theirs); "
-                       "pass --device cpu")
+    """Check the flags, build the model and data once, time each section asked for, write the JSON, print the
+    table; returns the results."""
+    rcfg = check_flags(args)
     check_outputs(args)
     start = time.perf_counter()
-    device = pick_device(rcfg.device)
-    check_precision(rcfg.precision, device)  # an impossible choice (fp16 on a CPU) fails before any work
-    args.matmul_size = args.matmul_size or default_matmul_size(device)
-    mcfg = preset_config(ModelConfig, args.preset)
-    dcfg = preset_config(DiffusionConfig, args.preset)
-    tcfg = preset_config(TrainConfig, args.preset)
-    scfg = preset_config(SampleConfig, args.preset)
-    lcfg = preset_config(LoraConfig, args.preset)
-    enable_tf32(device)  # as train.py
-    torch.manual_seed(args.seed)
-
-    data = load_dataset(args.dataset or tcfg.dataset, "train", args.data_dir, download=False, log=lambda *a: None)
-    batch = max(tcfg.batch_size, lcfg.lora_batch_size)
-    if batch > len(data):
-        raise CLIError(f"batch {batch} is larger than the {len(data)} images of {data.name}")
-    x_all = to_model_range(data.images, mcfg.img_size).to(device)
-    y_all = data.labels.to(device)
-    model = UNet(mcfg).to(device)
-    diffusion = Diffusion.from_config(dcfg).to(device)
-
-    def train_data(global_batch, label_drop, gen):
-        return TrainData(images=x_all, labels=y_all, global_batch=global_batch, seed=args.seed, label_drop=label_drop,
-                         null_label=mcfg.num_classes, dist=Dist(), gen=gen)
-
-    # decided once, as train.py decides it: auto on CUDA times this model's training step in both precisions
-    probe = precision_probe(model, diffusion, train_data(tcfg.batch_size, 0.0, None), dcfg.timesteps,
-                            tcfg.batch_size, device)
-    precision = resolve_precision(rcfg.precision, device, probe, log)
-    precision_auto = precision if rcfg.precision == "auto" else None  # what auto chose; None when not asked for
-    machine = machine_info(device)
-    log(f"{machine['cpu']}, {machine['torch_threads']} thread(s), device {device}"
-        f"{' (' + machine['gpu'] + ')' if machine['gpu'] else ''}, precision {precision}, preset {args.preset}, "
-        f"{count_parameters(model) / 1e6:.2f}M parameters, {data.name}")
-    res = {"version": BENCH_VERSION, "argv": argv,
-           "machine": machine,
-           "config": {"preset": args.preset, "device": str(device), "precision": precision,
-                      "precision_auto": precision_auto, "repeats": args.repeats,
-                      "warmup": args.warmup, "min_time_s": args.min_time, "seed": args.seed, "dataset": data.name,
-                      "parameters": count_parameters(model), "model": dataclasses.asdict(mcfg),
-                      "diffusion": dataclasses.asdict(dcfg), "lora": dataclasses.asdict(lcfg),
-                      "sections": args.sections},
-           "memory_kind": memory_kind(device)}
-
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    if "train" in args.sections:
-        log(f"matmul peak ({args.matmul_size}x{args.matmul_size}) and training step, batch {tcfg.batch_size}, "
-            f"{precision} and fp32{' and compiled' if args.compile else ''}")
-        data_fn = make_data_fn(train_data(tcfg.batch_size, tcfg.label_drop, gen), device, dcfg.timesteps)
-        base_state = copy.deepcopy(model.state_dict())
-        res["peak"], res["train"], head_step = bench_train(model, diffusion, data_fn, tcfg, device, precision, args)
-        if args.profile:
-            log("profiling the training step")
-            res["profile"] = profile_step(head_step, device)
-        del head_step
-        model.load_state_dict(base_state)  # the later sections start from the same initial weights
-
-    if "lora" in args.sections:
-        log(f"LoRA vs full fine-tune, batch {lcfg.lora_batch_size}")
-        lora_data = make_data_fn(train_data(lcfg.lora_batch_size, tcfg.label_drop, gen), device, dcfg.timesteps)
-        res["lora"] = bench_lora(model, diffusion, lora_data(), lcfg, device, precision, args)
-
-    if "inference" in args.sections:
-        infer_batch = args.infer_batch or 2 * args.sample_batch
-        log(f"inference forward, batch {infer_batch}")
-        model.eval()
-        unmerged, merged = lora_models(model, lcfg, args.seed)
-        g = torch.Generator().manual_seed(args.seed + 3)
-        inputs = (torch.randn(infer_batch, mcfg.in_channels, mcfg.img_size, mcfg.img_size, generator=g).to(device),
-                  torch.randint(0, dcfg.timesteps, (infer_batch,), generator=g).to(device),
-                  torch.randint(0, mcfg.num_classes + 1, (infer_batch,), generator=g).to(device))
-        res["inference"] = bench_inference({"base": model, "unmerged": unmerged, "merged": merged}, inputs, device,
-                                           precision, args)
-        del unmerged, merged
-
-    if "sampling" in args.sections:
-        log(f"sampling, batch {args.sample_batch}, T={dcfg.timesteps}")
-        res["sampling"] = bench_sampling(model, diffusion, scfg, device, precision, args)
-
+    run = prepare(args, rcfg)
+    res = results_header(run, rcfg, argv)
+    for section in args.sections:
+        SECTION_RUNS[section](run, res)
     res["targets"] = evaluate_targets(res)
     res["total_s"] = round(time.perf_counter() - start, 2)
     table = markdown_table(res)
@@ -851,6 +395,134 @@ def bench(args, argv):
     print(table)
     log(f"done in {res['total_s']:.0f} s; JSON in {args.out}")
     return res
+
+
+def check_flags(args):
+    """The flags that contradict each other or the device, before any work; returns the runtime settings."""
+    if (args.compile or args.profile) and "train" not in args.sections:
+        raise CLIError(f"--{'compile' if args.compile else 'profile'} times the training step: add train to --sections")
+    rcfg = runtime_from_args(args)  # checked; args.seed holds its value from here on
+    if rcfg.device == "mps":
+        raise CLIError("bench.py measures CPUs and CUDA GPUs (its peaks and memory readings are theirs); "
+                       "pass --device cpu")
+    return rcfg
+
+
+@dataclasses.dataclass
+class BenchRun:
+    """What every section times: the preset's settings, one model and schedule, the data set on the device, the
+    precision decided once, and the noise generator the training sections share."""
+    args: argparse.Namespace
+    device: torch.device
+    precision: str
+    mcfg: ModelConfig
+    dcfg: DiffusionConfig
+    tcfg: TrainConfig
+    scfg: SampleConfig
+    lcfg: LoraConfig
+    data: object  # dataset.Digits, for its name
+    images: torch.Tensor  # (N, C, H, W) in the model's range, on the device
+    labels: torch.Tensor
+    model: torch.nn.Module
+    diffusion: Diffusion
+    gen: torch.Generator
+
+    def train_data(self, global_batch, label_drop, gen):
+        return TrainData(images=self.images, labels=self.labels, global_batch=global_batch, seed=self.args.seed,
+                         label_drop=label_drop, null_label=self.mcfg.num_classes, dist=Dist(), gen=gen)
+
+
+def prepare(args, rcfg):
+    """The device, the preset's settings, the data set (never downloaded), the model and the precision."""
+    device = pick_device(rcfg.device)
+    check_precision(rcfg.precision, device)  # an impossible choice (fp16 on a CPU) fails before any work
+    args.matmul_size = args.matmul_size or default_matmul_size(device)
+    mcfg, dcfg, tcfg, scfg, lcfg = (preset_config(cls, args.preset) for cls in
+                                    (ModelConfig, DiffusionConfig, TrainConfig, SampleConfig, LoraConfig))
+    enable_tf32(device)  # as train.py
+    torch.manual_seed(args.seed)
+
+    data = load_dataset(args.dataset or tcfg.dataset, "train", args.data_dir, download=False, log=lambda *a: None)
+    batch = max(tcfg.batch_size, lcfg.lora_batch_size)
+    if batch > len(data):
+        raise CLIError(f"batch {batch} is larger than the {len(data)} images of {data.name}")
+    run = BenchRun(args=args, device=device, precision="", mcfg=mcfg, dcfg=dcfg, tcfg=tcfg, scfg=scfg, lcfg=lcfg,
+                   data=data, images=to_model_range(data.images, mcfg.img_size).to(device),
+                   labels=data.labels.to(device), model=UNet(mcfg).to(device),
+                   diffusion=Diffusion.from_config(dcfg).to(device), gen=None)
+    # decided once, as train.py decides it: auto on CUDA times this model's training step in both precisions
+    probe = precision_probe(run.model, run.diffusion, run.train_data(tcfg.batch_size, 0.0, None), dcfg.timesteps,
+                            tcfg.batch_size, device)
+    run.precision = resolve_precision(rcfg.precision, device, probe, log)
+    run.gen = torch.Generator().manual_seed(args.seed + 1)
+    return run
+
+
+def results_header(run, rcfg, argv):
+    """The JSON's opening part: the version, the command, the machine and the settings the figures are for."""
+    args, model, precision = run.args, run.model, run.precision
+    machine = machine_info(run.device)
+    log(f"{machine['cpu']}, {machine['torch_threads']} thread(s), device {run.device}"
+        f"{' (' + machine['gpu'] + ')' if machine['gpu'] else ''}, precision {precision}, preset {args.preset}, "
+        f"{count_parameters(model) / 1e6:.2f}M parameters, {run.data.name}")
+    return {"version": BENCH_VERSION, "argv": argv,
+            "machine": machine,
+            "config": {"preset": args.preset, "device": str(run.device), "precision": precision,
+                       # what auto chose; None when not asked for
+                       "precision_auto": precision if rcfg.precision == "auto" else None, "repeats": args.repeats,
+                       "warmup": args.warmup, "min_time_s": args.min_time, "seed": args.seed,
+                       "dataset": run.data.name, "parameters": count_parameters(model),
+                       "model": dataclasses.asdict(run.mcfg), "diffusion": dataclasses.asdict(run.dcfg),
+                       "lora": dataclasses.asdict(run.lcfg), "sections": args.sections},
+            "memory_kind": memory_kind(run.device)}
+
+
+def run_train_section(run, res):
+    args, tcfg, model = run.args, run.tcfg, run.model
+    log(f"matmul peak ({args.matmul_size}x{args.matmul_size}) and training step, batch {tcfg.batch_size}, "
+        f"{run.precision} and fp32{' and compiled' if args.compile else ''}")
+    data_fn = make_data_fn(run.train_data(tcfg.batch_size, tcfg.label_drop, run.gen), run.device,
+                           run.dcfg.timesteps)
+    base_state = copy.deepcopy(model.state_dict())
+    res["peak"], res["train"], head_step = bench_train(model, run.diffusion, data_fn, tcfg, run.device,
+                                                       run.precision, args)
+    if args.profile:
+        log("profiling the training step")
+        res["profile"] = profile_step(head_step, run.device)
+    del head_step
+    model.load_state_dict(base_state)  # the later sections start from the same initial weights
+
+
+def run_lora_section(run, res):
+    lcfg = run.lcfg
+    log(f"LoRA vs full fine-tune, batch {lcfg.lora_batch_size}")
+    lora_data = make_data_fn(run.train_data(lcfg.lora_batch_size, run.tcfg.label_drop, run.gen), run.device,
+                             run.dcfg.timesteps)
+    res["lora"] = bench_lora(run.model, run.diffusion, lora_data(), lcfg, run.device, run.precision, run.args)
+
+
+def run_inference_section(run, res):
+    args, mcfg, device, model = run.args, run.mcfg, run.device, run.model
+    infer_batch = args.infer_batch or 2 * args.sample_batch
+    log(f"inference forward, batch {infer_batch}")
+    model.eval()
+    unmerged, merged = lora_models(model, run.lcfg, args.seed)
+    g = torch.Generator().manual_seed(args.seed + 3)
+    inputs = (torch.randn(infer_batch, mcfg.in_channels, mcfg.img_size, mcfg.img_size, generator=g).to(device),
+              torch.randint(0, run.dcfg.timesteps, (infer_batch,), generator=g).to(device),
+              torch.randint(0, mcfg.num_classes + 1, (infer_batch,), generator=g).to(device))
+    res["inference"] = bench_inference({"base": model, "unmerged": unmerged, "merged": merged}, inputs, device,
+                                       run.precision, args)
+
+
+def run_sampling_section(run, res):
+    log(f"sampling, batch {run.args.sample_batch}, T={run.dcfg.timesteps}")
+    res["sampling"] = bench_sampling(run.model, run.diffusion, run.scfg, run.device, run.precision, run.args)
+
+
+# in SECTIONS' order; the training section comes first and restores the weights it trained
+SECTION_RUNS = {"train": run_train_section, "lora": run_lora_section, "inference": run_inference_section,
+                "sampling": run_sampling_section}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""bench.py: one tiny run end to end, its JSON checked field by field; bad flags; the helpers.
+"""bench.py: one tiny run end to end, its JSON checked field by field; bad flags; the helpers (timing.py,
+bench_report.py).
 
 No assertion depends on how fast anything ran: only that times are positive and that every
 ratio and rate agrees with the times it was computed from.
@@ -10,12 +11,14 @@ import pytest
 import torch
 
 import bench
+import bench_report
+import timing
 from config import ModelConfig, preset_config
 from diffusion import Diffusion
 from unet import UNet
 
 SAMPLERS = ("ddpm", "ddim50", "ddim20", "dpmpp-2m10")
-TARGET_NAMES = [t[0] for t in bench.TARGETS]
+TARGET_NAMES = [t[0] for t in bench_report.TARGETS]
 
 
 def close(a, b, rel=2e-3, abs_=1e-6):
@@ -135,13 +138,13 @@ def _result_with(values):
 
 
 def test_targets_pass_at_the_threshold_and_fail_beyond_it():
-    at = {name: thr for name, _, _, thr in bench.TARGETS}
+    at = {name: thr for name, _, _, thr in bench_report.TARGETS}
     at["data_wait_share"] = 0.049  # a strict '<': the threshold itself fails
-    targets = bench.evaluate_targets(_result_with(at))
+    targets = bench_report.evaluate_targets(_result_with(at))
     assert [t["name"] for t in targets] == TARGET_NAMES
     assert all(t["pass"] for t in targets), targets
-    worse = {name: thr * (0.5 if op == ">=" else 2.0) for name, _, op, thr in bench.TARGETS}
-    targets = bench.evaluate_targets(_result_with(worse))
+    worse = {name: thr * (0.5 if op == ">=" else 2.0) for name, _, op, thr in bench_report.TARGETS}
+    targets = bench_report.evaluate_targets(_result_with(worse))
     assert not any(t["pass"] for t in targets), targets
     assert {t["name"]: t["value"] for t in targets} == worse
 
@@ -195,7 +198,7 @@ def test_cuda_absent_is_a_clear_error(tmp_path, capsys):
 def test_measure_interleaves_and_counts():
     calls = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    tm = bench.measure(fns, torch.device("cpu"), repeats=3, warmup=2, min_time=0.0)
+    tm = timing.measure(fns, torch.device("cpu"), repeats=3, warmup=2, min_time=0.0)
     assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-ups, then rounds taking turns
     for t in tm.values():
         assert t.number == 1 and len(t.runs_s) == 3 and len(t.warmup_s) == 2
@@ -221,7 +224,7 @@ def test_train_flops_are_forward_plus_backward_and_include_attention():
     fwd = FlopCounterMode(display=False)
     with fwd, torch.no_grad():
         diffusion.loss(model, *batch)
-    total = bench.count_train_flops(model, diffusion, batch)
+    total = timing.count_train_flops(model, diffusion, batch)
     # backward costs about twice the forward (gradients for inputs and for weights)
     assert 2.5 * fwd.get_total_flops() <= total <= 3.5 * fwd.get_total_flops()
     # the attention's q k^T and attn @ v batched matmuls are counted
@@ -233,8 +236,8 @@ def test_train_flops_are_forward_plus_backward_and_include_attention():
 
 def test_matmul_size_is_large_on_cuda():
     assert bench.parse_args([]).matmul_size is None  # resolved per device at the start of the run
-    assert bench.default_matmul_size(torch.device("cuda")) == 8192  # milliseconds per product on an H100
-    assert bench.default_matmul_size(torch.device("cpu")) == 2048
+    assert timing.default_matmul_size(torch.device("cuda")) == 8192  # milliseconds per product on an H100
+    assert timing.default_matmul_size(torch.device("cpu")) == 2048
 
 
 @pytest.mark.parametrize("device,precision,key", [
@@ -243,16 +246,16 @@ def test_matmul_size_is_large_on_cuda():
     ("cuda", "bf16", "bf16"), ("cuda", "fp16", "fp16"),
 ])
 def test_each_precision_is_held_against_its_own_peak(device, precision, key):
-    assert bench.peak_key(precision, torch.device(device)) == key
+    assert timing.peak_key(precision, torch.device(device)) == key
 
 
 def test_cuda_measures_every_peak_the_training_precisions_need(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     cuda = torch.device("cuda")
-    assert bench.matmul_kinds(cuda, "bf16") == ["fp32", "tf32", "bf16"]
-    assert bench.matmul_kinds(cuda, "fp16") == ["fp32", "tf32", "bf16", "fp16"]
+    assert timing.matmul_kinds(cuda, "bf16") == ["fp32", "tf32", "bf16"]
+    assert timing.matmul_kinds(cuda, "fp16") == ["fp32", "tf32", "bf16", "fp16"]
     for precision in ("fp32", "bf16", "fp16"):
-        assert bench.peak_key(precision, cuda) in bench.matmul_kinds(cuda, precision)
+        assert timing.peak_key(precision, cuda) in timing.matmul_kinds(cuda, precision)
 
 
 def test_cuda_timing_uses_events_around_the_calls(monkeypatch):
@@ -276,8 +279,8 @@ def test_cuda_timing_uses_events_around_the_calls(monkeypatch):
             return 12.5  # milliseconds
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(bench, "sync", lambda device: log.append("sync"))
-    seconds = bench._time_calls(lambda: log.append("call"), 3, torch.device("cuda"))
+    monkeypatch.setattr(timing, "sync", lambda device: log.append("sync"))
+    seconds = timing._time_calls(lambda: log.append("call"), 3, torch.device("cuda"))
     assert seconds == 0.0125
     assert log == ["sync", "new start", "new end", "record start", "call", "call", "call", "record end",
                    "synchronize end", "elapsed start->end"]
