@@ -164,7 +164,7 @@ def resolve_style(args, adapters, log=print):
 def read_style_set(spec):
     """The style set ``spec`` names, loaded, checked and split; before the data set is read (a font that does not
     exist is named before data/MNIST is made) and before any classifier is trained."""
-    from styles import load_style_data, split_style_data  # the style data's own module, needed only here
+    from style_training import load_style_data, split_style_data  # the style data's own module, needed only here
 
     data = load_style_data(spec, log=lambda line: print(f"evaluate: style {line}"))
     train, held = split_style_data(data, STYLE_HELD_OUT, STYLE_SPLIT_SEED)

@@ -47,7 +47,7 @@ from logs import (PREVIEW_DIR, TENSORBOARD_DIR, TENSORBOARD_HINT, LogPaths, Loss
 from lora import mark_only_lora_as_trainable
 from metrics import ink, slant
 from pictures import DATA_PREVIEW_NAME, training_preview_png
-from styles import load_style_data, sized_steps, training_set
+from style_training import load_style_data, sized_steps, training_set
 from runtime import (Dist, check_precision, enable_tf32, end_run, per_rank_batch, rank0_logger,
                      resolve_precision, setup_distributed, wrap_ddp)
 from trainer import (LORA_GRAD_CLIP, FitSettings, Hooks, TrainData, fit, load_dataset_distributed, lora_lr_at,
@@ -147,7 +147,7 @@ def resume_hint(args):
 def load_own_data(args, lcfg, resuming, log):
     """--data or --style font:NAME: the style data, read and checked before any model is built; the settings with
     the style named after it ("data:FOLDER", "font:NAME" as found) and, when --lora-steps is not given, steps
-    sized to it (styles.sized_steps). (lcfg, None) for the transforms of MNIST."""
+    sized to it (style_training.sized_steps). (lcfg, None) for the transforms of MNIST."""
     spec = lcfg.data or (lcfg.style if lcfg.style.startswith("font:") else "")
     if not spec:
         unused = [f"--{n.replace('_', '-')}" for n in ("augment", "prior_weight") if getattr(args, n) is not None]

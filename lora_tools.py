@@ -34,7 +34,7 @@ from errors import CLIError, run_main
 from files import check_apart, check_replace, check_writable_dir, check_writable_file
 from lora import LoraError, resolve_targets, set_lora_weight, short_targets
 from runtime import pick_device, resolve_precision
-from styles import FONT_PER_LABEL, FONT_PER_LABEL_MAX
+from font_styles import FONT_PER_LABEL, FONT_PER_LABEL_MAX
 from unet import UNet
 
 # ------------------------------------------------------------------ helpers
@@ -319,7 +319,7 @@ def grid_figure(cells, weights, names, path, label):
 
 
 def cmd_render_style(args):
-    from styles import write_font_folder  # Pillow and matplotlib's fonts: only this command needs them
+    from font_styles import write_font_folder  # Pillow and matplotlib's fonts: only this command needs them
 
     if not args.style.startswith("font:"):
         raise CLIError(f"render-style renders a font: pass font:NAME, got {args.style!r}")

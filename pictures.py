@@ -295,7 +295,7 @@ def data_preview_png(images, labels, path, *, title="", notes=None, per_row=DATA
 def training_preview_png(path, style, tset, prior_weight):
     """data_preview.png for a fine-tune: a row per label of the style's preprocessed images (a styles.StyleData,
     as the model sees them, before augmentation) and of the prior's real digits (from ``tset``, a
-    styles.TrainingSet), each row saying which, and a title with the set."""
+    style_training.TrainingSet), each row saying which, and a title with the set."""
     counts = style.counts()
     prior_rows = tset.prior_labels
     images = torch.cat([style.images, tset.images[tset.num_style:]])

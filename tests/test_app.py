@@ -26,6 +26,7 @@ import lora_finetune
 import studio as studio_mod
 import pictures
 import styles
+import style_training
 import uploads
 from adapter_formats import load_adapter
 from config import LoraConfig, RuntimeConfig, SampleConfig, preset_config
@@ -366,7 +367,7 @@ def as_data_folder(files, folder):
 def test_uploads_read_as_data_reads_the_same_files(tmp_path):
     files = digit_files(tmp_path)
     up = uploads.read_uploads(named(*files))
-    data = styles.load_style_data(str(as_data_folder(files, tmp_path / "data")), log=None)
+    data = style_training.load_style_data(str(as_data_folder(files, tmp_path / "data")), log=None)
     assert up.bad == [] and np.array_equal(up.images, data.images.numpy())
     assert np.array_equal(up.labels, data.labels.numpy()) and sorted(set(up.labels.tolist())) == [1, 7]
 

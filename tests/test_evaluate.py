@@ -222,7 +222,7 @@ STYLE_KEYS = {"style_data", "style_data_images", "style_share", "style_share_rel
 @pytest.mark.slow
 def test_cli_scores_samples_against_a_style_set(classifier, real, tmp_path, capsys):
     """Dilated digits of the labels 0..7 as the style set: half the samples are those, half plain digits."""
-    from styles import load_style_data
+    from style_training import load_style_data
 
     _, _, clf_path = classifier
     train, test = real

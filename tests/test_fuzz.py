@@ -434,6 +434,7 @@ import numpy as np  # noqa: E402  (this block's own imports: it stands apart fro
 from PIL import Image, ImageDraw  # noqa: E402
 
 import styles  # noqa: E402
+import style_training  # noqa: E402
 
 
 def _digit_page(size=(60, 80), ink=0, paper=255):
@@ -519,7 +520,7 @@ def bad_style_data(tmp):
 def test_bad_style_data_is_one_error_naming_the_file(tmp_path):
     for case, spec, says in bad_style_data(str(tmp_path)):
         with pytest.raises(styles.StyleDataError) as e:
-            styles.load_style_data(spec, log=None)
+            style_training.load_style_data(spec, log=None)
         message = str(e.value)
         assert says in message and "\n" not in message, (case, message)
         named = os.path.basename(spec) if not spec.startswith("font:") else "Helvetica Neue"
@@ -533,7 +534,7 @@ def test_a_decompression_bomb_is_refused(tmp_path, monkeypatch, pixels):
     folder = _folder(str(tmp_path / "d"), {"1/huge.png": _png_bytes(_digit_page((side, side)))})
     with pytest.raises(styles.StyleDataError, match="huge.png' has more pixels than Pillow's decompression-bomb "
                                                     "limit"):
-        styles.load_style_data(folder, log=None)
+        style_training.load_style_data(folder, log=None)
 
 
 def test_bad_style_data_stops_lora_finetune_before_anything_is_written(tiny_ckpt, tmp_path, capsys):
@@ -561,7 +562,7 @@ def test_fuzzed_images_are_refused_or_load(tmp_path):
     for i, (name, ext, data) in enumerate(cases):
         folder = _folder(str(tmp_path / f"case{i}"), {f"5/digit.{ext}": data})
         try:
-            got = styles.load_style_data(folder, log=None)
+            got = style_training.load_style_data(folder, log=None)
         except styles.StyleDataError as e:
             assert "digit." in str(e) and "\n" not in str(e), (name, str(e))
             counts["refused"] += 1

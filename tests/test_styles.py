@@ -12,7 +12,10 @@ from PIL import Image, ImageDraw
 
 import pictures
 import styles
-from styles import StyleDataError, load_style_data, preprocess_image
+import style_training
+import font_styles
+from styles import StyleDataError, preprocess_image
+from style_training import load_style_data
 
 CENTRE = (styles.SIZE - 1) / 2
 
@@ -139,9 +142,9 @@ def test_font_rendering_is_the_same_for_a_seed_and_has_ten_distinct_labels():
 
 
 def test_font_names_are_found_loosely_and_an_unknown_one_lists_them():
-    assert styles.find_font("dejavu serif bold")[0] == "DejaVu Serif Bold"
-    assert styles.find_font("DejaVuSerif-Bold")[0] == "DejaVu Serif Bold"
-    names = styles.font_names()
+    assert font_styles.find_font("dejavu serif bold")[0] == "DejaVu Serif Bold"
+    assert font_styles.find_font("DejaVuSerif-Bold")[0] == "DejaVu Serif Bold"
+    names = font_styles.font_names()
     assert {"DejaVu Sans", "DejaVu Sans Mono", "STIXGeneral", "cmr10"} <= set(names)
     assert "cmsy10" not in names and "cmex10" not in names  # symbol fonts: their 0..9 are no digits
     with pytest.raises(StyleDataError, match="font 'Comic Sans'.*choose one of: .*DejaVu Serif Bold"):
@@ -149,11 +152,11 @@ def test_font_names_are_found_loosely_and_an_unknown_one_lists_them():
 
 
 def test_render_style_folder_reads_back_as_the_font(tmp_path):
-    name, count = styles.write_font_folder("font:cmr10", tmp_path / "d", per_label=2, seed=3)
+    name, count = font_styles.write_font_folder("font:cmr10", tmp_path / "d", per_label=2, seed=3)
     assert (name, count) == ("font:cmr10", 20)
     assert sorted(os.listdir(tmp_path / "d")) == [str(k) for k in range(10)]
     with Image.open(tmp_path / "d" / "7" / "0001.png") as im:
-        assert im.mode == "L" and im.size == (styles.FONT_CANVAS, styles.FONT_CANVAS)
+        assert im.mode == "L" and im.size == (font_styles.FONT_CANVAS, font_styles.FONT_CANVAS)
     lines = []
     folder = load_style_data(tmp_path / "d", log=lines.append)
     font = load_style_data("font:cmr10", per_label=2, seed=3, log=None)
@@ -162,7 +165,7 @@ def test_render_style_folder_reads_back_as_the_font(tmp_path):
     assert lines == ["style: data:d: 20 images (0:2 1:2 2:2 3:2 4:2 5:2 6:2 7:2 8:2 9:2), 20 inverted (light "
                      "background); fewer than 10 for 0,1,2,3,4,5,6,7,8,9 (a weaker style there)"]
     with pytest.raises(StyleDataError, match="not an empty folder"):
-        styles.write_font_folder("font:cmr10", tmp_path / "d", per_label=1)
+        font_styles.write_font_folder("font:cmr10", tmp_path / "d", per_label=1)
 
 
 def test_a_folder_of_mixed_formats_and_an_npz(tmp_path):
@@ -184,10 +187,10 @@ def test_a_folder_of_mixed_formats_and_an_npz(tmp_path):
 
 def test_split_keeps_every_label_in_training():
     data = load_style_data("font:DejaVu Sans", per_label=10, log=None)
-    train, held = styles.split_style_data(data, 0.2, seed=0)
+    train, held = style_training.split_style_data(data, 0.2, seed=0)
     assert train.counts() == [8] * 10 and held.counts() == [2] * 10
     one = styles.StyleData(data.images[:1], data.labels[:1], "x")
-    train, held = styles.split_style_data(one, 0.5, seed=0)
+    train, held = style_training.split_style_data(one, 0.5, seed=0)
     assert len(train) == 1 and len(held) == 0
 
 
@@ -195,15 +198,15 @@ def test_split_keeps_every_label_in_training():
 
 def test_augmentation_keeps_the_originals_and_never_flips():
     data = load_style_data("font:DejaVu Sans", per_label=2, log=None)
-    out = styles.augment(data.images, 5, seed=0)
+    out = style_training.augment(data.images, 5, seed=0)
     assert out.shape == (100, 28, 28) and torch.equal(out[:20], data.images)
-    assert torch.equal(out, styles.augment(data.images, 5, seed=0))
+    assert torch.equal(out, style_training.augment(data.images, 5, seed=0))
     variants = out[20:].float().view(4, 20, 28, 28)
     orig = data.images.float()
     # small moves: each variant is nearer its own original than that original's mirror image
     assert ((variants - orig).abs().mean((2, 3)) < (variants - orig.flip(-1)).abs().mean((2, 3))).float().mean() > 0.9
     for v in out[20:]:
-        assert max(abs(c - CENTRE) for c in centre_of_mass(v.numpy())) <= styles.AUGMENT_SHIFT * 1.5 + 1
+        assert max(abs(c - CENTRE) for c in centre_of_mass(v.numpy())) <= style_training.AUGMENT_SHIFT * 1.5 + 1
 
 
 def test_prior_fills_the_missing_labels_at_its_weight():
@@ -212,9 +215,9 @@ def test_prior_fills_the_missing_labels_at_its_weight():
     real = torch.randint(0, 255, (300, 28, 28), dtype=torch.uint8)
     real_labels = torch.arange(300) % 10
     for weight in (1.0, 0.5, 0.0):
-        s = styles.training_set(seven, real, real_labels, augment_mode="auto", prior_weight=weight, min_size=16,
+        s = style_training.training_set(seven, real, real_labels, augment_mode="auto", prior_weight=weight, min_size=16,
                                 seed=0)
-        assert s.augmented and s.num_style == 10 * s.copies and s.num_style >= styles.AUGMENT_POOL
+        assert s.augmented and s.num_style == 10 * s.copies and s.num_style >= style_training.AUGMENT_POOL
         assert torch.equal(s.images[:10], seven.images) and (s.labels[:s.num_style] == 7).all()
         assert s.num_prior == round(weight * s.num_style)
         assert s.missing == [0, 1, 2, 3, 4, 5, 6, 8, 9]
@@ -228,8 +231,8 @@ def test_prior_fills_the_missing_labels_at_its_weight():
             assert s.prior_labels == [] and "may drift" in s.summary(weight)
     # not augmented, ten sevens repeated to the pool's size so that the prior brings every real digit, each
     # missing label alike
-    small = styles.training_set(seven, real, real_labels, augment_mode="off", prior_weight=1.0, min_size=16, seed=0)
-    assert not small.augmented and small.num_style == 10 * small.copies >= styles.AUGMENT_POOL
+    small = style_training.training_set(seven, real, real_labels, augment_mode="off", prior_weight=1.0, min_size=16, seed=0)
+    assert not small.augmented and small.num_style == 10 * small.copies >= style_training.AUGMENT_POOL
     assert torch.equal(small.images[:small.num_style], seven.images.repeat(small.copies, 1, 1))
     assert small.num_prior == small.num_style
     counts = torch.bincount(small.labels[small.num_style:], minlength=10)
@@ -238,11 +241,11 @@ def test_prior_fills_the_missing_labels_at_its_weight():
     seen = torch.stack([(real == img).all((1, 2)) for img in small.images[small.num_style:]]).sum(0)
     assert seen[real_labels != 7].min() >= 15 and seen[real_labels == 7].max() == 0
     few = styles.StyleData(torch.cat([seven.images] * 50), torch.full((500,), 7), "data:sevens")
-    tiny = styles.training_set(few, real, real_labels, augment_mode="off", prior_weight=0.001, min_size=16, seed=0)
+    tiny = style_training.training_set(few, real, real_labels, augment_mode="off", prior_weight=0.001, min_size=16, seed=0)
     assert tiny.num_prior == 9 and sorted(tiny.labels[tiny.num_style:].tolist()) == tiny.missing  # one each at least
-    none = styles.training_set(seven, real, real_labels, augment_mode="off", prior_weight=0.0, min_size=16, seed=0)
+    none = style_training.training_set(seven, real, real_labels, augment_mode="off", prior_weight=0.0, min_size=16, seed=0)
     assert none.num_prior == 0 and none.copies == 2  # without a prior, only repeated to the batch
-    full = styles.training_set(data, real, real_labels, augment_mode="off", prior_weight=1.0, min_size=128, seed=0)
+    full = style_training.training_set(data, real, real_labels, augment_mode="off", prior_weight=1.0, min_size=128, seed=0)
     assert full.num_prior == 0 and not full.augmented and full.copies == 2 and len(full.labels) == 200
     assert "every label given" in full.summary(1.0)
 
@@ -251,22 +254,22 @@ def test_augment_auto_is_for_small_sets_and_its_help_says_where():
     from config import LoraConfig
 
     # off unless asked: augmenting a typeface's 10 or 20 digits a label cost a third of its style share
-    assert LoraConfig().augment == "off" and not styles.augment_on(LoraConfig().augment, 10)
+    assert LoraConfig().augment == "off" and not style_training.augment_on(LoraConfig().augment, 10)
 
-    assert styles.augment_on("auto", styles.AUGMENT_AUTO_BELOW - 1)
-    assert not styles.augment_on("auto", styles.AUGMENT_AUTO_BELOW)
-    assert styles.augment_on("on", 10 ** 6) and not styles.augment_on("off", 5)
-    assert f"fewer than {styles.AUGMENT_AUTO_BELOW} images" in LoraConfig.__dataclass_fields__["augment"].metadata[
+    assert style_training.augment_on("auto", style_training.AUGMENT_AUTO_BELOW - 1)
+    assert not style_training.augment_on("auto", style_training.AUGMENT_AUTO_BELOW)
+    assert style_training.augment_on("on", 10 ** 6) and not style_training.augment_on("off", 5)
+    assert f"fewer than {style_training.AUGMENT_AUTO_BELOW} images" in LoraConfig.__dataclass_fields__["augment"].metadata[
         "help"]
 
 
 def test_steps_are_sized_to_the_set():
-    assert styles.sized_steps(200, 300) == 300  # the preset's steps are for 20 images a label
-    assert styles.sized_steps(250, 300) == 375
-    assert styles.sized_steps(100, 300) == 300  # the floor: a smaller set needs no fewer steps
-    assert styles.sized_steps(10, 300) == 300
-    assert styles.sized_steps(10 ** 5, 300) == 450  # the cap: one and a half times
-    assert styles.sized_steps(10, 4) == 4
+    assert style_training.sized_steps(200, 300) == 300  # the preset's steps are for 20 images a label
+    assert style_training.sized_steps(250, 300) == 375
+    assert style_training.sized_steps(100, 300) == 300  # the floor: a smaller set needs no fewer steps
+    assert style_training.sized_steps(10, 300) == 300
+    assert style_training.sized_steps(10 ** 5, 300) == 450  # the cap: one and a half times
+    assert style_training.sized_steps(10, 4) == 4
 
 
 def test_preview_is_readable_rows_of_labels(tmp_path):
@@ -300,7 +303,7 @@ def test_own_data_flags_that_contradict_exit_2_before_any_work(tmp_path, capsys,
     import lora_finetune
 
     folder = tmp_path / "mine"
-    styles.write_font_folder("font:cmr10", folder, per_label=1)
+    font_styles.write_font_folder("font:cmr10", folder, per_label=1)
     before = sorted(p.name for p in tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as e:  # the base does not exist: these are refused before it is read
         lora_finetune.main(["--ckpt", str(tmp_path / "no_ckpt.pt"), "--out", str(tmp_path / "out"),
@@ -339,7 +342,7 @@ def test_finetune_on_a_folder_written_by_render_style(tiny_ckpt, tmp_path, capsy
     from adapter_formats import load_training_state
 
     state = load_training_state(out)
-    assert state.step == styles.sized_steps(100, 4) and state.config["data"] == str(folder)
+    assert state.step == style_training.sized_steps(100, 4) and state.config["data"] == str(folder)
 
 
 @pytest.mark.slow
@@ -351,7 +354,7 @@ def test_prior_keeps_the_base_and_the_other_labels(tiny_ckpt, tmp_path):
     from lora import set_lora_weight
 
     folder = tmp_path / "sevens"
-    styles.write_font_folder("font:DejaVu Sans Bold", folder, per_label=10)
+    font_styles.write_font_folder("font:DejaVu Sans Bold", folder, per_label=10)
     for k in range(10):
         if k != 7:
             shutil.rmtree(folder / str(k))
