@@ -336,51 +336,61 @@ def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do; COMMAND --help "
                            "tells more")
-    r = bounded(int, gt=0, le=R_MAX)  # the rank, as lora_finetune.py --r (LoraConfig.r)
-
-    def command(name, fn, help_text):
+    for name, fn, help_text, add_args in COMMANDS:
         s = sub.add_parser(name, help=help_text, description=help_text)
         s.set_defaults(fn=fn)
-        return s
+        add_args(s)
+    for name in ("convert", "merge", "resize", "extract", "grid"):
+        sub.choices[name].group("output").add_argument("--overwrite", action="store_true",
+                                                       help="replace what an earlier run wrote at the destination")
+    return p
 
-    s = command("info", cmd_info, "what an adapter file holds")
+
+RANK = bounded(int, gt=0, le=R_MAX)  # the rank, as lora_finetune.py --r (LoraConfig.r)
+
+
+def info_args(s):
     s.add_argument("path", nargs="?", default=DEFAULT_ADAPTER, type=path_arg,
                    help="the adapter: a PEFT folder, a kohya .safetensors or an old .pt")
     s.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
                    help="base checkpoint: maps kohya names, and gives |W| per layer")
 
-    s = command("convert", cmd_convert, "an old .pt or a kohya file to a PEFT folder, or a PEFT folder to kohya")
+
+def convert_args(s):
     s.add_argument("src", type=path_arg, help="the adapter to convert")
     s.add_argument("--out", type=path_arg, help="a folder (PEFT's layout) or a .safetensors file (kohya's)")
     s.add_argument("dst", nargs="?", type=path_arg, help=argparse.SUPPRESS)  # the old spelling: convert SRC DST
     s.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
                    help="base checkpoint whose module names map kohya's back")
 
-    s = command("merge", cmd_merge, "several adapters, each at a weight, into one")
+
+def merge_args(s):
     s.add_argument("adapters", nargs="+", type=lora_spec, metavar="PATH[:WEIGHT]",
                    help="the adapters, each at WEIGHT (default 1)")
     s.add_argument("--out", required=True, type=path_arg, help="where the merged adapter goes")
     s.add_argument("--mode", choices=["cat", "svd"], default="cat",
                    help="cat: exact, r = the sum of the ranks; svd: re-factored to rank --r")
-    s.add_argument("--r", "--rank", dest="r", type=r, default=None,
+    s.add_argument("--r", "--rank", dest="r", type=RANK, default=None,
                    help="the rank r of --mode svd (no default: --mode svd needs it)")
     s.add_argument("--force", action="store_true", help="merge adapters trained on different bases")
     s.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
                    help="base checkpoint whose module names map kohya's back")
 
-    s = command("resize", cmd_resize, "one adapter to a lower rank by SVD, at the same strength")
+
+def resize_args(s):
     s.add_argument("src", type=path_arg, help="the adapter to resize")
-    s.add_argument("--r", "--rank", dest="r", type=r, required=True,
+    s.add_argument("--r", "--rank", dest="r", type=RANK, required=True,
                    help="the new rank r, below the adapter's (no default: required)")
     s.add_argument("--out", required=True, type=path_arg, help="where the resized adapter goes")
     s.add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
                    help="base checkpoint whose module names map kohya's back")
 
-    s = command("extract", cmd_extract, "a rank-r adapter from a full fine-tune and its base (truncated SVD)")
+
+def extract_args(s):
     s.add_argument("--tuned", required=True, type=path_arg,
                    help="the fully fine-tuned checkpoint (lora_finetune.py --full)")
     s.add_argument("--base", default=DEFAULT_CKPT, type=path_arg, help="the base it was fine-tuned from")
-    s.add_argument("--r", "--rank", dest="r", type=r, default=4, help="the rank r of the adapter extracted")
+    s.add_argument("--r", "--rank", dest="r", type=RANK, default=4, help="the rank r of the adapter extracted")
     s.add_argument("--targets", default="attn", help="the layers to extract: a group (attn = Wq,Wk,Wv; attn-all; "
                    "all: every Linear and Conv2d of the blocks) or layer names")
     s.add_argument("--from", dest="source", default="ema", choices=["ema", "model"],
@@ -388,7 +398,8 @@ def build_parser():
     s.add_argument("--out", required=True, type=path_arg, help="where the extracted adapter goes")
     s.add_argument("--force", action="store_true", help="extract against a base the fine-tune did not start from")
 
-    s = command("grid", cmd_grid, "two adapters' weights as a grid of one digit")
+
+def grid_args(s):
     s.add_argument("adapters", nargs="+", type=lora_spec, metavar="PATH",
                    help="two adapters: the rows' and the columns'")
     s.group("model").add_argument("--ckpt", default=DEFAULT_CKPT, type=path_arg,
@@ -403,17 +414,26 @@ def build_parser():
     add_config_args(s, SampleConfig)
     add_runtime_args(s)
 
-    s = command("render-style", cmd_render_style, "a font's digits as PNG files in 0..9 subfolders, the folder "
-                "lora_finetune.py --data reads (size, position and stroke jittered, seeded)")
+
+def render_style_args(s):
     s.add_argument("style", metavar="font:NAME", help="a font matplotlib ships; an unknown NAME lists them")
     s.add_argument("--per-label", type=bounded(int, gt=0, le=FONT_PER_LABEL_MAX), default=FONT_PER_LABEL,
                    help="images of each digit")
     s.add_argument("--seed", type=bounded(int, ge=0, le=SEED_MAX), default=0, help="the same seed, the same images")
     s.add_argument("--out", required=True, type=path_arg, help="a new (or empty) folder")
-    for name in ("convert", "merge", "resize", "extract", "grid"):
-        sub.choices[name].group("output").add_argument("--overwrite", action="store_true",
-                                                       help="replace what an earlier run wrote at the destination")
-    return p
+
+
+# (name, what it does, help, its arguments), in the order --help lists them
+COMMANDS = (
+    ("info", cmd_info, "what an adapter file holds", info_args),
+    ("convert", cmd_convert, "an old .pt or a kohya file to a PEFT folder, or a PEFT folder to kohya", convert_args),
+    ("merge", cmd_merge, "several adapters, each at a weight, into one", merge_args),
+    ("resize", cmd_resize, "one adapter to a lower rank by SVD, at the same strength", resize_args),
+    ("extract", cmd_extract, "a rank-r adapter from a full fine-tune and its base (truncated SVD)", extract_args),
+    ("grid", cmd_grid, "two adapters' weights as a grid of one digit", grid_args),
+    ("render-style", cmd_render_style, "a font's digits as PNG files in 0..9 subfolders, the folder "
+     "lora_finetune.py --data reads (size, position and stroke jittered, seeded)", render_style_args),
+)
 
 
 def parse_args(argv):
