@@ -121,6 +121,55 @@ OBJECTIVES = {
 LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2
 
 
+def schedule_buffers(betas):
+    """Everything the forward process, the loss and the samplers read, from the betas (float64): abar, its roots,
+    the SNR, EDM's log sigma and the posterior q(x_{t-1} | x_t, x_0) of eq. 6-7 of Ho et al."""
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, 0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+    return dict(
+        betas=betas,
+        alphas_cumprod=alphas_cumprod,
+        sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+        sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
+        snr=alphas_cumprod / (1 - alphas_cumprod),
+        # EDM's log sigma, sigma = sqrt((1 - abar) / abar), increasing in t: where log-normal draws land
+        log_sigma=0.5 * (torch.log1p(-alphas_cumprod) - torch.log(alphas_cumprod)),
+        posterior_variance=posterior_variance,
+        # log of the variance, clipped at t=0 where it is 0 (as in the reference implementation)
+        posterior_log_variance_clipped=torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+        posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+        posterior_mean_coef2=(1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
+    )
+
+
+class StepWatcher:
+    """What Diffusion.sample does after each step: advance the progress bar, call the callback with the step's
+    x0 estimate, and keep ``num_frames`` snapshots of x_t (the first, pure noise, taken at the start)."""
+
+    def __init__(self, x, num_steps, num_frames, progress, callback):
+        self.num_steps, self.callback = num_steps, callback
+        self.keep = set()
+        if num_frames > 1:
+            self.keep = set(torch.linspace(0, num_steps - 1, num_frames - 1).round().long().tolist())
+        self.frames = [x.clone()] if num_frames > 0 else []
+        bar = progress(range(num_steps)) if progress else None
+        self.bar_iter = iter(bar) if bar is not None else None
+
+    def __call__(self, i, x_i, x0):
+        if self.bar_iter is not None:
+            next(self.bar_iter, None)
+        if self.callback is not None:
+            self.callback(i, self.num_steps, x0)
+        if i in self.keep:
+            self.frames.append(x_i.clamp(-1, 1).clone())
+
+    def close(self):
+        if self.bar_iter is not None:
+            next(self.bar_iter, None)  # let a progress bar close
+
+
 class Diffusion(nn.Module):
     def __init__(self, timesteps=_DEFAULTS.timesteps, beta_start=_DEFAULTS.beta_start, beta_end=_DEFAULTS.beta_end,
                  min_snr_gamma=_DEFAULTS.min_snr_gamma, schedule=_DEFAULTS.schedule, *, objective=_DEFAULTS.objective,
@@ -139,26 +188,7 @@ class Diffusion(nn.Module):
         betas = linear_betas(timesteps, beta_start, beta_end) if schedule == "linear" else cosine_betas(timesteps)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
-        alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, 0)
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        # posterior q(x_{t-1} | x_t, x_0), eq. 6-7 of Ho et al.
-        posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
-        buffers = dict(
-            betas=betas,
-            alphas_cumprod=alphas_cumprod,
-            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
-            sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
-            snr=alphas_cumprod / (1 - alphas_cumprod),
-            # EDM's log sigma, sigma = sqrt((1 - abar) / abar), increasing in t: where log-normal draws land
-            log_sigma=0.5 * (torch.log1p(-alphas_cumprod) - torch.log(alphas_cumprod)),
-            posterior_variance=posterior_variance,
-            # log of the variance, clipped at t=0 where it is 0 (as in the reference implementation)
-            posterior_log_variance_clipped=torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
-            posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
-            posterior_mean_coef2=(1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
-        )
-        for name, value in buffers.items():
+        for name, value in schedule_buffers(betas).items():
             self.register_buffer(name, value.float(), persistent=False)
 
     @classmethod
@@ -298,25 +328,10 @@ class Diffusion(nn.Module):
             w = guidance if lo * self.timesteps <= t <= hi * self.timesteps else 0.0
             return self.to_x0(self.guided_output(model, x_t, t, labels, w, null_label), x_t, t).clamp(-1, 1)
 
-        keep = set()
-        if num_frames > 1:
-            keep = set(torch.linspace(0, len(ts) - 1, num_frames - 1).round().long().tolist())
-        frames = [x.clone()] if num_frames > 0 else []
-        bar = progress(range(len(ts))) if progress else None
-        bar_iter = iter(bar) if bar is not None else None
-
-        def on_step(i, x_i, x0):
-            if bar_iter is not None:
-                next(bar_iter, None)
-            if callback is not None:
-                callback(i, len(ts), x0)
-            if i in keep:
-                frames.append(x_i.clamp(-1, 1).clone())
-
+        on_step = StepWatcher(x, len(ts), num_frames, progress, callback)
         x = SAMPLERS[sampler](denoise, x, ts, self, eta=eta, generator=generator, on_step=on_step)
-        if bar_iter is not None:
-            next(bar_iter, None)  # let a progress bar close
-        return x.clamp(-1, 1), frames
+        on_step.close()
+        return x.clamp(-1, 1), on_step.frames
 
 
 @torch.no_grad()
