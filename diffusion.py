@@ -264,7 +264,8 @@ class Diffusion(nn.Module):
 
         ddpm takes all T. ddim takes ``steps`` evenly spaced in t, as Song et al. did. The second-order samplers
         step evenly in log-SNR, as Lu et al. 2022 advise: evenly in t, the last step (from t = T/steps to 0)
-        spans half the log-SNR range, and extrapolating across it overshot a Gaussian's spread by 20%."""
+        spans half the log-SNR range, and extrapolating across it overshot a Gaussian's spread
+        (experiments/sampler_guidance/notes.md, "The step grid")."""
         if sampler == "ddpm":
             return list(range(self.timesteps - 1, -1, -1))
         if sampler == "ddim" or steps >= self.timesteps:

@@ -81,8 +81,9 @@ def resolve_precision(precision, device, probe=None, log=None, dist_info=None):
     An explicit choice is checked (check_precision) and kept. auto: bf16 on CPUs with bf16 hardware,
     fp32 on other CPUs; on CUDA the faster of bf16 and fp32 for a training step. Autocast is not always
     the faster choice there: a small model's step is bound by kernel launches, and autocast adds a cast
-    kernel per weight per step (experiments/performance/notes.md, "autocast on a GPU"). So the training scripts (train, lora_finetune, bench) pass ``probe`` (a callable running one
-    training step, forward and backward, in the precision it is passed), and auto times it in both and
+    kernel per weight per step (experiments/performance/notes.md, "autocast on a GPU"). So the training
+    scripts (train, lora_finetune, bench) pass ``probe`` (a callable running one training step, forward
+    and backward, in the precision it is passed), and auto times it in both and
     picks the faster (``fastest_precision``); without one (sampling) it is bf16 (fp16 where the GPU lacks
     bf16), so the same seed gives the same pictures. Under torchrun every rank times, rank 0 decides."""
     check_precision(precision, device)

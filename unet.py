@@ -103,8 +103,8 @@ class Attention(nn.Module):
         k = self.Wk(context).view(B, -1, H, q.shape[-1]).transpose(1, 2)  # (B, H, S, Dh)
         v = self.Wv(context).view(B, -1, H, q.shape[-1]).transpose(1, 2)
         if x.device.type == "cpu":
-            # The plain formula: at these sizes (49 tokens) PyTorch's fused CPU kernel is slower, its
-            # bf16 backward about 7x slower (bench.py --profile showed it taking a third of a step).
+            # The plain formula: at these sizes (49 tokens) PyTorch's fused CPU kernel is slower, its bf16
+            # backward most of all (experiments/performance/notes.md, "Attention on a CPU").
             w = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, H, L, S)
             out = w.softmax(dim=-1) @ v
         else:
