@@ -294,12 +294,14 @@ class SampleConfig:
     # samplers.SAMPLERS; a test holds the two lists equal
     sampler: str = setting("dpmpp-2m", "ddim (Song et al. 2021) | dpmpp-2m (DPM-Solver++, Lu et al. 2022) | heun (EDM, "
                            "Karras et al. 2022; two evaluations a step) | ddpm (ancestral, Algorithm 2 of Ho et al. "
-                           "2020)", choices=("ddim", "dpmpp-2m", "heun", "ddpm"))
+                           "2020) | lcm (multistep consistency, for a speed adapter: --lora out/lcm, 1-8 steps)",
+                           choices=("ddim", "dpmpp-2m", "heun", "ddpm", "lcm"))
     steps: int = setting(10, "denoising steps (ddpm always uses all T)", gt=0, le=100000)
     eta: float = setting(0.0, "DDIM noise: 0 deterministic, 1 ~ DDPM", ge=0.0, le=1.0,
                          why="above 1 the noise added outgrows the schedule and the images go black")
     guidance: float = setting(2.0, "classifier-free guidance w (Ho & Salimans 2022): eps_c + w*(eps_c - eps_u); "
-                              "0 = off", ge=0.0, le=100.0, why="far above 10 every pixel saturates to 0 or 255")
+                              "0 = off; with --sampler lcm the speed adapter's input w instead (no second pass)", ge=0.0,
+                              le=100.0, why="far above 10 every pixel saturates to 0 or 255")
     # Kynkaanniemi et al. 2024; experiments/sampler_guidance gives what it did here (it cost accuracy)
     guidance_interval: tuple = setting((0.0, 1.0), "guide only the steps with lo <= t/T <= hi; the steps outside "
                                        "it run the conditional half alone", ge=0.0, le=1.0)

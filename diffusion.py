@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from config import DiffusionConfig, SampleConfig
 from dataset import to_uint8
 from runtime import autocast
-from samplers import SAMPLERS
+from samplers import GUIDANCE_INPUT, SAMPLERS, consistency_scalings
 
 _DEFAULTS = DiffusionConfig()  # one place for the schedule's defaults: config.py
 
@@ -119,6 +119,8 @@ OBJECTIVES = {
 
 # EDM's log-normal training noise levels: ln(sigma) ~ N(-1.2, 1.2^2) (Karras et al. 2022, Table 1)
 LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2
+# LCM's skipping-step grid: 50 steps of a DDIM, k = T / 50 apart (Luo et al. 2023, Section 4.3: skip k = 20 of 1,000)
+LCM_SKIP = 50
 
 
 def schedule_buffers(betas):
@@ -224,11 +226,12 @@ class Diffusion(nn.Module):
         snr = self.snr.gather(0, t)
         return snr.clamp(max=self.min_snr_gamma) / self._obj.x0_scale(snr)
 
-    def model_output(self, model, x, t, labels):
-        """The network's output F at x_t (scaled by the objective's c_in first, for EDM)."""
+    def model_output(self, model, x, t, labels, w=None):
+        """The network's output F at x_t (scaled by the objective's c_in first, for EDM); ``w`` (B,), the guidance
+        scale, goes to a network that takes it (a speed adapter's, distill.py)."""
         if self._obj.in_scale is not None:
             x = x * _extract(self._obj.in_scale(self.alphas_cumprod), t, x.ndim).to(x.dtype)
-        return model(x, t, labels)
+        return model(x, t, labels) if w is None else model(x, t, labels, w=w)
 
     def loss(self, model, x0, labels, t, noise):
         """Weighted MSE between the network's output and the objective's target, mean over the batch."""
@@ -237,6 +240,16 @@ class Diffusion(nn.Module):
         target = self._obj.target(x0, noise, _extract(self.alphas_cumprod, t, x0.ndim))
         per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * self.loss_weight(t)).mean()
+
+    def predict_x0(self, model, x, t, labels, w=None):
+        """The clean image the network implies at x_t for a batch of steps ``t`` (B,), in fp32, unclipped."""
+        out = self.model_output(model, x, t, labels, w).float()
+        return self._obj.to_x0(out, x, _extract(self.alphas_cumprod, t, x.ndim))
+
+    def consistency(self, model, x, t, labels, w=None):
+        """LCM's consistency function f(x_t, t) = c_skip x_t + c_out x0_hat (samplers.consistency_scalings)."""
+        c_skip, c_out = (c.float().view(-1, *([1] * (x.ndim - 1))) for c in consistency_scalings(t))
+        return c_skip * x + c_out * self.predict_x0(model, x, t, labels, w)
 
     def to_x0(self, out, x, t):
         """The clean image the network's output ``out`` implies at x_t, for this objective; t is an int."""
@@ -268,6 +281,8 @@ class Diffusion(nn.Module):
         (experiments/sampler_guidance/notes.md, "The step grid")."""
         if sampler == "ddpm":
             return list(range(self.timesteps - 1, -1, -1))
+        if sampler == "lcm":
+            return self.lcm_timesteps(steps)
         if sampler == "ddim" or steps >= self.timesteps:
             return self.ddim_timesteps(steps)
         return self.logsnr_timesteps(steps)
@@ -276,6 +291,24 @@ class Diffusion(nn.Module):
         if not 0 < steps <= self.timesteps:
             raise ValueError(f"steps must be in 1..{self.timesteps} (the model's T), got {steps}")
         return torch.linspace(self.timesteps - 1, 0, steps).round().long().unique_consecutive().tolist()
+
+    def skip_grid(self, num_steps=None):
+        """LCM's skipping-step grid, noisiest last: the ``num_steps`` steps t = k j - 1 (j = 1..num_steps) of a
+        DDIM with skip k = T / num_steps (LCM_SKIP steps, capped at T). Distillation trains on it, sampling
+        picks from it."""
+        n = min(num_steps or LCM_SKIP, self.timesteps)
+        k = self.timesteps // n
+        return [k * j - 1 for j in range(1, n + 1)]
+
+    def lcm_timesteps(self, steps):
+        """``steps`` steps of the skipping-step grid, evenly spaced from its noisiest (LCM's scheduler: 999, 759,
+        499, 259 for 4 of 1,000); more steps than the grid has fall back to DDIM's."""
+        grid = self.skip_grid()[::-1]
+        if steps > len(grid):
+            return self.ddim_timesteps(steps)
+        if steps <= 0:
+            raise ValueError(f"steps must be in 1..{self.timesteps} (the model's T), got {steps}")
+        return [grid[i * len(grid) // steps] for i in range(steps)]
 
     def logsnr_timesteps(self, steps):
         """``steps`` steps from T-1 to 0, evenly spaced in log sigma (minus the half log-SNR), each snapped to the
@@ -315,6 +348,7 @@ class Diffusion(nn.Module):
         lo, hi = guidance_interval
         device = self.betas.device
         null_label = model.num_classes if null_label is None else null_label
+        takes_w = getattr(model, "w_embed", None) is not None
         x = torch.randn(shape, generator=generator, device=device)
         ts = self.sample_timesteps(sampler, steps)
         if init is not None and strength < 1:
@@ -327,6 +361,10 @@ class Diffusion(nn.Module):
 
         def denoise(x_t, t):  # the guided, clipped estimate of x0 at step t
             w = guidance if lo * self.timesteps <= t <= hi * self.timesteps else 0.0
+            if sampler in GUIDANCE_INPUT:  # one pass; w is the network's input where it takes one
+                t_b = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+                w_b = torch.full((x_t.shape[0],), float(w), device=x_t.device) if takes_w else None
+                return self.consistency(model, x_t, t_b, labels, w_b).clamp(-1, 1)
             return self.to_x0(self.guided_output(model, x_t, t, labels, w, null_label), x_t, t).clamp(-1, 1)
 
         on_step = StepWatcher(x, len(ts), num_frames, progress, callback)

@@ -17,6 +17,9 @@ lambda_t = log(alpha_t / sigma_t). The last step always lands on the final estim
             one evaluation a step, a step of first order to start and to finish
   heun      Karras et al. 2022 (EDM), Algorithm 1: Heun's second-order method on the probability-flow ODE;
             two evaluations a step, the last step Euler (one)
+  lcm       Song et al. 2023, "Consistency Models", Algorithm 1 (multistep consistency sampling), as Luo et al.
+            2023 (LCM) sample: the consistency function's x0, fresh noise to the next step; one evaluation a
+            step and no unconditional pass: the guidance scale is an input of a speed adapter (distill.py)
 """
 from __future__ import annotations
 
@@ -25,7 +28,14 @@ import math
 import torch
 
 # Model evaluations per step and image, before guidance doubles them (heun's last step takes one)
-EVALS_PER_STEP = {"ddpm": 1, "ddim": 1, "dpmpp-2m": 1, "heun": 2}
+EVALS_PER_STEP = {"ddpm": 1, "ddim": 1, "dpmpp-2m": 1, "heun": 2, "lcm": 1}
+# Samplers whose network takes the guidance scale w as an input (a distilled consistency function) instead of
+# running a second, unconditional pass
+GUIDANCE_INPUT = ("lcm",)
+# LCM's boundary condition (Luo et al. 2023, after Song et al. 2023, eq. 8 with sigma_data 0.5): f(x, t) =
+# c_skip(t) x + c_out(t) x0_hat, c_skip = sd^2 / ((s t)^2 + sd^2), c_out = s t / sqrt((s t)^2 + sd^2), so f is
+# the identity at t = 0 and the network's x0 from the first steps up. s = 10 is LCM's timestep scaling.
+CONSISTENCY_SIGMA_DATA, CONSISTENCY_T_SCALE = 0.5, 10.0
 
 
 def _noise_like(x, generator):
@@ -117,11 +127,31 @@ def sample_heun(denoise, x, ts, sched, *, on_step=None, **_):
     return _walk(denoise, x, ts, step, on_step)
 
 
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp-2m": sample_dpmpp_2m, "heun": sample_heun}
+def consistency_scalings(t):
+    """(c_skip, c_out) of LCM's boundary condition at integer steps ``t`` (a tensor), in float64 then as given."""
+    st = CONSISTENCY_T_SCALE * t.double()
+    sd2 = CONSISTENCY_SIGMA_DATA ** 2
+    return sd2 / (st ** 2 + sd2), st / (st ** 2 + sd2).sqrt()
+
+
+def sample_lcm(denoise, x, ts, sched, *, generator=None, on_step=None, **_):
+    """Algorithm 1 of Song et al. 2023: x0 = f(x_t, t), then x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) z with fresh
+    noise z; the last step returns its x0. ``denoise`` is the consistency function f (Diffusion.sample builds it)."""
+    ab_all = sched.alphas_cumprod
+
+    def step(x, x0, t, s):
+        return ab_all[s].sqrt() * x0 + (1 - ab_all[s]).sqrt() * _noise_like(x0, generator)
+    return _walk(denoise, x, ts, step, on_step)
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp-2m": sample_dpmpp_2m, "heun": sample_heun,
+            "lcm": sample_lcm}
 
 
 def model_evals(sampler, steps, guided=True):
-    """Network evaluations per image: each step's, with guidance's second (unconditional) half."""
+    """Network evaluations per image: each step's, with guidance's second (unconditional) half (none for a sampler
+    whose network takes w as an input)."""
+    guided = guided and sampler not in GUIDANCE_INPUT
     per_step = EVALS_PER_STEP[sampler]
     n = steps * per_step - (per_step - 1)  # the last step of a second-order method is first order
     return n * (2 if guided else 1)

@@ -31,6 +31,11 @@ import torch.nn.functional as F
 
 
 
+# w is embedded as a step would be after this factor, as LCM's guidance_scale_embedding (w x 1000): w in 1..3 then
+# spans as many sinusoid periods as the steps do
+W_EMBED_SCALE = 1000.0
+
+
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017; Ho et al. 2020), (B,) -> (B, dim)."""
     half = dim // 2
@@ -199,6 +204,7 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_classes = cfg.num_classes
+        self.w_embed = None  # a speed adapter's guidance input (distill.py), not part of the base
         ch = cfg.channels
         td = cfg.time_dim
         self.time_mlp = nn.Sequential(nn.Linear(td, td), nn.SiLU(), nn.Linear(td, td))
@@ -264,9 +270,15 @@ class UNet(nn.Module):
         """Labels (B,) -> context tokens (B, context_tokens, context_dim): the "prompt"."""
         return self.label_emb(labels).view(labels.shape[0], self.cfg.context_tokens, self.cfg.context_dim)
 
-    def forward(self, x, t, labels):
-        """x (B, C, H, W), t (B,) integer steps, labels (B,) in 0..num_classes -> predicted noise (B, C, H, W)."""
-        t_emb = self.time_mlp(timestep_embedding(t, self.cfg.time_dim))
+    def forward(self, x, t, labels, w=None):
+        """x (B, C, H, W), t (B,) integer steps, labels (B,) in 0..num_classes -> predicted noise (B, C, H, W).
+
+        ``w`` (B,), the guidance scale, is read only when a speed adapter gave the model ``w_embed`` (distill.py):
+        its embedding is added to the step's before the time MLP, as diffusers' ``time_cond_proj`` adds LCM's."""
+        t_in = timestep_embedding(t, self.cfg.time_dim)
+        if w is not None and self.w_embed is not None:
+            t_in = t_in + self.w_embed(timestep_embedding(w * W_EMBED_SCALE, self.cfg.time_dim))
+        t_emb = self.time_mlp(t_in)
         ctx = self.context(labels)
         h = self.conv_in(F.pixel_unshuffle(x, self.cfg.patch_size))
         body = self._tutorial_body if self.cfg.arch == "tutorial" else self._sd_body

@@ -234,3 +234,57 @@ def test_image_to_image_at_strength_0_and_1(sampler):
     assert near < far
     with pytest.raises(ValueError, match="strength must be in"):
         run(init=init, strength=-0.5)
+
+
+# ------------------------------------------------------------------ the consistency sampler (lcm)
+
+class ExactPointMass(torch.nn.Module):
+    """The exact network for data that is one image c: its output implies x0 = c at every x_t, under ``objective``.
+    It records each call's w (a speed adapter's input), and has a w_embed so Diffusion.sample passes w."""
+
+    def __init__(self, d, c):
+        super().__init__()
+        self.d, self.c, self.num_classes, self.ws = d, c, 10, []
+        self.w_embed = torch.nn.Identity()
+
+    def forward(self, x, t, labels, w=None):
+        self.ws.append(w)
+        ab = self.d.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_in = x
+        if self.d._obj.in_scale is not None:  # Diffusion scaled x_t by c_in first: undo it
+            x_in = x / self.d._obj.in_scale(ab)
+        x0 = torch.full_like(x, self.c)
+        eps = (x_in - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return self.d._obj.target(x0, eps, ab)
+
+
+@pytest.mark.parametrize("objective", ALL)
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_lcm_with_an_exact_consistency_function_lands_on_the_data(objective, steps):
+    """From pure noise to the data in one step (and stays there over 2, 4, 8), one network call a step, w the
+    network's input and no unconditional pass."""
+    d = Diffusion(objective=objective)
+    model = ExactPointMass(d, 0.37)
+    x, _ = d.sample(model, torch.arange(3), (3, 1, 5, 5), sampler="lcm", steps=steps, guidance=1.5,
+                    generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x, torch.full_like(x, 0.37), rtol=0, atol=1e-4)
+    assert len(model.ws) == steps == model_evals("lcm", steps)
+    assert all(w.tolist() == [1.5] * 3 for w in model.ws)
+
+
+def test_lcm_steps_are_lcms_skipping_grid():
+    """LCM's scheduler on 1,000 steps: 999, 759, 499, 259 for 4; the distillation trains on the same grid."""
+    d = Diffusion()
+    assert d.lcm_timesteps(4) == [999, 759, 499, 259]
+    assert d.lcm_timesteps(1) == [999] and d.lcm_timesteps(2) == [999, 499]
+    assert len(d.lcm_timesteps(8)) == 8 and set(d.lcm_timesteps(8)) <= set(d.skip_grid())
+    assert d.skip_grid()[:2] == [19, 39] and len(d.skip_grid()) == 50
+    assert Diffusion(timesteps=20).skip_grid() == list(range(20))  # fewer steps than the grid: every one
+
+
+def test_the_consistency_boundary_condition():
+    """f(x, 0) = x exactly (c_skip 1, c_out 0); from the grid's first step up f is the network's x0."""
+    from samplers import consistency_scalings
+    c_skip, c_out = consistency_scalings(torch.tensor([0, 19, 999]))
+    assert c_skip[0] == 1 and c_out[0] == 0
+    assert c_skip[1] < 1e-4 and c_out[1] > 0.9999 and c_skip[2] < 1e-8
