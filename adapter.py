@@ -22,9 +22,14 @@ import torch
 import torch.nn as nn
 
 from config import DEFAULT_OUT_DIR
-from lora import BaseMismatch, LoraError, LoraLayer, add_lora, lora_state_dict, resolve_targets, set_lora_weight
+from lora import (BaseMismatch, LoraError, LoraLayer, add_guidance_input, add_lora, lora_state_dict, resolve_targets,
+                  set_lora_weight)
 
 KOHYA_PREFIX = "lora_unet_"  # kohya's module names: this, then the module's dotted path with underscores
+# What an adapter may carry beside its LoRA pairs, saved whole (PEFT's modules_to_save): a speed adapter's guidance
+# input (lora.GuidanceEmbedding), "w_embed.weight" in the file, (time_dim, time_dim)
+SAVED_MODULES = ("w_embed",)
+KINDS = ("lcm",)  # an adapter's kind beside a style's: lcm, a speed adapter (distill.py)
 
 
 # ----------------------------------------------------------------- the objects
@@ -47,6 +52,8 @@ class Adapter:
     notes: list = field(default_factory=list)  # what was assumed on loading
     weight: float = 1.0  # its strength when applied (PATH:WEIGHT)
     name: str | None = None  # its name in a model, once attached
+    kind: str | None = None  # None: a style; "lcm": a speed adapter, sampled with --sampler lcm (KINDS)
+    saved_modules: dict = field(default_factory=dict)  # {"w_embed.weight": tensor}: SAVED_MODULES, fp32
 
     @classmethod
     def new(cls, lcfg, base_fingerprint=None, base_path=None):
@@ -102,8 +109,12 @@ def content_hash(tensors):
 
 
 def adapter_from_model(model, adapter, name="default"):
-    """``adapter`` with the tensors of adapter ``name`` in ``model`` (what lora_finetune.py trained)."""
-    return adapter.replace(tensors=lora_state_dict(model, name))
+    """``adapter`` with the tensors of adapter ``name`` in ``model`` (what lora_finetune.py trained), and its
+    guidance input's where it has one (a speed adapter)."""
+    saved, guidance = {}, getattr(model, "w_embed", None)
+    if guidance is not None and name in guidance.lora_w:
+        saved["w_embed.weight"] = guidance.lora_w[name].weight.detach().float().cpu().clone()
+    return adapter.replace(tensors=lora_state_dict(model, name), saved_modules=saved)
 
 
 def add_adapter_layers(model, adapter, name="default"):
@@ -209,7 +220,15 @@ def apply_adapter(model, adapter, base_fingerprint, force=False, name="default",
     if missing or extra or absent:
         raise LoraError(f"adapter {path!r} does not match targets {adapter.targets} on this model: "
                         f"missing {missing[:3]}, unexpected {(extra or absent)[:3]}")
+    w_embed = adapter.saved_modules.get("w_embed.weight")
+    if w_embed is not None and tuple(w_embed.shape) != (model.cfg.time_dim,) * 2:
+        raise LoraError(f"adapter {path!r} was trained on a base of another size: its guidance input is "
+                        f"{tuple(w_embed.shape)}, this model's time embedding {model.cfg.time_dim} wide; pass the "
+                        "base it was trained on")
     new = add_lora(model, picked, adapter.r, adapter.alpha, adapter.dropout, adapter_name=name)
+    if w_embed is not None:
+        with torch.no_grad():
+            add_guidance_input(model, name, weight).weight.copy_(w_embed)
     with torch.no_grad():
         for m, layer in new.items():
             a, b = adapter.pair(m)

@@ -29,7 +29,7 @@ import shutil
 
 import torch
 
-from adapter import KOHYA_PREFIX, Adapter, TrainingState, content_hash, kohya_name
+from adapter import KINDS, KOHYA_PREFIX, SAVED_MODULES, Adapter, TrainingState, content_hash, kohya_name
 from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from config import DEFAULT_ADAPTER, DEFAULT_OUT_DIR, R_MAX, STYLES, valid_r
 from files import atomic_write, temp_folder
@@ -66,8 +66,9 @@ def peft_config(adapter):
     return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": adapter.base_path, "r": adapter.r,
             "lora_alpha": adapter.alpha, "target_modules": list(adapter.targets or adapter.modules),
             "lora_dropout": adapter.dropout, "bias": "none", "use_rslora": False, "use_dora": False,
-            "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {},
-            "alpha_pattern": {}, "inference_mode": True}
+            "fan_in_fan_out": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+            "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in adapter.saved_modules}) or None,
+            "inference_mode": True}
 
 
 def _metadata(adapter, tensors, **extra):
@@ -76,7 +77,7 @@ def _metadata(adapter, tensors, **extra):
             f"{META}lora_alpha": repr(adapter.alpha),
             f"{META}target_modules": json.dumps(list(adapter.targets or adapter.modules))}
     for key, value in (("base_fingerprint", adapter.base_fingerprint), ("base_path", adapter.base_path),
-                       ("base_name", adapter.base_name), ("style", adapter.style)):
+                       ("base_name", adapter.base_name), ("style", adapter.style), ("kind", adapter.kind)):
         if value:
             meta[f"{META}{key}"] = value
     meta.update(extra)
@@ -124,6 +125,8 @@ def write_adapter(folder, adapter, training_state=None):
     carries its own copy of the tensors, so --resume never depends on the shared file."""
     check_adapter_folder(folder)
     tensors = {f"{PEFT_PREFIX}{k}.weight": v.detach().float().cpu().contiguous() for k, v in adapter.tensors.items()}
+    # a saved module under its own name, as PEFT writes modules_to_save: base_model.model.w_embed.weight
+    tensors.update({f"{PEFT_PREFIX}{k}": v.detach().float().cpu().contiguous() for k, v in adapter.saved_modules.items()})
     tmp = temp_folder(folder)  # named so that a later run removes it, should this one be killed
     try:
         meta = _metadata(adapter, tensors)
@@ -165,6 +168,8 @@ def write_kohya(path, adapter):
         tensors[f"{k}.lora_down.weight"] = a.float().cpu().contiguous()
         tensors[f"{k}.lora_up.weight"] = b.float().cpu().contiguous()
         tensors[f"{k}.alpha"] = torch.tensor(float(adapter.alpha))
+    for k, v in adapter.saved_modules.items():  # kohya has no such field: the module's own name, prefixed
+        tensors[KOHYA_PREFIX + k] = v.float().cpu().contiguous()
     meta = _metadata(adapter, tensors, ss_network_module="networks.lora", ss_network_dim=str(adapter.r),
                      ss_network_alpha=repr(adapter.alpha), ss_base_model_version="mnist_sd_unet",
                      ss_training_comment=f"style {adapter.style or 'unknown'}")
@@ -194,6 +199,7 @@ def load_adapter(path, map_location="cpu"):
         ad = _load_legacy(path)[0]
     ad.path = path
     ad.tensors = {k: v.to(map_location) for k, v in ad.tensors.items()}
+    ad.saved_modules = {k: v.to(map_location) for k, v in ad.saved_modules.items()}
     return ad
 
 
@@ -313,7 +319,35 @@ def _text(value, where, source, key):
     return value or None
 
 
+def _saved_modules(tensors, prefix, listed, where):
+    """The tensors of fully saved modules (SAVED_MODULES, those ``listed``) under ``prefix``, taken out of
+    ``tensors``; returns {name.weight: tensor}."""
+    unknown = [m for m in listed if m not in SAVED_MODULES]
+    if unknown:
+        raise LoraError(f"{where!r}: fully saved modules {unknown} are not supported here (only "
+                        f"{', '.join(SAVED_MODULES)}, a speed adapter's guidance input)")
+    out = {}
+    for k in [k for k in tensors if k.startswith(prefix) and k[len(prefix):].rsplit(".", 1)[0] in listed]:
+        out[k[len(prefix):]] = tensors.pop(k).float().contiguous()
+    return out
+
+
+def _kind(meta, where):
+    kind = meta.get(f"{META}kind")
+    if kind is not None and kind not in KINDS:
+        raise _bad(where, "header", f"{META}kind", kind, f"must be one of {', '.join(KINDS)} or absent")
+    return kind
+
+
 def _from_peft(tensors, meta, config_path, where):
+    try:
+        with open(config_path) as f:
+            listed = json.load(f).get("modules_to_save") or []
+    except (OSError, ValueError, AttributeError):  # read again, and named, below
+        listed = []
+    listed = listed if isinstance(listed, list) and all(isinstance(m, str) for m in listed) else []
+    tensors = dict(tensors)
+    saved = _saved_modules(tensors, PEFT_PREFIX, listed, where) if listed else {}
     stray = [k for k in tensors if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if stray:
         raise LoraError(f"{where!r} holds tensors plain LoRA does not have (DoRA, biases, saved modules?): "
@@ -329,8 +363,10 @@ def _from_peft(tensors, meta, config_path, where):
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         found = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
         raise LoraError(f"{where!r}: {CONFIG_NAME} is a {found!r} adapter, not LoRA")
-    for key, why in (("use_dora", "DoRA's magnitude vectors are"), ("modules_to_save", "fully saved modules are"),
-                     ("rank_pattern", "per-layer ranks are"), ("alpha_pattern", "per-layer alphas are")):
+    if cfg.get("modules_to_save") and not saved:
+        raise LoraError(f"{where!r}: {CONFIG_NAME} sets modules_to_save = {cfg['modules_to_save']!r}; fully saved "
+                        "modules are not supported here")
+    for key, why in (("use_dora", "DoRA's magnitude vectors are"), ("rank_pattern", "per-layer ranks are"), ("alpha_pattern", "per-layer alphas are")):
         if cfg.get(key):
             raise LoraError(f"{where!r}: {CONFIG_NAME} sets {key} = {cfg[key]!r}; {why} not supported here")
     if cfg.get("bias", "none") != "none":
@@ -382,7 +418,7 @@ def _from_peft(tensors, meta, config_path, where):
                    style=check_style(meta.get(f"{META}style"), where, "header", f"{META}style"),
                    base_fingerprint=meta.get(f"{META}base_fingerprint"),
                    base_path=meta.get(f"{META}base_path") or base_path, base_name=meta.get(f"{META}base_name"),
-                   dropout=dropout, format="peft", notes=notes)
+                   dropout=dropout, format="peft", notes=notes, kind=_kind(meta, where), saved_modules=saved)
 
 
 def _pairs(tensors, down, up, where):
@@ -405,6 +441,8 @@ def _pairs(tensors, down, up, where):
 
 
 def _from_kohya(tensors, meta, where):
+    tensors = dict(tensors)
+    saved = _saved_modules(tensors, KOHYA_PREFIX, SAVED_MODULES, where)
     stray = [k for k in tensors if not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
     if stray:
         raise LoraError(f"{where!r} holds tensors plain LoRA does not have (LoHa, LoKr, DoRA?): {stray[:3]}")
@@ -447,7 +485,8 @@ def _from_kohya(tensors, meta, where):
     # targets stay None: known once the names are mapped onto a model (resolve_kohya_names)
     return Adapter(out, r, alpha, style=check_style(meta.get(f"{META}style"), where, "header", f"{META}style"),
                    base_fingerprint=meta.get(f"{META}base_fingerprint"), base_path=meta.get(f"{META}base_path"),
-                   base_name=meta.get(f"{META}base_name"), format="kohya", notes=notes)
+                   base_name=meta.get(f"{META}base_name"), format="kohya", notes=notes, kind=_kind(meta, where),
+                   saved_modules=saved)
 
 
 def _old_layout(tensors):

@@ -217,6 +217,41 @@ class LoraLayer(nn.Module):
                          + ("" if self.enabled[n] else " (off)") for n in self.lora_A)
 
 
+class GuidanceEmbedding(nn.Module):
+    """A speed adapter's guidance input (distill.py): per adapter, a ``dim`` x ``dim`` Linear from the embedding of
+    the guidance scale w to the step's embedding (LCM's ``time_cond_proj``), zero at first so a new one is a no-op,
+    held by name and weighted as a LoraLayer's adapters are. The UNet holds it as ``w_embed``; the ``lora_`` prefix
+    of ``lora_w`` makes it trainable and saved with the adapter (PEFT: ``modules_to_save``)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+        self.lora_w = nn.ModuleDict()
+        self.weights = {}
+
+    def add_adapter(self, name, weight=1.0):
+        if name in self.lora_w:
+            raise LoraError(f"the guidance input already holds an adapter named {name!r}; pick another name")
+        lin = nn.Linear(self.dim, self.dim, bias=False)
+        nn.init.zeros_(lin.weight)
+        self.lora_w[name], self.weights[name] = lin, float(weight)
+        return lin
+
+    def forward(self, e):  # (B, dim) embedding of w -> (B, dim), added to the step's embedding
+        out = torch.zeros_like(e)
+        for n, lin in self.lora_w.items():
+            if self.weights[n] != 0:
+                out = out + self.weights[n] * lin(e)
+        return out
+
+
+def add_guidance_input(model, name="default", weight=1.0):
+    """Give ``model`` (a UNet) adapter ``name``'s guidance input, a zero Linear, creating ``model.w_embed`` first."""
+    if model.w_embed is None:
+        model.w_embed = GuidanceEmbedding(model.cfg.time_dim).to(model.time_mlp[0].weight.device)
+    return model.w_embed.add_adapter(name, weight)
+
+
 # ------------------------------------------------------------ targets
 
 def _adaptable(model):
@@ -317,6 +352,11 @@ def set_lora_weight(model, weight, name=None):
     for layer in _layers_with(model, name):
         for n in ([name] if name is not None else layer.adapter_names):
             layer.set_weight(n, weight)
+    guidance = getattr(model, "w_embed", None)
+    if isinstance(guidance, GuidanceEmbedding):  # a speed adapter's guidance input follows its weight
+        for n in guidance.weights:
+            if name is None or n == name:
+                guidance.weights[n] = weight
 
 
 def enable_lora(model, enabled=True, name=None):
@@ -334,6 +374,12 @@ def remove_lora(model, name=None):
             layer.delete_adapter(n)
         if not layer.lora_A:
             _set_submodule(model, path, layer.base_layer)
+    guidance = getattr(model, "w_embed", None)
+    if isinstance(guidance, GuidanceEmbedding):
+        for n in [n for n in guidance.weights if name is None or n == name]:
+            del guidance.lora_w[n], guidance.weights[n]
+        if not guidance.weights:
+            model.w_embed = None  # the base's own forward again
 
 
 def mark_only_lora_as_trainable(model):

@@ -130,6 +130,9 @@ def cmd_info(args):
     base = f" ({ad.base_path})" if ad.base_path else ""
     print(f"base fingerprint {ad.base_fingerprint or 'not recorded'}{base}, style {ad.style or 'not recorded'}, "
           f"size {adapter_size(args.path):,} bytes")
+    if ad.kind == "lcm":
+        print(f"kind lcm: a speed adapter (sample with --sampler lcm --steps 1..8; --guidance is its input w); saved "
+              f"modules {', '.join(f'{k} {tuple(v.shape)}' for k, v in ad.saved_modules.items())}")
     for note in ad.notes:
         print(f"note: {note}")
     width = max(len(m) for m in deltas)
@@ -197,8 +200,14 @@ def cmd_merge(args):
     styles = "+".join(str(a.style) for a in adapters)
     first = adapters[0]
     style = first.style if len({a.style for a in adapters}) == 1 else None  # a mix is no one style of the list
+    # a speed adapter's guidance input is linear in its weight: the weighted sum is exact, as the cat mode's
+    saved = {}
+    for ad in adapters:
+        for k, v in ad.saved_modules.items():
+            saved[k] = saved.get(k, 0) + ad.weight * v
     merged = Adapter(tensors, r, float(r), targets=modules, style=style, base_fingerprint=first.base_fingerprint,
-                     base_path=first.base_path, base_name=first.base_name)
+                     base_path=first.base_path, base_name=first.base_name, saved_modules=saved,
+                     kind="lcm" if saved else None)
     written = write_any(args.out, merged)
     shown = ", ".join(map(str, args.adapters))
     print(f"merge: {len(adapters)} adapters ({shown}; styles {styles}) -> {written}, rank {r}, "
