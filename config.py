@@ -410,6 +410,27 @@ class LoraConfig:
             raise ValueError(f"lora_t_range must be two numbers lo,hi with 0 <= lo < hi <= 1, got {self.lora_t_range}")
 
 
+@dataclass
+class DistillConfig:
+    """lora_finetune.py --distill lcm: a speed adapter by latent consistency distillation (distill.py, Luo et al.
+    2023); its rank, targets, steps, rate and batch are LoraConfig's."""
+    # LCM draws w from [w_min, w_max] around the guidance it samples at; 2 is ours (SampleConfig.guidance)
+    distill_w: tuple = setting((1.0, 3.0), "the teacher's guidance w is drawn from lo,hi; the adapter takes w as an "
+                               "input (--guidance when sampling with --sampler lcm)", item=float, ge=0.0, le=20.0)
+    distill_ema: float = setting(0.95, "EMA decay of the target network's adapter tensors (LCM's 0.95)", ge=0.0,
+                                 lt=1.0)
+    distill_loss: str = setting("huber", "the consistency loss: huber (pseudo-Huber, LCM's) or l2",
+                                choices=("huber", "l2"))
+    distill_huber_c: float = setting(1e-3, "pseudo-Huber's c: sqrt(d^2 + c^2) - c, quadratic below c", gt=0.0,
+                                     le=1.0)
+
+    def __post_init__(self):
+        self.distill_w = tuple(float(v) for v in self.distill_w)
+        check_settings(self)
+        if len(self.distill_w) != 2 or not self.distill_w[0] <= self.distill_w[1]:
+            raise ValueError(f"distill_w must be two numbers lo,hi with lo <= hi, got {self.distill_w}")
+
+
 # Presets are differences from the dataclass defaults, keyed by dataclass.
 PRESETS: dict[str, dict[type, dict]] = {
     "fast": {},
@@ -484,7 +505,8 @@ def preset_config(cls, preset="fast", **overrides):
 
 # each class's section in a checkpoint's config, in config.json and in a --config file
 SECTIONS: dict[type, str] = {ModelConfig: "model", DiffusionConfig: "diffusion", TrainConfig: "train",
-                             SampleConfig: "sample", LoraConfig: "lora", RuntimeConfig: "runtime"}
+                             SampleConfig: "sample", LoraConfig: "lora", RuntimeConfig: "runtime",
+                             DistillConfig: "distill"}
 
 
 def config_dict(*cfgs):

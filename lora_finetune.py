@@ -7,6 +7,7 @@
     python lora_finetune.py --style "font:DejaVu Serif Bold"   # a font's digits (an unknown name lists them)
     python lora_finetune.py --resume               # carry on from out/lora/ (its training_state.pt)
     python lora_finetune.py --full                 # every weight (at lr 3e-4) instead -> out/full.pt, a base checkpoint
+    python lora_finetune.py --distill lcm --out out/lcm   # a speed adapter: --sampler lcm in 1-8 steps (distill.py)
     torchrun --nproc_per_node=2 lora_finetune.py   # only the LoRA parameters are synchronised
 
 The adapter is a folder in PEFT's layout (adapter.py): adapter_model.safetensors with only the
@@ -36,8 +37,9 @@ from pipeline import load_pipeline
 from files import (check_apart, check_not_in_use, check_replace, check_writable_dir, check_writable_file,
                    lock_output, remove_stale_temps, same_thing)
 from inputs import check_inputs_apart
-from config import (DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, STEPS_MAX, LoraConfig, RuntimeConfig, TrainConfig,
-                    saved_runtime)
+from config import (DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, STEPS_MAX, DistillConfig, LoraConfig, RuntimeConfig,
+                    TrainConfig, saved_runtime)
+from distill import distill
 from cli import (ArgumentParser, add_config_args, add_config_file_arg, add_preset_arg, add_runtime_args, bounded,
                  config_file_note, config_from_args, path_arg, runtime_from_args)
 from errors import CLIError, run_main
@@ -82,7 +84,10 @@ def build_parser():
                      f"OUT/{PREVIEW_DIR}/ (0: none)")
     out.add_argument("--tensorboard", action="store_true",
                      help=f"also write TensorBoard events to OUT/{TENSORBOARD_DIR} (needs: {TENSORBOARD_HINT})")
+    lora.add_argument("--distill", choices=["lcm"], default=None, help="lcm: distil the base's guided sampling into "
+                      "a speed adapter (latent consistency distillation), sampled with --sampler lcm in 1-8 steps")
     add_config_args(p, LoraConfig)
+    add_config_args(p, DistillConfig)
     add_config_args(p, TrainConfig, skip=[f for f in TrainConfig.__dataclass_fields__ if f not in SHARED_TRAIN_FLAGS])
     add_runtime_args(p)
     return p
@@ -192,6 +197,8 @@ class FinetuneRun:
 def finetune(args):
     """Check, load the base with an adapter on it, train it with trainer.fit, save; returns the output path."""
     run = start_run(args)
+    if run is None:
+        return distill(args)
     slot = AdapterSlot(run)
     pipe = load_pipeline(args.ckpt, run.device, args.weights, attach=slot)
     model, diffusion = pipe.model, pipe.diffusion
@@ -246,6 +253,8 @@ def start_run(args):
         require_tensorboard()
     args.out = args.out or (FULL_DEFAULT if args.full else DEFAULT_ADAPTER)
     check_outputs(args)
+    if args.distill:
+        return None  # distill.py's own loop takes it from here
     if args.resume is not None:
         adapter = load_adapter(args.resume or args.out)
         state = load_training_state(args.resume or args.out)
