@@ -139,6 +139,13 @@ def check_distill_flags(args):
                        f"{', '.join(given)}")
 
 
+def refuse_distill_flags(args):
+    """--distill-* flags without --distill would change nothing: say so rather than ignore them."""
+    given = [f"--{n.replace('_', '-')}" for n in DistillConfig.__dataclass_fields__ if getattr(args, n, None) is not None]
+    if given:
+        raise CLIError(f"{', '.join(given)} apply to --distill lcm only: add --distill lcm or drop them")
+
+
 def distill(args, log=print):
     """lora_finetune.py --distill lcm, after its output checks: train and write the speed adapter at args.out."""
     check_distill_flags(args)
@@ -146,6 +153,9 @@ def distill(args, log=print):
     tcfg = config_from_args(args, TrainConfig, args.preset)
     dcfg = config_from_args(args, DistillConfig, args.preset)
     rcfg = runtime_from_args(args)
+    if rcfg.precision not in ("auto", "fp32"):
+        raise CLIError(f"--distill lcm trains in fp32 (the teacher's one-step targets are small differences); drop "
+                       f"--precision {rcfg.precision}")
     dist_info, device = setup_distributed(rcfg.device)
     if dist_info.world > 1:
         raise CLIError("--distill lcm runs in one process; run it without torchrun")

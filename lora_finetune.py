@@ -39,7 +39,7 @@ from files import (check_apart, check_not_in_use, check_replace, check_writable_
 from inputs import check_inputs_apart
 from config import (DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, STEPS_MAX, DistillConfig, LoraConfig, RuntimeConfig,
                     TrainConfig, saved_runtime)
-from distill import distill
+from distill import distill, refuse_distill_flags
 from cli import (ArgumentParser, add_config_args, add_config_file_arg, add_preset_arg, add_runtime_args, bounded,
                  config_file_note, config_from_args, path_arg, runtime_from_args)
 from errors import CLIError, run_main
@@ -255,6 +255,7 @@ def start_run(args):
     check_outputs(args)
     if args.distill:
         return None  # distill.py's own loop takes it from here
+    refuse_distill_flags(args)
     if args.resume is not None:
         adapter = load_adapter(args.resume or args.out)
         state = load_training_state(args.resume or args.out)

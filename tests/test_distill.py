@@ -206,12 +206,16 @@ def test_the_real_peft_loads_a_speed_adapter(tmp_path):
 
 def test_distill_flags_it_cannot_honour_are_refused(tiny_ckpt, tmp_path, capsys):
     for extra, message in ((["--style", "bold"], "drop --style"), (["--full"], "drop --full"),
-                           (["--distill-w", "3,1"], "lo <= hi")):
+                           (["--distill-w", "3,1"], "lo <= hi"), (["--precision", "bf16"], "trains in fp32")):
         with pytest.raises(SystemExit) as e:
             lora_finetune.main(["--preset", "tiny", "--ckpt", tiny_ckpt, "--distill", "lcm", "--out",
                                 str(tmp_path / "lcm"), *extra])
         assert e.value.code == 2 and message in capsys.readouterr().err
         assert not os.path.exists(tmp_path / "lcm")
+    with pytest.raises(SystemExit) as e:  # a distillation's flag alone changes nothing: refused, not ignored
+        lora_finetune.main(["--preset", "tiny", "--ckpt", tiny_ckpt, "--distill-ema", "0.9", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "--distill-ema apply to --distill lcm only" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
 
 
 @pytest.mark.slow
