@@ -381,10 +381,9 @@ class LoraConfig:
     data: str = setting("", "a folder of 0..9 subfolders of images, or of images named by their digit (7_a.png; "
                         "any format, size, mode), or an .npz (images uint8 N x 28 x 28, labels): the fine-tune's "
                         "digits instead of --style's (default: none, --style's)", group="data")
-    # off by default, as kohya's --flip_aug/--color_aug and diffusers' --random_flip are: on a typeface's digits,
-    # 10 or 20 a label, augmenting cost 35-36 points of style share and doubled the distance to the style
-    # (experiments/own_style); the digits are centred by their mass, and a shifted or turned copy teaches the
-    # model to draw them off centre and turned
+    # off by default, as kohya's --flip_aug/--color_aug and diffusers' --random_flip are: on a typeface's digits
+    # every variant tried lost style share and distance (experiments/own_style/notes.md, "What changed"); the
+    # digits are centred by their mass, and a shifted or turned copy teaches the model to draw them off centre
     augment: str = setting("off", "small shifts, rotations and scalings of --data's or a font's digits (never "
                            "flips); auto: on for fewer than 1000 images", choices=("auto", "on", "off"), group="data")
     prior_weight: float = setting(1.0, "loss weight of real digits of the labels --data lacks, so that they stay "
