@@ -186,7 +186,7 @@ def distill(args, log=print):
     paths = LogPaths.of(args.out, folder=True)
     loss_log = LossLog(paths.csv, lcfg.lora_batch_size)
     gen = torch.Generator().manual_seed(rcfg.seed + 2)
-    start, loss = time.time(), torch.zeros(())
+    start, loss, step = time.time(), torch.zeros(()), 0
     try:
         for step in range(lcfg.lora_steps):
             pick = torch.randint(0, len(images), (lcfg.lora_batch_size,), generator=gen).to(device)
@@ -201,6 +201,10 @@ def distill(args, log=print):
             opt.step()
             ema_update(ema, params, dcfg.distill_ema)
             loss_log.step(step + 1, loss.item(), lr)
+    except KeyboardInterrupt:  # Ctrl-C: the adapter as far as it got, whole, then the usual exit
+        write_adapter(args.out, adapter_from_model(model, spec))
+        log(f"distill: interrupted at step {step}; the adapter so far is in {args.out}")
+        raise
     finally:
         loss_log.close()
     write_adapter(args.out, adapter_from_model(model, spec))

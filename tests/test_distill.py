@@ -229,3 +229,24 @@ def test_distill_end_to_end_then_sample_it_stacked(tiny_ckpt, tiny_adapter, tmp_
                             "--steps", "2", "--merge", "--frames", "0", "--device", "cpu", "--precision", "fp32",
                             "--out-dir", str(tmp_path / "samples")])
     assert written
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_speed_adapter_so_far(tiny_ckpt, tmp_path, monkeypatch):
+    import distill
+    calls = []
+    real = distill.distill_loss
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(distill, "distill_loss", interrupted)
+    out = str(tmp_path / "lcm")
+    with pytest.raises(SystemExit) as e:
+        lora_finetune.main(["--preset", "tiny", "--device", "cpu", "--ckpt", tiny_ckpt, "--distill", "lcm",
+                            "--lora-steps", "10", "--out", out])
+    assert e.value.code == 130
+    ad = load_adapter(out)  # whole, after two steps
+    assert ad.kind == "lcm" and ad.saved_modules["w_embed.weight"].abs().sum() > 0
