@@ -15,6 +15,7 @@
     write_adapter("out/lora", adapter_from_model(model, ad), TrainingState(...))
     ad = load_adapter("out/lora")        # a folder, a kohya .safetensors or an old .pt; else one LoraError
     adapters = load_adapters(args.lora)  # cli.LoraSpec (PATH[:WEIGHT], parsed by the command line) -> Adapters
+    find_adapter("italic", ["out", "~/adapters"])   # <lora:italic:0.8>: the folder named so under those roots
 
 Every header field is checked before use; every problem is one LoraError naming the file.
 """
@@ -38,6 +39,7 @@ from lora import LoraError
 
 ADAPTER_FORMAT_VERSION = 2  # 1 was the single torch .pt file
 WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_DEPTH = 4  # folders below a root searched for adapters (the page's list, <lora:NAME:W>)
 CONFIG_NAME = "adapter_config.json"
 STATE_NAME = "training_state.pt"
 LEGACY_DEFAULT_ADAPTER = os.path.join(DEFAULT_OUT_DIR, "lora.pt")  # where DEFAULT_ADAPTER was before format 2
@@ -203,13 +205,54 @@ def load_adapter(path, map_location="cpu"):
     return ad
 
 
+def find_adapter_folders(root, skip=()):
+    """Folders under ``root`` holding an adapter (adapter_model.safetensors), hidden folders and ``skip`` left out, at
+    most ADAPTER_DEPTH below it. The page lists these, and <lora:NAME:W> looks NAME up among them.
+
+    Symlinked folders are not followed: a link inside a root can point anywhere."""
+    found = []
+    root = os.path.realpath(root)
+    skip = {os.path.realpath(s) for s in skip}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.realpath(os.path.join(dirpath, d)) not in skip)
+        if dirpath.count(os.sep) - root.count(os.sep) >= ADAPTER_DEPTH:
+            dirnames[:] = []
+        if WEIGHTS_NAME in filenames and os.path.realpath(dirpath) not in skip:
+            found.append(dirpath)
+    return found
+
+
+def find_adapter(name, roots, where="<lora:NAME>"):
+    """The adapter folder ``name`` names under ``roots`` (find_adapter_folders): its folder's name (``italic``, or
+    ``my_font`` for my.font, as the page's sliders call it) or its path below a root (``app/adapters/serif``). None
+    found, or two, is a LoraError listing the names there."""
+    found = {}  # folder (resolved) -> its path below its root
+    for root in roots:
+        if os.path.isdir(root):
+            for folder in find_adapter_folders(root):
+                found.setdefault(os.path.realpath(folder), os.path.relpath(folder, os.path.realpath(root)))
+    wanted = name.strip().strip("/")
+    hits = [f for f, rel in found.items() if wanted in (rel, os.path.basename(f), os.path.basename(f).replace(".", "_"))]
+    shown_roots = ", ".join(map(str, roots))
+    if len(hits) > 1:
+        raise LoraError(f"{where}: {len(hits)} adapters are named {name!r} under {shown_roots} "
+                        f"({', '.join(sorted(found[h] for h in hits))}); name one by its path below its folder")
+    if not hits:
+        names = ", ".join(sorted({os.path.basename(f) for f in found})) or "none"
+        raise LoraError(f"{where}: no adapter named {name!r} under {shown_roots}; the adapters there: {names} "
+                        "(--lora-dir FOLDER looks in another folder, --lora PATH:WEIGHT takes a folder itself)")
+    return hits[0]
+
+
 def load_adapters(specs, map_location="cpu", log=print):
     """Load every adapter of ``specs`` (cli.LoraSpec: PATH[:WEIGHT], parsed and checked by the command line),
     each at its weight.
 
     The default path (out/lora) falls back to an old out/lora.pt when only that exists."""
     out = []
-    for path, weight, _ in specs:
+    for spec in specs:
+        path, weight = spec.path, spec.weight
         if path == DEFAULT_ADAPTER and not os.path.exists(path) and os.path.exists(LEGACY_DEFAULT_ADAPTER):
             log(f"lora: using the old {LEGACY_DEFAULT_ADAPTER}; convert it once with: python lora_tools.py "
                 f"convert {LEGACY_DEFAULT_ADAPTER} --out {DEFAULT_ADAPTER}")

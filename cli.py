@@ -18,14 +18,14 @@ import difflib
 import json
 import math
 import os
+import re
 import textwrap
-import os
 import tomllib
 from dataclasses import fields
 from typing import NamedTuple
 
-from config import (DEFAULT_ADAPTER, PRESETS, SECTIONS, WEIGHT_RANGE, DiffusionConfig, LoraConfig, ModelConfig,
-                    RuntimeConfig, SampleConfig, TrainConfig, from_saved, preset_config, range_text)
+from config import (DEFAULT_ADAPTER, DEFAULT_OUT_DIR, PRESETS, SECTIONS, WEIGHT_RANGE, DiffusionConfig, LoraConfig,
+                    ModelConfig, RuntimeConfig, SampleConfig, TrainConfig, from_saved, preset_config, range_text)
 from errors import CLIError, exit_with
 from inputs import CONFIG_MAX_BYTES, read_regular
 
@@ -423,13 +423,19 @@ def add_preset_arg(parser):
                              "(GPU, the tutorial's original sizes) | tiny (tests)")
 
 
-# ------------------------------------------------------------------ adapters: PATH[:WEIGHT]
+# ------------------------------------------------------------------ adapters: PATH[:WEIGHT] or <lora:NAME:WEIGHT>
+
+# AUTOMATIC1111's way to name an adapter in a prompt: <lora:NAME> or <lora:NAME:WEIGHT>
+LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^<>]*))?>")
+
 
 class LoraSpec(NamedTuple):
-    """An adapter on the command line, parsed once (``lora_spec``): its path, its weight, and the text as typed."""
+    """An adapter on the command line, parsed once (``lora_spec``): its path, its weight, the text as typed, and
+    for <lora:NAME:W> the NAME, whose path resolve_lora_names finds (empty until then)."""
     path: str
     weight: float = 1.0
     text: str = ""
+    name: str = ""
 
     def __str__(self):
         return self.text or self.path
@@ -458,13 +464,16 @@ def add_lora_args(group):
     group.add_argument("--lora", nargs="?", const=DEFAULT_ADAPTER, default=None, action="append", type=lora_spec,
                        metavar="PATH[:WEIGHT]",
                        help=f"apply a LoRA adapter (default {DEFAULT_ADAPTER}) at WEIGHT (default 1); repeat for "
-                       "several")
+                       "several; '<lora:NAME:WEIGHT>' (quoted) names an adapter folder under --lora-dir")
     weight = bounded(float, ge=WEIGHT_RANGE[0], le=WEIGHT_RANGE[1])
     group.add_argument("--lora-weight", type=weight, default=1.0,
                        help="strength of the adapters, times each one's own WEIGHT: 0 off, 1 as trained, negative "
                        "pushes the other way")
     group.add_argument("--lora-scale", dest="lora_weight", type=weight, default=argparse.SUPPRESS,
                        help=argparse.SUPPRESS)
+    group.add_argument("--lora-dir", action="append", default=None, type=path_arg, metavar="FOLDER",
+                       help=f"where --lora '<lora:NAME:WEIGHT>' looks for the adapter folder NAME, besides "
+                       f"{DEFAULT_OUT_DIR}/ (repeatable), as the page's --lora-dir")
 
 
 def lora_spec(text):
@@ -473,6 +482,8 @@ def lora_spec(text):
     exists."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"{text!r}: an empty path; give an adapter's folder or file")
+    if text.strip().startswith("<lora"):
+        return lora_tag_spec(text)
     if ":" not in text:
         return LoraSpec(text, 1.0, text)
     head, tail = text.rsplit(":", 1)
@@ -487,3 +498,34 @@ def lora_spec(text):
     if problem:
         raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
     return LoraSpec(head, weight, text)
+
+
+def lora_tag_spec(text):
+    """'<lora:NAME>' or '<lora:NAME:WEIGHT>' -> LoraSpec with its name and weight (checked), its path still empty."""
+    tag = LORA_TAG.fullmatch(text.strip())
+    if tag is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: write <lora:NAME> or <lora:NAME:WEIGHT>, e.g. <lora:italic:0.8>")
+    name, tail = tag.group(1).strip(), tag.group(2)
+    try:
+        weight = 1.0 if tail is None else float(tail)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight {tail!r} is not a number; write <lora:NAME:WEIGHT>, "
+                                         "e.g. <lora:italic:0.8>") from None
+    problem = weight_problem(weight)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return LoraSpec("", weight, text, name)
+
+
+def resolve_lora_names(specs, lora_dirs=()):
+    """``specs`` with each <lora:NAME:W>'s path found: the adapter folder NAME under out/ and ``lora_dirs``
+    (adapter_formats.find_adapter, the lookup the page's list uses); a PATH spec as it is. None stays None."""
+    if not specs or not any(s.name for s in specs):
+        return specs
+    for d in lora_dirs or ():
+        if not os.path.isdir(d):
+            raise CLIError(f"--lora-dir {d!r} is not a folder; pass the folder that holds your adapters")
+    from adapter_formats import find_adapter  # the adapter files' module, loaded only when a name is looked up
+
+    roots = [DEFAULT_OUT_DIR, *(lora_dirs or ())]
+    return [s._replace(path=find_adapter(s.name, roots, f"--lora {s.text}")) if s.name else s for s in specs]

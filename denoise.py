@@ -30,7 +30,7 @@ from adapter_formats import LEGACY_DEFAULT_ADAPTER, load_adapters
 from files import check_replace, check_writable_dir, remove_stale_temps
 from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, RuntimeConfig, SampleConfig
 from cli import (ArgumentParser, add_config_args, add_lora_args, add_runtime_args, bounded, config_flags,
-                 config_from_args, name_arg, path_arg, runtime_from_args)
+                 config_from_args, name_arg, path_arg, resolve_lora_names, runtime_from_args)
 from errors import CLIError, exit_with, run_main
 from dataset import to_model_range
 from diffusion import generate
@@ -216,7 +216,7 @@ def png_settings(args, scfg, rcfg, labels, precision, steps_run):
              "guidance": scfg.guidance, "eta": scfg.eta, "precision": precision}
     if args.init is not None:
         shown.update(init=args.init, strength=args.strength)
-    exact = {"ckpt": args.ckpt, "weights": args.weights, "lora": [str(s) for s in args.lora or []],
+    exact = {"ckpt": args.ckpt, "weights": args.weights, "lora": [f"{s.path}:{s.weight!r}" if s.name else str(s) for s in args.lora or []],
              "lora_weight": args.lora_weight, "merge": bool(args.merge), "force": bool(args.force),
              "labels": ",".join(map(str, labels)), "n_per_label": args.n_per_label, "seed": rcfg.seed,
              "precision": precision, "sample": dict(vars(scfg)), "init": args.init,
@@ -239,6 +239,7 @@ def check_flags(args):
 def run(args):
     if args.from_png is not None:
         apply_png_settings(args)
+    args.lora = resolve_lora_names(args.lora, args.lora_dir)
     scfg = config_from_args(args, SampleConfig)
     rcfg = runtime_from_args(args)
     check_flags(args)

@@ -56,7 +56,7 @@ from files import atomic_write, check_apart, check_replace, check_writable_dir, 
 from inputs import check_inputs_apart
 from config import BATCH_MAX, DATASETS, DEFAULT_CKPT, DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, STYLES, SampleConfig
 from cli import (ArgumentParser, add_config_args, add_lora_args, add_runtime_args, bounded, config_from_args, name_arg,
-                 path_arg, runtime_from_args)
+                 path_arg, resolve_lora_names, runtime_from_args)
 from errors import CLIError, run_main
 from dataset import MNIST_CLASSES, apply_style, load_dataset
 from diffusion import generate
@@ -441,6 +441,7 @@ def run(args):
         raise CLIError("--n-per-label and --batch must be > 0")
     if args.lora and not args.ckpt:
         raise CLIError("--lora needs the base it adapts: pass --ckpt (an adapter alone cannot be sampled)")
+    args.lora = resolve_lora_names(args.lora, args.lora_dir)
     check_outputs(args)
     device = pick_device(rcfg.device)
     precision = resolve_precision(rcfg.precision, device)  # sampling: the rule, never timed (same seed, same pictures)

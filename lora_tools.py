@@ -29,7 +29,7 @@ from checkpoint import load_model, model_config_from_checkpoint, state_fingerpri
 from pipeline import load_pipeline
 from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, R_MAX, SEED_MAX, SampleConfig
 from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, check_weight, config_from_args, lora_spec,
-                 path_arg, runtime_from_args)
+                 path_arg, resolve_lora_names, runtime_from_args)
 from errors import CLIError, run_main
 from files import check_apart, check_replace, check_writable_dir, check_writable_file
 from lora import LoraError, resolve_targets, set_lora_weight, short_targets
@@ -451,7 +451,12 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    return run_main(lambda a: a.fn(a), args)
+
+    def run(a):
+        if getattr(a, "adapters", None):  # merge, grid: <lora:NAME:W> looked up under out/
+            a.adapters = resolve_lora_names(a.adapters)
+        return a.fn(a)
+    return run_main(run, args)
 
 
 if __name__ == "__main__":

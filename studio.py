@@ -13,6 +13,7 @@ does not name is at 0) under the model's lock.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import math
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 
 from adapter import adapter_name, apply_adapter, resolve_kohya_names
-from adapter_formats import WEIGHTS_NAME, adapter_size, load_adapter
+from adapter_formats import adapter_size, find_adapter_folders, load_adapter
+from cli import LORA_TAG, lora_tag_spec
 from pipeline import load_pipeline
 from config import DEFAULT_OUT_DIR, SEED_MAX, WEIGHT_RANGE, SampleConfig, preset_config
 from dataset import to_model_range, to_uint8
@@ -42,7 +44,6 @@ MAX_PER_LABEL = 20
 MAX_IMAGE_BYTES = 64 << 20  # an image to start from, as sent: denoise.py's --init bound
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 APP_DIR = "app"  # under --out-dir: saved grids, style data, fine-tunes and the page's upload cache
-ADAPTER_DEPTH = 4  # folders below a root searched for adapters
 
 
 class PageError(UserError):
@@ -89,23 +90,6 @@ def check_name(name, what="name"):
     if not isinstance(name, str) or not NAME_RE.match(name.strip()):
         raise PageError(f"{what} {shown(name)}: use 1 to 40 letters, digits, - or _ (no spaces, no slashes)")
     return name.strip()
-
-
-def find_adapter_folders(root, skip=()):
-    """Folders under ``root`` holding an adapter (adapter_model.safetensors), hidden folders and ``skip`` left out.
-
-    Symlinked folders are not followed: a link inside a root can point anywhere."""
-    found = []
-    root = os.path.realpath(root)
-    skip = {os.path.realpath(s) for s in skip}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and os.path.realpath(os.path.join(dirpath, d)) not in skip)
-        if dirpath.count(os.sep) - root.count(os.sep) >= ADAPTER_DEPTH:
-            dirnames[:] = []
-        if WEIGHTS_NAME in filenames and os.path.realpath(dirpath) not in skip:
-            found.append(dirpath)
-    return found
 
 
 # ------------------------------------------------------------------ what a request may ask
@@ -310,6 +294,24 @@ class Studio:
                 raise PageError(f"no loaded adapter named {shown(name)}; refresh the page")
             out[name] = number(w, f"the weight of {name!r}", *WEIGHT_RANGE)
         return out
+
+    def weights_from_tags(self, text):
+        """{name: weight} from the <lora:NAME:WEIGHT> tags in ``text`` (as denoise.py --lora takes them, and as
+        AUTOMATIC1111 users type them), NAME a listed adapter's name or its folder's; checked as check_weights."""
+        if not isinstance(text, str):
+            raise PageError(f"the adapters must be written as <lora:NAME:WEIGHT>, got {shown(text)}")
+        weights = {}
+        for match in LORA_TAG.finditer(text):
+            try:
+                spec = lora_tag_spec(match.group(0))
+            except argparse.ArgumentTypeError as e:
+                raise PageError(str(e)) from None
+            entry = next((e for e in self.usable() if spec.name in (e.name, os.path.basename(e.path), e.where)), None)
+            if entry is None:
+                names = ", ".join(e.name for e in self.usable()) or "none"
+                raise PageError(f"{spec.text}: no loaded adapter named {spec.name!r}; the adapters here: {names}")
+            weights[entry.name] = spec.weight
+        return self.check_weights(weights)
 
     def _apply(self, weights):
         """Every loaded adapter at its weight in ``weights`` (checked), 0 where it has none; under ``lock``."""

@@ -330,13 +330,13 @@ def test_a_weight_that_is_not_a_number_is_refused_while_parsing(spec, message, c
 
 
 def test_lora_spec_default_weight_and_colons(tmp_path):
-    assert lora_spec("out/lora") == ("out/lora", 1.0, "out/lora")
+    assert lora_spec("out/lora") == ("out/lora", 1.0, "out/lora", "")
     assert lora_spec("out/lora:-0.5")[:2] == ("out/lora", -0.5) and str(lora_spec("out/lora:-0.5")) == "out/lora:-0.5"
     assert lora_spec("out/lora:10")[:2] == ("out/lora", 10.0)  # the bound itself is allowed
     colon = tmp_path / "a:b"
     colon.mkdir()
-    assert lora_spec(str(colon)) == (str(colon), 1.0, str(colon))  # a path with a colon in it, taken whole
-    assert denoise.parse_args(["--lora"]).lora == [("out/lora", 1.0, "out/lora")]  # the default, parsed too
+    assert lora_spec(str(colon)) == (str(colon), 1.0, str(colon), "")  # a path with a colon in it, taken whole
+    assert denoise.parse_args(["--lora"]).lora == [("out/lora", 1.0, "out/lora", "")]  # the default, parsed too
 
 
 def test_denoise_with_two_weighted_adapters(tiny_ckpt, tiny_adapter, tmp_path, capsys):
