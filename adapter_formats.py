@@ -233,7 +233,8 @@ def find_adapter(name, roots, where="<lora:NAME>"):
             for folder in find_adapter_folders(root):
                 found.setdefault(os.path.realpath(folder), os.path.relpath(folder, os.path.realpath(root)))
     wanted = name.strip().strip("/")
-    hits = [f for f, rel in found.items() if wanted in (rel, os.path.basename(f), os.path.basename(f).replace(".", "_"))]
+    hits = [f for f, rel in found.items()
+            if wanted in (rel, os.path.basename(f), os.path.basename(f).replace(".", "_"))]
     shown_roots = ", ".join(map(str, roots))
     if len(hits) > 1:
         raise LoraError(f"{where}: {len(hits)} adapters are named {name!r} under {shown_roots} "

@@ -148,10 +148,9 @@ def apply_png_settings(args):
     given = args.given
     for dest in given_dests(png_parser, flags) - given:
         setattr(args, dest, getattr(from_png, dest))
-    gone = [(flag, path) for flag, path in [("--ckpt", args.ckpt if "ckpt" not in given else None),
-                                            ("--init", args.init if "init" not in given else None)]
-            + [("--lora", s.path) for s in (args.lora or []) if "lora" not in given] if path and not os.path.exists(path)]
-    for flag, path in gone:
+    named = [(f"--{dest}", getattr(args, dest)) for dest in ("ckpt", "init") if dest not in given]
+    named += [("--lora", s.path) for s in (args.lora or []) if "lora" not in given]
+    for flag, path in [(f, p) for f, p in named if p and not os.path.exists(p)]:
         raise CLIError(f"--from-png {png!r} names {flag} {path!r}, which no longer exists; restore it, or pass "
                        f"{flag} with the file to use instead")
 
@@ -216,7 +215,9 @@ def png_settings(args, scfg, rcfg, labels, precision, steps_run):
              "guidance": scfg.guidance, "eta": scfg.eta, "precision": precision}
     if args.init is not None:
         shown.update(init=args.init, strength=args.strength)
-    exact = {"ckpt": args.ckpt, "weights": args.weights, "lora": [f"{s.path}:{s.weight!r}" if s.name else str(s) for s in args.lora or []],
+    # a <lora:NAME:W> as the folder it was found in: the PNG draws again without --lora-dir
+    lora = [f"{s.path}:{s.weight!r}" if s.name else str(s) for s in args.lora or []]
+    exact = {"ckpt": args.ckpt, "weights": args.weights, "lora": lora,
              "lora_weight": args.lora_weight, "merge": bool(args.merge), "force": bool(args.force),
              "labels": ",".join(map(str, labels)), "n_per_label": args.n_per_label, "seed": rcfg.seed,
              "precision": precision, "sample": dict(vars(scfg)), "init": args.init,

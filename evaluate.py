@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
+import sys
 import time
 
 import torch
@@ -62,6 +64,7 @@ from dataset import MNIST_CLASSES, apply_style, load_dataset
 from diffusion import generate
 from pictures import read_samples_npz
 from pipeline import load_pipeline
+from model_card import write_scores
 from metrics import (STYLE_SHARE_MAX_REAL, STYLE_SHARE_MIN_STYLE, classify, frechet_distance, get_classifier, ink,
                      slant, style_share, train_style_share, zero_share)
 from runtime import pick_device, resolve_precision
@@ -414,7 +417,22 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    return run_main(run, parse_args(argv))
+    args = parse_args(argv)
+    # the command as typed, for an adapter's model card (an in-process call's argv, or the shell's)
+    args.command = shlex.join(["python", "evaluate.py", *(sys.argv[1:] if argv is None else argv)])
+    return run_main(run, args)
+
+
+def summary_line(result):
+    """The scores of one evaluated source in a line: printed, and in an adapter's model card."""
+    return (f"accuracy {100 * result['accuracy']:.1f}%, Frechet {result['frechet_distance']:.2f} "
+            f"(floor {result['frechet_floor']:.2f}), slant {result['slant']:+.3f} (real "
+            f"{result['real_slant']:+.3f}), ink {result['ink']:.3f} (real {result['real_ink']:.3f}), pixels exactly 0 "
+            f"{result['zero_share']:.3f} (real {result['real_zero_share']:.3f})"
+            + (f"; to real {result['real_style']} digits: Frechet {result['frechet_distance_style']:.2f}, "
+               f"slant {result['real_style_slant']:+.3f}, ink {result['real_style_ink']:.3f}, "
+               f"accuracy {100 * result['real_style_accuracy']:.1f}%"
+               if result["frechet_distance_style"] is not None else ""))
 
 
 def check_outputs(args):
@@ -472,7 +490,7 @@ def run(args):
     if style_set is not None:
         prepare_style_set(style_set, classifier, train, test, seed=args.seed)
     sources = args.ckpt or [None]
-    results = []
+    results, card_lines = [], []
     for path in sources:
         if path is None:
             images, labels = npz
@@ -494,14 +512,8 @@ def run(args):
         lora_note = f" + {', '.join(map(str, args.lora))} x{args.lora_weight}" if args.lora else ""
         title = f"{path or args.samples}{lora_note}"
         report_png(result, images, labels, os.path.join(args.out_dir, f"{stem}.png"), title)
-        print(f"{title}: accuracy {100 * result['accuracy']:.1f}%, Frechet {result['frechet_distance']:.2f} "
-              f"(floor {result['frechet_floor']:.2f}), slant {result['slant']:+.3f} (real "
-              f"{result['real_slant']:+.3f}), ink {result['ink']:.3f} (real {result['real_ink']:.3f}), pixels exactly 0 "
-              f"{result['zero_share']:.3f} (real {result['real_zero_share']:.3f})"
-              + (f"; to real {result['real_style']} digits: Frechet {result['frechet_distance_style']:.2f}, "
-                 f"slant {result['real_style_slant']:+.3f}, ink {result['real_style_ink']:.3f}, "
-                 f"accuracy {100 * result['real_style_accuracy']:.1f}%"
-                 if result["frechet_distance_style"] is not None else ""))
+        print(f"{title}: {summary_line(result)}")
+        card_lines += [f"`{title}`: {summary_line(result)}", *(style_lines(result) if style_set is not None else [])]
         if style_set is not None:
             print(f"against style set {style_set.name}" + (" (base beside, same noise)" if adapters else "") + ":")
             for line in style_lines(result):
@@ -512,7 +524,9 @@ def run(args):
         out["curve_png"] = curve
     json_path = os.path.join(args.out_dir, f"{args.name}.json")
     write_json(json_path, out)
-    print(f"evaluate: wrote {json_path}")
+    cards = [write_scores(a.path, args.command, card_lines, a) for a in adapters or []
+             if a.format == "peft" and a.path and os.path.isdir(a.path)]
+    print(f"evaluate: wrote {json_path}" + "".join(f", the scores in {c}" for c in cards if c))
     return out
 
 

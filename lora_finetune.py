@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import os
 import shlex
+import sys
 import time
 from typing import Callable, Optional
 
@@ -48,6 +49,7 @@ from logs import (PREVIEW_DIR, TENSORBOARD_DIR, TENSORBOARD_HINT, LogPaths, Loss
                   loss_curve_png, require_tensorboard)
 from lora import mark_only_lora_as_trainable
 from metrics import ink, slant
+from model_card import CardFacts, write_card
 from pictures import DATA_PREVIEW_NAME, training_preview_png
 from style_training import load_style_data, sized_steps, training_set
 from runtime import (Dist, check_precision, enable_tf32, end_run, per_rank_batch, rank0_logger,
@@ -175,7 +177,10 @@ def load_own_data(args, lcfg, resuming, log):
 
 
 def main(argv=None):
-    return run_main(finetune, parse_args(argv), end_run)
+    args = parse_args(argv)
+    # the command as typed, for the model card (an in-process call's argv, or the shell's)
+    args.command = shlex.join(["python", "lora_finetune.py", *(sys.argv[1:] if argv is None else argv)])
+    return run_main(finetune, args, end_run)
 
 
 @dataclasses.dataclass
@@ -234,6 +239,7 @@ def finetune(args):
     finally:
         if loss_log is not None:
             loss_log.close()
+    save.write_card()  # again after the last preview, which the last save may precede
     log_done(run, paths, step, running, start)
     return args.out
 
@@ -372,6 +378,7 @@ class FinetuneSaver:
         self.preview_path = (f"{os.path.splitext(out)[0]}_{DATA_PREVIEW_NAME}" if run.args.full
                              else os.path.join(out, DATA_PREVIEW_NAME))
         self.previews_written = set()
+        self.trained = self.step = None  # the adapter last saved, and its step: the card describes it
 
     def __call__(self, epoch, step):
         run, pipe = self.run, self.pipe
@@ -394,9 +401,22 @@ class FinetuneSaver:
                 # the runtime settings (seed, device, precision) beside the training ones, where they always were
                 train_config={**dataclasses.asdict(run.tcfg), **dataclasses.asdict(run.rcfg)},
                 base_config=pipe.ckpt["config"], data_size=pipe.data_size))
+            self.trained, self.step = trained, step
+            self.write_card()
         if run.own is not None and self.preview_path not in self.previews_written:
             training_preview_png(self.preview_path, run.own, self.own_set, lcfg.prior_weight)
             self.previews_written.add(self.preview_path)
+
+
+    def write_card(self):
+        """README.md beside the adapter (model_card): what it is and how it was made, the newest preview."""
+        if self.trained is None:
+            return
+        run = self.run
+        lcfg = run.lcfg
+        write_card(run.args.out, self.trained, CardFacts(
+            data=lcfg.style, steps=self.step, max_steps=lcfg.lora_steps, lr=lcfg.lora_lr,
+            command=getattr(run.args, "command", None)))
 
 
 def open_loss_log(run, pipe, model, paths, hooks, global_batch, step, precision):

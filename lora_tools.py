@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
+import sys
 
 import torch
 
@@ -33,17 +35,22 @@ from cli import (ArgumentParser, add_config_args, add_runtime_args, bounded, che
 from errors import CLIError, run_main
 from files import check_apart, check_replace, check_writable_dir, check_writable_file
 from lora import LoraError, resolve_targets, set_lora_weight, short_targets
+from model_card import CardFacts, write_card
 from runtime import pick_device, resolve_precision
 from font_styles import FONT_PER_LABEL, FONT_PER_LABEL_MAX
 from unet import UNet
 
 # ------------------------------------------------------------------ helpers
 
-def write_any(path, adapter):
-    """A .safetensors path gets kohya's layout, anything else a PEFT folder."""
+def write_any(path, adapter, args=None, note=None):
+    """A .safetensors path gets kohya's layout, anything else a PEFT folder, with a model card (README.md) saying
+    ``note`` (how it came to be) and the command (``args.command``) when given."""
     if str(path).endswith(".safetensors"):
         return write_kohya(path, adapter)
-    return write_adapter(path, adapter)
+    written = write_adapter(path, adapter)
+    if args is not None:
+        write_card(written, adapter, CardFacts(command=getattr(args, "command", None), notes=(note,) if note else ()))
+    return written
 
 
 def check_outputs(out, inputs, overwrite, flag="--out"):
@@ -151,7 +158,7 @@ def cmd_convert(args):
                        "(kohya's)")
     check_outputs(dst, [("SRC", args.src), ("--ckpt", args.ckpt)], args.overwrite)
     ad = resolved(load_adapter(args.src), args.ckpt)
-    written = write_any(dst, ad)
+    written = write_any(dst, ad, args, f"Converted from `{args.src}` ({ad.format} layout).")
     back = load_adapter(written)
     back = resolved(back, args.ckpt)
     diff = max((back.tensors[k] - v).abs().max().item() for k, v in ad.tensors.items())
@@ -208,7 +215,8 @@ def cmd_merge(args):
     merged = Adapter(tensors, r, float(r), targets=modules, style=style, base_fingerprint=first.base_fingerprint,
                      base_path=first.base_path, base_name=first.base_name, saved_modules=saved,
                      kind="lcm" if saved else None)
-    written = write_any(args.out, merged)
+    sources = ", ".join(f"`{a}`" for a in args.adapters)
+    written = write_any(args.out, merged, args, f"Merged ({args.mode}) from {sources}.")
     shown = ", ".join(map(str, args.adapters))
     print(f"merge: {len(adapters)} adapters ({shown}; styles {styles}) -> {written}, rank {r}, "
           f"{adapter_size(written):,} bytes")
@@ -225,7 +233,8 @@ def cmd_resize(args):
                        f"resize {ad.r} -> {args.r}")[0]
     # alpha / r stays what it was, so the update keeps its strength: alpha' = alpha * k / r (as kohya)
     out = ad.replace(tensors=tensors, r=args.r, alpha=scale * args.r, path=None, format="peft", notes=[])
-    written = write_any(args.out, out)
+    written = write_any(args.out, out, args, f"Resized from `{args.src}`, rank {ad.r} to {args.r}, at the same "
+                        "strength (alpha / r kept).")
     print(f"resize: {args.src} rank {ad.r} alpha {ad.alpha:g} -> {written} rank {args.r} alpha "
           f"{out.alpha:g}, {adapter_size(args.src):,} -> {adapter_size(written):,} bytes")
     return written
@@ -257,7 +266,7 @@ def cmd_extract(args):
     all_change = math.sqrt(targeted_sq + rest)
     print(f"extract: the targeted weights hold {100 * math.sqrt(targeted_sq) / max(all_change, 1e-30):.1f}% "
           "of the fine-tune's whole change (Frobenius norm over every tensor); the rest is not in the adapter")
-    written = write_any(args.out, out)
+    written = write_any(args.out, out, args, f"Extracted at rank {args.r} from the full fine-tune `{args.tuned}`.")
     print(f"extract: {args.tuned} - {args.base} -> {written}, rank {args.r}, {adapter_size(written):,} bytes")
     return written, overall
 
@@ -451,6 +460,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    # the command as typed, for the model card of an adapter written (an in-process call's argv, or the shell's)
+    args.command = shlex.join(["python", "lora_tools.py", *(sys.argv[1:] if argv is None else argv)])
 
     def run(a):
         if getattr(a, "adapters", None):  # merge, grid: <lora:NAME:W> looked up under out/

@@ -156,7 +156,8 @@ def read_png_settings(path, flag="--from-png"):
     if settings.get("version") != SETTINGS_VERSION:
         raise InputError(f"{where}: settings version {settings.get('version')!r}, this code reads version "
                          f"{SETTINGS_VERSION}; {SETTINGS_FIX}")
-    missing, unknown = sorted(set(PNG_SETTINGS_FIELDS) - set(settings)), sorted(set(settings) - set(PNG_SETTINGS_FIELDS))
+    missing = sorted(set(PNG_SETTINGS_FIELDS) - set(settings))
+    unknown = sorted(set(settings) - set(PNG_SETTINGS_FIELDS))
     if missing or unknown:
         raise InputError(f"{where}: its settings lack {missing} and hold unknown {unknown}; {SETTINGS_FIX}")
     for key, kinds in PNG_SETTINGS_FIELDS.items():

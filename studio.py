@@ -353,7 +353,7 @@ class Studio:
         return images
 
     def _settings(self, req, on):
-        """What drew a grid of ``req`` with the adapters ``on`` ({name: weight}): the .npz keeps it beside the images."""
+        """What drew a grid of ``req`` with the adapters ``on`` ({name: weight}), kept beside its images."""
         return dict(labels=list(req.labels), n_per_label=req.n_per_label, seed=req.seed,
                     **dataclasses.asdict(req.cfg), weights=on, ckpt=self.ckpt, base_weights=self.weights,
                     precision=self.precision, adapters={k: self.adapters[k].path for k in on})

@@ -2,6 +2,7 @@
 chance), the Frechet distance is a distance, and bad input is refused with exit code 2."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -256,7 +257,8 @@ def test_cli_adapter_against_a_style_set_reports_the_base_beside_and_an_unreliab
     _, _, clf_path = classifier
     _, test = real
     spec = _style_npz(tmp_path / "style.npz", test.images[test.labels != 3], test.labels[test.labels != 3])
-    evaluate.main(["--ckpt", tiny_ckpt, "--lora", tiny_adapter, "--style-data", spec, "--n-per-label", "3",
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "lora")  # evaluate writes its scores into the adapter's card
+    evaluate.main(["--ckpt", tiny_ckpt, "--lora", str(adapter), "--style-data", spec, "--n-per-label", "3",
                    "--steps", "2", "--device", "cpu", "--precision", "fp32", "--dataset", "mnist-5k",
                    "--classifier", clf_path, "--out-dir", str(tmp_path / "eval")])
     data = json.loads((tmp_path / "eval" / "eval.json").read_text())
@@ -285,7 +287,12 @@ def test_scoring_an_adapter_on_a_set_of_its_own_name_says_the_distance_may_flatt
             "--precision", "fp32", "--dataset", "mnist-5k", "--classifier", clf_path]
     evaluate.main(args + ["--lora", str(own), "--out-dir", str(tmp_path / "e1")])
     assert "trained on a set also named 'data:style'" in capsys.readouterr().out
-    evaluate.main(args + ["--lora", tiny_adapter, "--out-dir", str(tmp_path / "e2")])  # an italic adapter: no note
+    # the scores went into a model card made from the adapter's header (write_adapter alone writes none)
+    card = (own / "README.md").read_text()
+    assert "`data:style`" in card and "Scored by `python evaluate.py --ckpt" in card and "- `" in card
+    assert "accuracy " in card.split("<!-- scores:begin -->")[1] and "style share" in card
+    italic = shutil.copytree(tiny_adapter, tmp_path / "italic")
+    evaluate.main(args + ["--lora", str(italic), "--out-dir", str(tmp_path / "e2")])  # an italic adapter: no note
     assert "also named" not in capsys.readouterr().out
 
 

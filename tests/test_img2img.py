@@ -210,8 +210,10 @@ def test_studio_img2img_is_denoise_init(tiny_ckpt, tiny_adapter, seven, tmp_path
     start = s.img2img(Image.open(seven), req, 0, {"lora": 1}).images
     assert all(np.array_equal(im, read_digit(str(seven))[0]) for im in start.numpy())
     assert np.array_equal(s.img2img(seven.read_bytes(), req, 1).images, s.sample(req).images)
-    for image, strength, message in [(None, 0.5, "draw or upload a digit"), (Image.open(seven), float("nan"), "strength"),
-                                     (Image.open(seven), 1.5, "strength"), ("seven.png", 0.5, "must be a picture"),
+    for image, strength, message in [(None, 0.5, "draw or upload a digit"),
+                                     (Image.open(seven), float("nan"), "strength"),
+                                     (Image.open(seven), 1.5, "strength"),
+                                     ("seven.png", 0.5, "must be a picture"),
                                      (b"not an image", 0.5, "not an image Pillow can read"),
                                      (Image.new("L", (40, 40), 255), 0.5, "has no ink")]:
         with pytest.raises(PageError, match=message):
