@@ -30,7 +30,8 @@ import shutil
 
 import torch
 
-from adapter import KINDS, KOHYA_PREFIX, SAVED_MODULES, Adapter, TrainingState, content_hash, kohya_name
+from adapter import (KINDS, KOHYA_PREFIX, SAVED_MODULES, Adapter, TrainingState, adapter_name, content_hash,
+                     kohya_name)
 from checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from config import DEFAULT_ADAPTER, DEFAULT_OUT_DIR, R_MAX, STYLES, valid_r
 from files import atomic_write, temp_folder
@@ -207,9 +208,8 @@ def load_adapter(path, map_location="cpu"):
 
 def find_adapter_folders(root, skip=()):
     """Folders under ``root`` holding an adapter (adapter_model.safetensors), hidden folders and ``skip`` left out, at
-    most ADAPTER_DEPTH below it. The page lists these, and <lora:NAME:W> looks NAME up among them.
-
-    Symlinked folders are not followed: a link inside a root can point anywhere."""
+    most ADAPTER_DEPTH below it; the page lists these, <lora:NAME:W> looks among them. Symlinked folders are not
+    followed: a link inside a root can point anywhere."""
     found = []
     root = os.path.realpath(root)
     skip = {os.path.realpath(s) for s in skip}
@@ -228,14 +228,11 @@ def find_adapter(name, roots, where="<lora:NAME>"):
     ``my_font`` for my.font, as the page's sliders call it) or its path below a root (``app/adapters/serif``). None
     found, or two, is a LoraError listing the names there."""
     found = {}  # folder (resolved) -> its path below its root
-    for root in roots:
-        if os.path.isdir(root):
-            for folder in find_adapter_folders(root):
-                found.setdefault(os.path.realpath(folder), os.path.relpath(folder, os.path.realpath(root)))
-    wanted = name.strip().strip("/")
-    hits = [f for f, rel in found.items()
-            if wanted in (rel, os.path.basename(f), os.path.basename(f).replace(".", "_"))]
-    shown_roots = ", ".join(map(str, roots))
+    for root in filter(os.path.isdir, roots):
+        for folder in find_adapter_folders(root):
+            found.setdefault(os.path.realpath(folder), os.path.relpath(folder, os.path.realpath(root)))
+    wanted, shown_roots = name.strip().strip("/"), ", ".join(map(str, roots))
+    hits = [f for f, rel in found.items() if wanted in (rel, os.path.basename(f), adapter_name(f))]
     if len(hits) > 1:
         raise LoraError(f"{where}: {len(hits)} adapters are named {name!r} under {shown_roots} "
                         f"({', '.join(sorted(found[h] for h in hits))}); name one by its path below its folder")

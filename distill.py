@@ -36,6 +36,7 @@ from dataset import to_model_range
 from errors import CLIError
 from files import lock_output, remove_stale_temps
 from logs import LogPaths, LossLog, loss_curve_png
+from model_card import CardFacts, write_card
 from lora import add_guidance_input, mark_only_lora_as_trainable, set_lora_weight
 from pipeline import load_pipeline
 from runtime import setup_distributed
@@ -207,7 +208,12 @@ def distill(args, log=print):
         raise
     finally:
         loss_log.close()
-    write_adapter(args.out, adapter_from_model(model, spec))
+    adapter = adapter_from_model(model, spec)
+    write_adapter(args.out, adapter)
+    facts = CardFacts(data="the base's own guided sampling (latent consistency distillation)", steps=lcfg.lora_steps,
+                      lr=lcfg.lora_lr, command=getattr(args, "command", None),
+                      notes=("A speed adapter: sample with `--sampler lcm --steps 4`.",))
+    write_card(args.out, adapter, facts)
     loss_curve_png(paths.csv, paths.curve, f"lora_finetune.py --distill lcm: r={lcfg.r}, w {dcfg.distill_w}, "
                    f"lr {lcfg.lora_lr}")
     log(f"distill: done, {lcfg.lora_steps} steps in {(time.time() - start) / 60:.1f} min, loss {loss.item():.4g}; "
