@@ -166,7 +166,10 @@ def test_an_adapter_written_over_needs_overwrite_and_the_checks_see_symlinks(d, 
     line = refused(lora_tools.main, args, capsys)
     assert "already holds an adapter; pass --overwrite" in line and tree_hash(out) == first
     lora_tools.main(args + ["--overwrite"])
-    assert tree_hash(out) == first  # the same adapter again, written over on purpose
+    again = tree_hash(out)
+    # the same adapter again, written over on purpose; its model card names the command, --overwrite now included
+    assert {k: v for k, v in again.items() if k != "README.md"} == {k: v for k, v in first.items() if k != "README.md"}
+    assert "--overwrite`" in (out / "README.md").read_text()
     assert not [n for n in os.listdir(tmp_path) if is_temp_name(n)]
 
 
