@@ -172,7 +172,62 @@ class StepWatcher:
             next(self.bar_iter, None)  # let a progress bar close
 
 
-class Diffusion(nn.Module):
+class StepGrids:
+    """The steps each sampler visits, noisiest first, on a schedule of ``timesteps`` steps with per-step
+    ``log_sigma``: Diffusion's, kept apart from the forward process and the loss."""
+
+    def sample_timesteps(self, sampler, steps):
+        """The steps a sampler visits, noisiest first (the noisiest step T-1 always: Lin et al.'s "trailing").
+
+        ddpm takes all T. ddim takes ``steps`` evenly spaced in t, as Song et al. did. The second-order samplers
+        step evenly in log-SNR, as Lu et al. 2022 advise: evenly in t, the last step (from t = T/steps to 0)
+        spans half the log-SNR range, and extrapolating across it overshot a Gaussian's spread
+        (experiments/sampler_guidance/notes.md, "The step grid")."""
+        if sampler == "ddpm":
+            return list(range(self.timesteps - 1, -1, -1))
+        if sampler == "lcm":
+            return self.lcm_timesteps(steps)
+        if sampler == "ddim" or steps >= self.timesteps:
+            return self.ddim_timesteps(steps)
+        return self.logsnr_timesteps(steps)
+
+    def ddim_timesteps(self, steps):
+        if not 0 < steps <= self.timesteps:
+            raise ValueError(f"steps must be in 1..{self.timesteps} (the model's T), got {steps}")
+        return torch.linspace(self.timesteps - 1, 0, steps).round().long().unique_consecutive().tolist()
+
+    def skip_grid(self, num_steps=None):
+        """LCM's skipping-step grid, noisiest last: the ``num_steps`` steps t = k j - 1 (j = 1..num_steps) of a
+        DDIM with skip k = T / num_steps (LCM_SKIP steps, capped at T). Distillation trains on it, sampling
+        picks from it."""
+        n = min(num_steps or LCM_SKIP, self.timesteps)
+        k = self.timesteps // n
+        return [k * j - 1 for j in range(1, n + 1)]
+
+    def lcm_timesteps(self, steps):
+        """``steps`` steps of the skipping-step grid, evenly spaced from its noisiest (LCM's scheduler: 999, 759,
+        499, 259 for 4 of 1,000); more steps than the grid has fall back to DDIM's."""
+        grid = self.skip_grid()[::-1]
+        if steps > len(grid):
+            return self.ddim_timesteps(steps)
+        if steps <= 0:
+            raise ValueError(f"steps must be in 1..{self.timesteps} (the model's T), got {steps}")
+        return [grid[i * len(grid) // steps] for i in range(steps)]
+
+    def logsnr_timesteps(self, steps):
+        """``steps`` steps from T-1 to 0, evenly spaced in log sigma (minus the half log-SNR), each snapped to the
+        nearest step of the schedule. Under zero terminal SNR (sigma infinite at T-1) the grid starts at T-2."""
+        if not 0 < steps <= self.timesteps:
+            raise ValueError(f"steps must be in 1..{self.timesteps} (the model's T), got {steps}")
+        ls = self.log_sigma.double().cpu()
+        top = self.timesteps - 1 if torch.isfinite(ls[-1]) else self.timesteps - 2
+        grid = torch.linspace(float(ls[top]), float(ls[0]), steps, dtype=torch.float64)
+        t = nearest_step(ls[:top + 1], grid)
+        t[0] = self.timesteps - 1
+        return t.unique_consecutive().tolist()
+
+
+class Diffusion(StepGrids, nn.Module):
     def __init__(self, timesteps=_DEFAULTS.timesteps, beta_start=_DEFAULTS.beta_start, beta_end=_DEFAULTS.beta_end,
                  min_snr_gamma=_DEFAULTS.min_snr_gamma, schedule=_DEFAULTS.schedule, *, objective=_DEFAULTS.objective,
                  t_sampling=_DEFAULTS.t_sampling, zero_terminal_snr=_DEFAULTS.zero_terminal_snr):
@@ -271,56 +326,6 @@ class Diffusion(nn.Module):
                                 torch.cat([labels, null])).float()
         out_c, out_u = out.chunk(2)
         return out_c + guidance * (out_c - out_u)
-
-    def sample_timesteps(self, sampler, steps):
-        """The steps a sampler visits, noisiest first (the noisiest step T-1 always: Lin et al.'s "trailing").
-
-        ddpm takes all T. ddim takes ``steps`` evenly spaced in t, as Song et al. did. The second-order samplers
-        step evenly in log-SNR, as Lu et al. 2022 advise: evenly in t, the last step (from t = T/steps to 0)
-        spans half the log-SNR range, and extrapolating across it overshot a Gaussian's spread
-        (experiments/sampler_guidance/notes.md, "The step grid")."""
-        if sampler == "ddpm":
-            return list(range(self.timesteps - 1, -1, -1))
-        if sampler == "lcm":
-            return self.lcm_timesteps(steps)
-        if sampler == "ddim" or steps >= self.timesteps:
-            return self.ddim_timesteps(steps)
-        return self.logsnr_timesteps(steps)
-
-    def ddim_timesteps(self, steps):
-        if not 0 < steps <= self.timesteps:
-            raise ValueError(f"steps must be in 1..{self.timesteps} (the model's T), got {steps}")
-        return torch.linspace(self.timesteps - 1, 0, steps).round().long().unique_consecutive().tolist()
-
-    def skip_grid(self, num_steps=None):
-        """LCM's skipping-step grid, noisiest last: the ``num_steps`` steps t = k j - 1 (j = 1..num_steps) of a
-        DDIM with skip k = T / num_steps (LCM_SKIP steps, capped at T). Distillation trains on it, sampling
-        picks from it."""
-        n = min(num_steps or LCM_SKIP, self.timesteps)
-        k = self.timesteps // n
-        return [k * j - 1 for j in range(1, n + 1)]
-
-    def lcm_timesteps(self, steps):
-        """``steps`` steps of the skipping-step grid, evenly spaced from its noisiest (LCM's scheduler: 999, 759,
-        499, 259 for 4 of 1,000); more steps than the grid has fall back to DDIM's."""
-        grid = self.skip_grid()[::-1]
-        if steps > len(grid):
-            return self.ddim_timesteps(steps)
-        if steps <= 0:
-            raise ValueError(f"steps must be in 1..{self.timesteps} (the model's T), got {steps}")
-        return [grid[i * len(grid) // steps] for i in range(steps)]
-
-    def logsnr_timesteps(self, steps):
-        """``steps`` steps from T-1 to 0, evenly spaced in log sigma (minus the half log-SNR), each snapped to the
-        nearest step of the schedule. Under zero terminal SNR (sigma infinite at T-1) the grid starts at T-2."""
-        if not 0 < steps <= self.timesteps:
-            raise ValueError(f"steps must be in 1..{self.timesteps} (the model's T), got {steps}")
-        ls = self.log_sigma.double().cpu()
-        top = self.timesteps - 1 if torch.isfinite(ls[-1]) else self.timesteps - 2
-        grid = torch.linspace(float(ls[top]), float(ls[0]), steps, dtype=torch.float64)
-        t = nearest_step(ls[:top + 1], grid)
-        t[0] = self.timesteps - 1
-        return t.unique_consecutive().tolist()
 
     @torch.no_grad()
     def sample(self, model, labels, shape, *, sampler="ddim", steps=50, eta=0.0, guidance=0.0,
