@@ -75,6 +75,13 @@ def table() -> str:
         ("base: Frechet distance (floor: real digits against real digits)",
          f"{base['frechet_distance']:.2f} ({base['frechet_floor']:.2f})"),
         ("base: ink (real digits)", f"{base['ink']:.3f} ({base['real_ink']:.3f})"),
+    ]
+    if base.get("zero_share") is not None:  # eval.json files written before it was counted lack it
+        rows.append(("base: pixels exactly 0 (real digits)",
+                     f"{100 * base['zero_share']:.0f}% ({100 * base['real_zero_share']:.0f}%)"))
+    if base.get("model_evals_per_image") is not None:
+        rows.append(("the default sampler: network evaluations per image", f"{base['model_evals_per_image']}"))
+    rows += [
         (f"{lora['real_style']} adapter: share of the way to real {lora['real_style']} slant",
          f"**{100 * share:.0f}%** (slant {lora['base_slant']:+.3f} -> {lora['slant']:+.3f}; "
          f"real {lora['real_style']} {lora['real_style_slant']:+.3f})"),
