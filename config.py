@@ -256,12 +256,13 @@ class TrainConfig:
                            choices=DATASETS, group="data")
     data_dir: str = setting("data", "where torchvision keeps downloads", path=True, group="data")
     out_dir: str = setting("out", "checkpoints and sample grids go here", path=True, group="output")
-    max_steps: int = setting(1000, "optimizer steps in all; an epoch is one pass over the data", gt=0, le=STEPS_MAX)
+    # the steps and the batch, chosen for time to quality on a laptop CPU: experiments/time_to_quality/recipe
+    max_steps: int = setting(700, "optimizer steps in all; an epoch is one pass over the data", gt=0, le=STEPS_MAX)
     # the steps chosen are printed and saved, so --max-steps N repeats the run exactly
     time_budget: float = setting(0.0, "minutes: instead of --max-steps, as many steps as fit, from a step timed "
                                  "here before the run; 0: off", ge=0.0, le=float(TIME_BUDGET_MAX),
                                  unit="a number of minutes", why="at most a week; for a longer run give --max-steps")
-    batch_size: int = setting(128, "global batch (see --batch-scope)", gt=0, le=BATCH_MAX)
+    batch_size: int = setting(64, "global batch (see --batch-scope)", gt=0, le=BATCH_MAX)
     batch_scope: str = setting("global", "under torchrun: hold the \"global\" batch fixed, or the \"per-rank\" "
                                "batch", choices=("global", "per-rank"))
     lr: float = setting(2e-3, "peak learning rate", gt=0.0, le=1e10,

@@ -42,6 +42,9 @@ def main(out_path):
             if re.search(r"(train|lora): done|precision|dataset:", line):
                 result.setdefault("said", []).append(line.strip())
     result["total_s"] = round(time.perf_counter() - start, 1)
+    # the train stage's seconds over its steps: start-up, data and sample grids included, so an upper bound
+    steps = next(int(m.group(1)) for line in result["said"] if (m := re.search(r"train: done, (\d+) steps", line)))
+    result["seconds_per_train_step"] = round(result["train_s"] / steps, 3)
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
         f.write("\n")
