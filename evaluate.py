@@ -118,9 +118,7 @@ def score(images_u8, labels, classifier, train, test, style="none", seed=0):
 
 # ------------------------------------------------------------------ style set
 
-STYLE_HELD_OUT = 0.2  # of each label's style images: held out for the distance, its floor and the share check
 STYLE_SPLIT_SEED = 0  # the split does not move with --seed: every evaluation of a style holds out the same images
-STYLE_MIN_HELD_OUT = 10
 # the base's figures reported beside the adapter's, on the same noise
 BASE_KEYS = ("accuracy", "frechet_distance", "slant", "ink", "style_share", "frechet_distance_style_data",
              "prior_accuracy", "prior_frechet_distance")
@@ -167,14 +165,17 @@ def resolve_style(args, adapters, log=print):
 def read_style_set(spec):
     """The style set ``spec`` names, loaded, checked and split; before the data set is read (a font that does not
     exist is named before data/MNIST is made) and before any classifier is trained."""
-    from style_training import load_style_data, split_style_data  # the style data's own module, needed only here
+    # the style data's own module, needed only here
+    from style_training import (MIN_STYLE_IMAGES, STYLE_HELD_OUT, STYLE_MIN_HELD_OUT, check_style_count,
+                                load_style_data, split_style_data)
 
-    data = load_style_data(spec, log=lambda line: print(f"evaluate: style {line}"))
+    data = check_style_count(load_style_data(spec, log=lambda line: print(f"evaluate: style {line}")),
+                             f"style set {spec!r}")
     train, held = split_style_data(data, STYLE_HELD_OUT, STYLE_SPLIT_SEED)
     if len(held) < STYLE_MIN_HELD_OUT:
         raise CLIError(f"style set {data.name!r} has {len(data)} images, too few to hold out "
                        f"{STYLE_MIN_HELD_OUT} ({STYLE_HELD_OUT:.0%} of each label) for its distance and check; "
-                       f"give at least {int(STYLE_MIN_HELD_OUT / STYLE_HELD_OUT)}")
+                       f"give at least {MIN_STYLE_IMAGES}, a few of each label")
     present = set(data.present())
     return StyleSet(data.name, train, held, prior_labels=[c for c in range(len(MNIST_CLASSES)) if c not in present])
 

@@ -51,7 +51,7 @@ from lora import mark_only_lora_as_trainable
 from metrics import ink, slant
 from model_card import CardFacts, write_card
 from pictures import DATA_PREVIEW_NAME, training_preview_png
-from style_training import load_style_data, sized_steps, training_set
+from style_training import check_style_count, load_style_data, sized_steps, training_set
 from runtime import (Dist, check_precision, enable_tf32, end_run, per_rank_batch, rank0_logger,
                      resolve_precision, setup_distributed, wrap_ddp)
 from trainer import (LORA_GRAD_CLIP, FitSettings, Hooks, TrainData, fit, load_dataset_distributed, lora_lr_at,
@@ -167,7 +167,7 @@ def load_own_data(args, lcfg, resuming, log):
     if lcfg.data:
         check_inputs_apart([("--out", args.out)], [("--data", lcfg.data)], "pass another --out")
     # a font's pages from seed 0 whatever --seed: the very set `lora_tools.py render-style font:NAME` writes
-    own = load_style_data(spec, seed=0, log=log)
+    own = check_style_count(load_style_data(spec, seed=0, log=log), f"--data {lcfg.data}" if lcfg.data else spec)
     steps = lcfg.lora_steps
     if args.lora_steps is None and not resuming:  # a resumed run keeps the steps it was sized to
         steps = sized_steps(len(own), lcfg.lora_steps)

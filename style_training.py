@@ -19,6 +19,25 @@ import torch
 from font_styles import FONT_PER_LABEL, load_font
 from styles import NUM_LABELS, SIZE, StyleData, StyleDataError, load_folder, load_npz
 
+# The one minimum of a style set, for the page's uploads and drawings, `lora_finetune.py --data` and
+# `evaluate.py --style-data`: 10 images. The fine-tune itself would run on one (it repeats the set to a batch),
+# so the minimum is what scoring the result needs. evaluate.py holds out a fifth of each label (STYLE_HELD_OUT)
+# and reports the distance to them beside its floor measured at the same count, so a small set shows its own
+# noise instead of being refused; it needs two held-out images for a covariance (STYLE_MIN_HELD_OUT), a fifth of
+# ten. The 50 it asked for before made every adapter drawn on the page unscorable.
+STYLE_HELD_OUT = 0.2
+STYLE_MIN_HELD_OUT = 2
+MIN_STYLE_IMAGES = round(STYLE_MIN_HELD_OUT / STYLE_HELD_OUT)
+
+
+def check_style_count(data, what):
+    """A StyleDataError unless ``data`` holds at least MIN_STYLE_IMAGES images; ``what`` names the set."""
+    if len(data) < MIN_STYLE_IMAGES:
+        raise StyleDataError(f"{what} has {len(data)} image(s): a style set needs at least {MIN_STYLE_IMAGES} "
+                             "(add more, named as 7/a.png or 7_a.png)")
+    return data
+
+
 def load_style_data(spec, *, per_label=FONT_PER_LABEL, seed=0, log=print):
     """The style data set ``spec`` names: a folder of 0..9 subfolders, an .npz, or "font:NAME".
 

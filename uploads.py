@@ -22,12 +22,12 @@ import numpy as np
 
 from errors import UserError
 from pictures import data_preview_png, write_samples_npz
+from style_training import MIN_STYLE_IMAGES
 from styles import StyleDataError, label_from_name, preprocess_image, read_digit
 
 MAX_UPLOAD_FILES = 2000  # images in one fine-tune (files, or entries of a zip)
 MAX_FILE_BYTES = 5 * 2**20  # one image
 MAX_UPLOAD_BYTES = 100 * 2**20  # everything uploaded at once, zips unpacked
-MIN_TRAIN_IMAGES = 4
 MAX_DIRECTORY_BYTES = MAX_UPLOAD_FILES * 400  # a zip's table of contents: 46 bytes an entry, and its name
 CHUNK = 2**16  # a zip entry is unpacked this much at a time: a lying header cannot make one read large
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # the file picker's filter
@@ -165,11 +165,12 @@ def read_uploads(files, drawn=()):
 
 
 def check_trainable(upload):
-    """An UploadError unless ``upload`` can be trained on: no file refused, at least MIN_TRAIN_IMAGES."""
+    """An UploadError unless ``upload`` can be trained on: no file refused, at least style_training.MIN_STYLE_IMAGES (the
+    one minimum of --data and evaluate.py --style-data, so that what the page trains can be scored)."""
     if upload.bad:
         raise UploadError(f"{len(upload.bad)} file(s) refused, nothing is trained: " + "; ".join(upload.bad[:10]))
-    if len(upload) < MIN_TRAIN_IMAGES:
-        raise UploadError(f"{len(upload)} image(s): upload or draw at least {MIN_TRAIN_IMAGES}")
+    if len(upload) < MIN_STYLE_IMAGES:
+        raise UploadError(f"{len(upload)} image(s): upload or draw at least {MIN_STYLE_IMAGES}")
 
 
 def write_style_data(upload, folder, name):

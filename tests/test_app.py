@@ -336,7 +336,7 @@ def test_a_zip_bomb_is_counted_as_it_unpacks_never_by_its_header(tmp_path, monke
     assert peak < 40 * 2**20  # the cap and a chunk, not the 64 MB inside
 
 
-def digit_files(folder, count=8):
+def digit_files(folder, count=20):
     """PNG digits drawn dark on light, as a phone photo or a scan gives them, labelled by name and by folder."""
     rng = np.random.default_rng(0)
     paths = []

@@ -313,6 +313,36 @@ def test_own_data_flags_that_contradict_exit_2_before_any_work(tmp_path, capsys,
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
+def test_one_minimum_for_the_page_data_and_style_data(tmp_path, capsys):
+    """A set one image short of style_training.MIN_STYLE_IMAGES is refused alike by the page's uploads, --data and
+    --style-data, in one line naming the minimum; that many images pass all three checks."""
+    import evaluate
+    import lora_finetune
+    import uploads
+
+    folder = tmp_path / "few"
+    font_styles.write_font_folder("font:cmr10", folder, per_label=1)  # ten images, one a label
+    for f in sorted(folder.glob("*/*.png"))[style_training.MIN_STYLE_IMAGES - 1:]:
+        f.unlink()
+    files = [(f"{p.parent.name}_{p.name}", str(p)) for p in sorted(folder.glob("*/*.png"))]
+    samples = pictures.write_samples_npz(str(tmp_path / "s.npz"), np.zeros((10, 28, 28), np.uint8), np.arange(10))
+    with pytest.raises(uploads.UploadError, match=f"at least {style_training.MIN_STYLE_IMAGES}"):
+        uploads.check_trainable(uploads.read_uploads(files))
+    for main, argv in ((lora_finetune.main, ["--ckpt", str(tmp_path / "none.pt"), "--data", str(folder),
+                                             "--out", str(tmp_path / "o")]),
+                       (evaluate.main, ["--samples", samples, "--style-data", str(folder), "--dataset", "mnist-5k",
+                                        "--out-dir", str(tmp_path / "e")])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"needs at least {style_training.MIN_STYLE_IMAGES}" in err and err.count("\n") == 1
+    font_styles.write_font_folder("font:cmr10", tmp_path / "enough", per_label=1)
+    enough = style_training.load_style_data(tmp_path / "enough", log=None)
+    assert style_training.check_style_count(enough, "x") is enough
+    uploads.check_trainable(uploads.read_uploads([(f"{p.parent.name}_{p.name}", str(p))
+                                                  for p in sorted((tmp_path / "enough").glob("*/*.png"))]))
+
+
 def base_name(key):
     """A base weight's name inside a model with LoRA layers: the wrapper's segment dropped."""
     return re.sub(r"\.(net|base_layer)(?=\.)", "", key)
