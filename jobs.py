@@ -94,6 +94,8 @@ class Progress:
     returncode: int | None
     tail: list  # the last lines of the run's output, for a run that failed
     previews: list  # the preview pictures written so far, oldest first
+    curve: str | None = None  # the loss curve, once the run has drawn it
+    stopped: bool = False  # ended by Stop: it saved where it was, for Resume
 
     def html(self):
         loss = f", loss {self.loss:.4f}" if self.loss is not None else ""
@@ -113,6 +115,7 @@ class FineTune:
         self.steps, self.batch = steps, batch  # for the progress: steps in all, images a step
         self.proc = None
         self.returncode = None
+        self.stopped = False
         self._ready = threading.Event()
         self._error = None
         self.thread = threading.Thread(target=self._run, daemon=True, name="finetune")
@@ -139,12 +142,18 @@ class FineTune:
     def running(self):
         return self.proc is not None and self.returncode is None and self.proc.poll() is None
 
-    def stop(self, timeout=10):
+    def stop(self, timeout=10, save=False):
+        """End the run: with ``save``, as Ctrl-C does (the step finishes, the adapter and its training state are
+        saved, so Resume carries on), else at once; a run that does neither in ``timeout`` s is killed."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.terminate()
+        self.stopped = save
+        if save:
+            self.proc.send_signal(signal.SIGINT)
+        else:
+            self.proc.terminate()
         try:
-            self.proc.wait(timeout)
+            self.proc.wait(timeout * (6 if save else 1))  # a step and a save: seconds on a CPU
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -175,8 +184,11 @@ class FineTune:
                 previews += [os.path.join(dirpath, n) for n in filenames if n.endswith(".png")]
         previews.sort(key=os.path.getmtime)
         code = self.proc.returncode if done else None
-        return Progress(step, steps, rows[-1]["loss"] if rows else None, left, done, done and code == 0, code,
-                        self._tail() if done else [], previews)
+        curve = LogPaths.of(self.out).curve
+        return Progress(step, steps, rows[-1]["loss"] if rows else None, left, done,
+                        done and code == 0 and step >= steps, code, self._tail() if done else [],
+                        [p for p in previews if p != curve], curve if os.path.exists(curve) else None,
+                        self.stopped)
 
 
 class Runner:
@@ -221,8 +233,52 @@ class Runner:
         return self.job
 
     def stop(self, session=None):
-        """Stop the running fine-tune (only if ``session`` started it, when given); whether one was stopped."""
+        """Stop the running fine-tune (only if ``session`` started it, when given); whether one was stopped.
+        The page's Stop (no ``session``) saves it for Resume; a page that went away ends it at once."""
         if not self.running() or session is not None and self.job.session != session:
             return False
-        self.job.stop()
+        self.job.stop(save=session is None)
         return True
+
+    def stopped(self):
+        """The fine-tunes under FOLDER saved before their last step, oldest first: what Resume offers."""
+        from adapter_formats import STATE_NAME, load_training_state
+
+        runs = []
+        if not os.path.isdir(self.folder):
+            return runs
+        for name in sorted(os.listdir(self.folder)):
+            out = os.path.join(self.folder, name)
+            if out == self.writing() or not os.path.isfile(os.path.join(out, STATE_NAME)):
+                continue
+            try:
+                state = load_training_state(out)
+            except UserError:  # a damaged state cannot be resumed: it is not offered
+                continue
+            steps = int(state.config.get("lora_steps", 0))
+            if state.step < steps:
+                runs.append(StoppedRun(name, out, int(state.step), steps))
+        return runs
+
+    def resume(self, name, session=None):
+        """Carry on the stopped fine-tune FOLDER/``name`` (lora_finetune.py --resume, its own settings)."""
+        if self.running():
+            raise JobError(f"a fine-tune is already running ({os.path.basename(self.job.out)}); wait for it to "
+                           "finish or stop it")
+        run = next((r for r in self.stopped() if r.name == name), None)
+        if run is None:
+            raise JobError(f"no fine-tune named {name!r} was stopped part-way; pick one from the list")
+        cmd = [sys.executable, os.path.join(HERE, SCRIPT), "--ckpt", self.ckpt, "--weights", self.weights,
+               "--resume", run.out, "--out", run.out, *config_flags(self.runtime, RuntimeConfig())]
+        lcfg = self.settings("", run.steps)
+        self.job = FineTune(cmd, run.out, run.out + ".log", steps=run.steps, batch=lcfg.lora_batch_size,
+                            session=session)
+        return self.job
+
+
+@dataclasses.dataclass(frozen=True)
+class StoppedRun:
+    name: str
+    out: str
+    step: int  # saved at
+    steps: int  # asked for

@@ -77,13 +77,19 @@ def save_grid(images_u8, path, nrow=10, pad=GRID_PAD, text=None):
 
     ``text`` ({key: value}) goes into the PNG as text chunks, readable with Pillow (``Image.open(p).text``),
     as AUTOMATIC1111 stores a picture's settings under "parameters"."""
-    from PIL import Image, PngImagePlugin  # Pillow comes with matplotlib
+    save_picture(tile_grid(images_u8, nrow, pad).numpy(), path, text)
 
-    canvas = tile_grid(images_u8, nrow, pad)
+
+def save_picture(picture, path, text=None):
+    """A uint8 picture (numpy, as annotate draws it) as a PNG with ``text`` ({key: value}) as its text chunks,
+    as save_grid writes them; atomically."""
+    from PIL import Image, PngImagePlugin
+
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, str(value))
-    atomic_write(path, lambda tmp: Image.fromarray(canvas.numpy(), mode="L").save(tmp, format="PNG", pnginfo=info))
+    atomic_write(path, lambda tmp: Image.fromarray(picture, mode="L").save(tmp, format="PNG", pnginfo=info))
+    return path
 
 
 # ------------------------------------------------------------------ a picture's settings, back from its PNG

@@ -35,7 +35,8 @@ from diffusion import generate
 from errors import UserError
 from files import atomic_write, check_writable_dir
 from lora import set_lora_weight
-from pictures import PAGE_SCALE, annotate, label_columns, tile_grid, weight_sweep_picture, write_samples_npz
+from pictures import (PAGE_SCALE, annotate, label_columns, save_picture, tile_grid, weight_sweep_picture,
+                      write_samples_npz)
 from styles import StyleDataError, preprocess_image, read_digit
 
 SWEEP_WEIGHTS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)  # the sweep's columns: the span the sliders show
@@ -44,6 +45,7 @@ MAX_PER_LABEL = 20
 MAX_IMAGE_BYTES = 64 << 20  # an image to start from, as sent: denoise.py's --init bound
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 APP_DIR = "app"  # under --out-dir: saved grids, style data, fine-tunes and the page's upload cache
+MAX_NUMBERED = 999  # a saved name taken: NAME-2 ... NAME-999, then a refusal
 
 
 class PageError(UserError):
@@ -405,18 +407,26 @@ class Studio:
 
     def sweep(self, req, name, weights=None):
         """Adapter ``name``'s weight across SWEEP_WEIGHTS (columns), a row per label, on the same noise; the other
-        adapters at ``weights``."""
+        adapters at ``weights``. The last picture of iter_sweep."""
+        for picture in self.iter_sweep(req, name, weights):
+            pass
+        return picture
+
+    def iter_sweep(self, req, name, weights=None):
+        """The sweep's picture after each of its columns: a column is a full sampling run, so the page shows
+        each as it finishes rather than one picture at the end (seven runs)."""
         weights = self.check_weights(weights)
         if not isinstance(name, str) or name not in self.adapters or self.adapters[name].problem is not None:
             raise PageError(f"pick a loaded adapter to sweep (got {shown(name)})")
         labels = torch.tensor(sorted(set(req.labels)))
-        with self.lock:
-            cols = []
-            for w in SWEEP_WEIGHTS:
+        cols = {}
+        for w in SWEEP_WEIGHTS:
+            with self.lock:  # one column at a time: another tab's grid may run between two
                 self._apply({**weights, name: w})
-                cols.append(self._generate(labels, req))
-        return weight_sweep_picture(dict(zip(SWEEP_WEIGHTS, cols)), labels.tolist(),
-                                    f"{name}: its weight across the columns, a row per label")
+                cols[w] = self._generate(labels, req)
+            yield weight_sweep_picture(cols, labels.tolist(),
+                                       f"{name}: its weight across the columns, a row per label "
+                                       f"({len(cols)} of {len(SWEEP_WEIGHTS)})")
 
     def compare(self, req, weights=None):
         """The base (every adapter at 0) beside the adapters at ``weights``, on the same noise."""
@@ -428,18 +438,36 @@ class Studio:
         gap = np.full((left.shape[0], 6 * PAGE_SCALE), 255, dtype=np.uint8)
         return np.concatenate([left, gap, right], 1)
 
+    def png_settings(self, grid):
+        """The PNG text denoise.py writes for the same grid (its keys, its "parameters" line), from ``grid``'s
+        settings: the adapters as PATH:WEIGHT, each at its own weight, unmerged."""
+        s = grid.settings
+        lora = " ".join(f"{s['adapters'][k]}:{w:g}" for k, w in s["weights"].items()) or "none"
+        steps = self.timesteps if s["sampler"] == "ddpm" else s["steps"]
+        settings = {"ckpt": s["ckpt"], "lora": lora, "lora_weight": 1.0, "merged": False,
+                    "labels": ",".join(map(str, s["labels"])), "n_per_label": s["n_per_label"], "seed": s["seed"],
+                    "sampler": s["sampler"], "steps": steps, "guidance": s["guidance"], "eta": s["eta"],
+                    "precision": s["precision"]}
+        return {"parameters": ", ".join(f"{k}: {v}" for k, v in settings.items()), **settings}
+
     def save(self, grid, name):
-        """The grid as denoise.py writes it (NAME.png, NAME.npz), the .npz also holding the settings, under out/app/."""
+        """The grid as the page shows it (labelled, PAGE_SCALE x) with denoise.py's settings as PNG text, and its
+        .npz (with the settings), under out/app/. Never over a file: NAME taken, it is NAME-2, NAME-3, ..."""
         if not isinstance(grid, Grid):
             raise PageError("nothing to save yet: sample a grid first")
         name = check_name(name, "file name")
         folder = os.path.join(self.out_dir, APP_DIR)
-        png = safe_path(os.path.join(folder, f"{name}.png"), [self.out_dir])
-        npz = safe_path(os.path.join(folder, f"{name}.npz"), [self.out_dir])
-        from PIL import Image
-
-        atomic_write(png, lambda tmp: Image.fromarray(grid.picture, mode="L").save(tmp, format="PNG"))
-        write_samples_npz(npz, grid.images.numpy(), grid.labels.numpy(), grid.settings)
+        with self.lock:  # two tabs saving one name get two numbers
+            for i in range(1, MAX_NUMBERED + 1):
+                stem = name if i == 1 else f"{name}-{i}"
+                png = safe_path(os.path.join(folder, f"{stem}.png"), [self.out_dir])
+                npz = safe_path(os.path.join(folder, f"{stem}.npz"), [self.out_dir])
+                if not os.path.lexists(png) and not os.path.lexists(npz):
+                    break
+            else:
+                raise PageError(f"{name}.png to {name}-{MAX_NUMBERED}.png are all taken; choose another name")
+            save_picture(grid.display, png, self.png_settings(grid))
+            write_samples_npz(npz, grid.images.numpy(), grid.labels.numpy(), grid.settings)
         return png, npz
 
 
