@@ -198,8 +198,8 @@ def wire(page, ui, demo):
         on(slot.release, do_slider_img2img, [ui.tab, *digit], [ui.i2i_msg, ui.i2i_out], raw=False, model=True,
            api_visibility="undocumented")
     on(ui.save_btn.click, do_save, [ui.grid, ui.save_name], ui.status)
-    on(ui.png_in.upload, do_png_info, [ui.png_in],
-       [ui.status, ui.labels, ui.n_per_label, ui.seed, ui.sampler, ui.steps, ui.guidance], raw=False)
+    on(ui.png_in.upload, do_png_info, [ui.names, ui.png_in],
+       [ui.status, ui.labels, ui.n_per_label, ui.seed, ui.sampler, ui.steps, ui.guidance, *ui.slots], raw=False)
     on(ui.sweep_btn.click, do_sweep, [ui.names, ui.sweep_pick, *form], [ui.adapter_msg, ui.extra], model=True)
     on(ui.compare_btn.click, do_compare, [ui.names, *form], [ui.adapter_msg, ui.extra], model=True)
     listed = [*ui.slots, ui.note, ui.sweep_pick, ui.names]

@@ -18,7 +18,7 @@ import time
 from config import WEIGHT_RANGE
 from errors import UserError
 from jobs import Runner, shown_command
-from studio import APP_DIR, Grid, PageError, Studio, check_labels, check_name, iter_sample, number, shown, weights_text
+from studio import APP_DIR, MAX_IMAGE_BYTES, Grid, PageError, Studio, check_labels, check_name, iter_sample, number, shown, weights_text
 from uploads import read_uploads, sketch_to_image, write_style_data
 
 MAX_SLOTS = 12  # weight sliders on the page; adapters beyond these are listed but have none
@@ -250,41 +250,52 @@ def do_stop(page):
 # ------------------------------------------------------------------ From a digit, and settings from a PNG
 
 def do_img2img(page, names, value, upload, label, strength, *values):
-    """Your digit (drawn, else uploaded) noised to ``strength`` and denoised with ``label`` and this tab's
-    adapters (SDEdit); the input beside the result."""
-    img2img = getattr(page.studio, "img2img", None)
-    if img2img is None:
-        raise PageError("img2img needs Studio.img2img, which this version lacks; update the project")
-    (label,) = check_labels([label], page.studio.num_classes)
-    strength = number(strength, "strength", 0.0, 1.0)
+    """Your digit (drawn, else uploaded) noised to ``strength`` and denoised towards ``label`` through this tab's
+    adapters (SDEdit, Studio.img2img), with the Sample tab's seed, sampler, steps and guidance; the input beside
+    the result."""
     image = sketch_to_image(value)
     if image is None and upload is not None:
-        if not isinstance(upload, str):
+        if not isinstance(upload, str) or not os.path.isfile(upload):
             raise PageError(f"the uploaded digit must be a file, got {shown(upload)}")
-        from PIL import Image
-
-        image = Image.open(upload)
+        with open(upload, "rb") as f:  # Gradio's copy of the upload, under the page's folder
+            image = f.read(MAX_IMAGE_BYTES + 1)  # Studio.img2img refuses one over its limit
     if image is None:
         raise PageError("draw a digit or upload one first")
-    req, weights = _request(page, values), _weights(names, values[SAMPLE_FIELDS:])
+    if isinstance(label, (int, float)) and not isinstance(label, bool) or isinstance(label, str):
+        label = [label]
+    req = _request(page, [label, 1, *values[2:SAMPLE_FIELDS]])
+    weights = _weights(names, values[SAMPLE_FIELDS:])
     t = time.perf_counter()
-    picture = img2img(req, image, label, strength, page.studio.check_weights(weights))
-    return f"done in {time.perf_counter() - t:.1f} s, strength {strength:g}, {weights_text(weights)}", picture
+    grid = page.studio.img2img(image, req, strength, weights)
+    return (f"done in {time.perf_counter() - t:.1f} s, strength {grid.settings['strength']:g}, "
+            f"{weights_text(grid.settings['weights'])}", grid.display)
 
 
-def do_png_info(page, path):
-    """The settings a dropped PNG carries (denoise.py's or the page's), for the Sample tab's widgets."""
-    import pictures
+def do_png_info(page, names, path):
+    """The settings a dropped PNG carries (one denoise.py or the page saved) back on the Sample tab's widgets, and
+    each adapter it names that this tab has a slider for at its weight."""
+    from pictures import read_png_settings
 
-    reader = getattr(pictures, "read_png_settings", None)
-    if reader is None:
-        raise PageError("reading a PNG's settings needs pictures.read_png_settings, which this version lacks")
     if not isinstance(path, str):
         raise PageError(f"drop a PNG that denoise.py or the page saved (got {shown(path)})")
-    s = reader(path)
-    labels = [str(v) for v in check_labels([int(v) for v in str(s["labels"]).split(",")], page.studio.num_classes)]
-    return (f"settings of `{os.path.basename(path)}`: {s.get('parameters', '')}", labels, s["n_per_label"],
-            s["seed"], s["sampler"], s["steps"], s["guidance"])
+    s = read_png_settings(path, flag="the dropped PNG")
+    labels = [str(v) for v in check_labels(s["labels"].split(","), page.studio.num_classes)]
+    sample = s["sample"]
+    by_path = {page.studio.adapters[n].path: n for n in names or [] if n in page.studio.adapters}
+    weights, unknown = {}, []
+    for spec in s["lora"]:
+        where, _, w = spec.rpartition(":")
+        name = by_path.get(os.path.realpath(where)) if where else None
+        if name is None:
+            unknown.append(spec)
+        else:
+            weights[name] = float(w)
+    slots = [weights.get(n, 0.0) for n in names or []]
+    slots += [_skip()] * (MAX_SLOTS - len(slots))
+    note = f"; not listed here: {', '.join(unknown)}" if unknown else ""
+    return (f"settings of `{os.path.basename(path)}` back: seed {s['seed']}, {sample.get('sampler')}, "
+            f"{weights_text(weights)}{note}", labels, s["n_per_label"], s["seed"], sample.get("sampler"),
+            sample.get("steps"), sample.get("guidance"), *slots)
 
 
 # ------------------------------------------------------------------ binding a handler to the page

@@ -28,6 +28,7 @@ from inputs import InputError, npz_members, read_regular
 DIGIT_SIZE = 28
 PREVIEW_SCALE = 3  # in files: 28-pixel digits drawn 84 pixels high, nearest-neighbour: readable at a glance
 PAGE_SCALE = 4  # on the page, where the grid sits beside widgets and a browser may shrink it
+PAGE_LABEL_SIZE = 22  # pixels: the labels drawn into the page's pictures
 PREVIEW_PAD = 4
 GRID_PAD = 2  # between the tiles of a plain grid (save_grid): a 28x28 digit takes 30 pixels
 GRID_BACKGROUND = 64  # dark grey between tiles, so a black digit's edge shows
@@ -183,9 +184,10 @@ def annotate(picture, col_titles=(), row_titles=(), cell=DIGIT_SIZE + GRID_PAD, 
 
     img = Image.fromarray(picture).resize((picture.shape[1] * PAGE_SCALE, picture.shape[0] * PAGE_SCALE),
                                           Image.NEAREST)
-    font = label_font(14)
-    top = 22 * (bool(col_titles) + bool(title))
-    left = 36 if row_titles else 0
+    # labels this large because a browser shrinks a 10-column grid about twofold beside the page's controls
+    font = label_font(PAGE_LABEL_SIZE)
+    top = (PAGE_LABEL_SIZE + 8) * (bool(col_titles) + bool(title))
+    left = 2 * PAGE_LABEL_SIZE + 8 if row_titles else 0
     width = img.width + left
     if title:  # a grid of one label is narrower than its title: widen the white margin, not the grid
         width = max(width, left + 8 + int(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(title, font=font)))
@@ -196,7 +198,7 @@ def annotate(picture, col_titles=(), row_titles=(), cell=DIGIT_SIZE + GRID_PAD, 
         draw.text((left + 4, 3), title, fill=0, font=font)
     step = (cell + pad) * PAGE_SCALE
     for i, text in enumerate(col_titles):
-        draw.text((left + pad * PAGE_SCALE + i * step + 4, top - 19), str(text), fill=0, font=font)
+        draw.text((left + pad * PAGE_SCALE + i * step + 4, top - PAGE_LABEL_SIZE - 5), str(text), fill=0, font=font)
     for i, text in enumerate(row_titles):
         draw.text((4, top + pad * PAGE_SCALE + i * step + step // 3), str(text), fill=0, font=font)
     return np.asarray(out)

@@ -35,8 +35,8 @@ from diffusion import generate
 from errors import UserError
 from files import atomic_write, check_writable_dir
 from lora import set_lora_weight
-from pictures import (PAGE_SCALE, annotate, label_columns, save_picture, tile_grid, weight_sweep_picture,
-                      write_samples_npz)
+from pictures import (PAGE_SCALE, SETTINGS_KEY, annotate, label_columns, save_picture, settings_text, tile_grid,
+                      weight_sweep_picture, write_samples_npz)
 from styles import StyleDataError, preprocess_image, read_digit
 
 SWEEP_WEIGHTS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)  # the sweep's columns: the span the sliders show
@@ -439,16 +439,22 @@ class Studio:
         return np.concatenate([left, gap, right], 1)
 
     def png_settings(self, grid):
-        """The PNG text denoise.py writes for the same grid (its keys, its "parameters" line), from ``grid``'s
-        settings: the adapters as PATH:WEIGHT, each at its own weight, unmerged."""
+        """The PNG text denoise.py writes for the same grid (denoise.png_settings: its "parameters" line, a key
+        each, and the JSON --from-png reads), from ``grid``'s settings: each adapter as PATH:WEIGHT, unmerged."""
         s = grid.settings
-        lora = " ".join(f"{s['adapters'][k]}:{w:g}" for k, w in s["weights"].items()) or "none"
+        lora = [f"{s['adapters'][k]}:{w:g}" for k, w in s["weights"].items()]
+        sample = {f.name: s[f.name] for f in dataclasses.fields(SampleConfig)}
         steps = self.timesteps if s["sampler"] == "ddpm" else s["steps"]
-        settings = {"ckpt": s["ckpt"], "lora": lora, "lora_weight": 1.0, "merged": False,
-                    "labels": ",".join(map(str, s["labels"])), "n_per_label": s["n_per_label"], "seed": s["seed"],
-                    "sampler": s["sampler"], "steps": steps, "guidance": s["guidance"], "eta": s["eta"],
-                    "precision": s["precision"]}
-        return {"parameters": ", ".join(f"{k}: {v}" for k, v in settings.items()), **settings}
+        labels = ",".join(map(str, s["labels"]))
+        shown = {"ckpt": s["ckpt"], "lora": " ".join(lora) or "none", "lora_weight": 1.0, "merged": False,
+                 "labels": labels, "n_per_label": s["n_per_label"], "seed": s["seed"], "sampler": s["sampler"],
+                 "steps": steps, "guidance": s["guidance"], "eta": s["eta"], "precision": s["precision"]}
+        exact = {"ckpt": s["ckpt"], "weights": s["base_weights"], "lora": lora, "lora_weight": 1.0, "merge": False,
+                 "force": False, "labels": labels, "n_per_label": s["n_per_label"], "seed": s["seed"],
+                 "precision": s["precision"], "sample": {**sample, "guidance_interval": list(sample["guidance_interval"])},
+                 "init": None, "strength": None}
+        return {"parameters": ", ".join(f"{k}: {v}" for k, v in shown.items()), **shown,
+                SETTINGS_KEY: settings_text(exact)}
 
     def save(self, grid, name):
         """The grid as the page shows it (labelled, PAGE_SCALE x) with denoise.py's settings as PNG text, and its

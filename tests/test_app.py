@@ -175,15 +175,19 @@ def test_save_writes_grid_npz_and_settings_under_out_dir(studio, out_dir):
     png, npz = studio.save(grid, "mine")
     # the picture as the page shows it, labelled, with denoise.py's PNG text for the same settings
     assert png == str(out_dir / "app" / "mine.png") and np.array_equal(np.asarray(Image.open(png)), grid.display)
-    denoise.main(["--ckpt", grid.settings["ckpt"], "--out-dir", str(out_dir.parent / "d"), "--device", "cpu",
-                  "--precision", "fp32", "--labels", "3", "--seed", "2", "--frames", "0",
-                  "--lora", f"{out_dir / 'lora'}:0.5", "--sampler", grid.settings["sampler"],
-                  "--steps", str(grid.settings["steps"]), "--guidance", str(grid.settings["guidance"])])
-    cli_text = Image.open(out_dir.parent / "d" / "lora_samples.png").text
-    assert Image.open(png).text.keys() == cli_text.keys()
-    assert {k: Image.open(png).text[k] for k in ("labels", "seed", "sampler", "steps", "guidance", "eta")} == \
-        {k: cli_text[k] for k in ("labels", "seed", "sampler", "steps", "guidance", "eta")}
-    assert Image.open(png).text["lora"] == f"{os.path.realpath(out_dir / 'lora')}:0.5"
+    cli = out_dir.parent / "d"
+    denoise.main(["--ckpt", grid.settings["ckpt"], "--out-dir", str(cli), "--device", "cpu", "--precision", "fp32",
+                  "--labels", "3", "--seed", "2", "--frames", "0", "--lora", f"{out_dir / 'lora'}:0.5",
+                  "--sampler", grid.settings["sampler"], "--steps", str(grid.settings["steps"])])
+    mine, theirs = Image.open(png).text, Image.open(cli / "lora_samples.png").text
+    assert mine.keys() == theirs.keys()
+    assert {k: mine[k] for k in ("labels", "seed", "sampler", "steps", "guidance", "eta", "precision")} == \
+        {k: theirs[k] for k in ("labels", "seed", "sampler", "steps", "guidance", "eta", "precision")}
+    assert mine["lora"] == f"{os.path.realpath(out_dir / 'lora')}:0.5"
+    # denoise.py --from-png on the page's PNG draws the very images
+    denoise.main(["--from-png", png, "--out-dir", str(out_dir.parent / "again"), "--device", "cpu", "--frames", "0"])
+    with np.load(out_dir.parent / "again" / "lora_samples.npz") as f:
+        assert np.array_equal(f["images"], grid.images.numpy())
     # saving again never overwrites: the next number
     png2, npz2 = studio.save(grid, "mine")
     assert png2.endswith("mine-2.png") and npz2.endswith("mine-2.npz") and os.path.exists(png)

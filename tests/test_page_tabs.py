@@ -140,3 +140,24 @@ def test_a_saved_png_gives_its_settings_back(server, out_dir):  # noqa: F811
             assert page.locator("#seed input").input_value() == "7"
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_img2img_from_a_drawn_digit_with_a_live_slider(server):  # noqa: F811
+    """Draw a digit, restyle it: the input beside the result; a weight slider's release redraws it there."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser, page = open_page(p, server.url, "From a digit")
+        try:
+            draw(page, "i2i_sketch", 1, 0)
+            page.locator("#i2i").click()
+            first = wait_text(page, "i2i_msg", "done")
+            assert "no adapter" in first and page.locator("#i2i_out img").count() == 1
+            slider = page.locator("#weight_0 input[type=number]")
+            slider.fill("1.5")
+            slider.blur()
+            assert "lora 1.5" in wait_text(page, "i2i_msg", "lora 1.5")
+            assert "denoising" not in page.locator("#status").inner_text()  # the Sample tab's grid was not redrawn
+        finally:
+            browser.close()
