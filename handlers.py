@@ -18,7 +18,8 @@ import time
 from config import WEIGHT_RANGE
 from errors import UserError
 from jobs import Runner, shown_command
-from studio import APP_DIR, MAX_IMAGE_BYTES, Grid, PageError, Studio, check_labels, check_name, iter_sample, number, shown, weights_text
+from studio import (APP_DIR, MAX_IMAGE_BYTES, Grid, PageError, Studio, check_labels, check_name, iter_sample, number,
+                    shown, weights_text)
 from uploads import read_uploads, sketch_to_image, write_style_data
 
 MAX_SLOTS = 12  # weight sliders on the page; adapters beyond these are listed but have none

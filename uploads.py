@@ -165,8 +165,8 @@ def read_uploads(files, drawn=()):
 
 
 def check_trainable(upload):
-    """An UploadError unless ``upload`` can be trained on: no file refused, at least style_training.MIN_STYLE_IMAGES (the
-    one minimum of --data and evaluate.py --style-data, so that what the page trains can be scored)."""
+    """An UploadError unless ``upload`` can be trained on: no file refused, at least MIN_STYLE_IMAGES (the one
+    minimum of --data and evaluate.py --style-data, so that what the page trains can be scored)."""
     if upload.bad:
         raise UploadError(f"{len(upload.bad)} file(s) refused, nothing is trained: " + "; ".join(upload.bad[:10]))
     if len(upload) < MIN_STYLE_IMAGES:

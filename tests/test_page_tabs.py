@@ -6,7 +6,7 @@ import time
 import pytest
 
 import pictures
-import styles
+import style_training
 from conftest import ROOT
 from test_app import BROWSER_ARGS, find_browser, out_dir, server  # noqa: F401 -- fixtures, shared
 
@@ -47,7 +47,7 @@ def draw(page, elem_id, label, n):
 
 @pytest.mark.slow
 def test_drawings_one_after_another_then_a_fine_tune_on_them_alone(server):  # noqa: F811
-    """Draw, add, clear, draw again: every drawing is added with its label; styles.MIN_STYLE_IMAGES of them alone
+    """Draw, add, clear, draw again: every drawing is added with its label; style_training.MIN_STYLE_IMAGES of them alone
     train an adapter (tiny preset), which ends on the base against it and gets a slider."""
     from playwright.sync_api import sync_playwright
 
@@ -60,14 +60,14 @@ def test_drawings_one_after_another_then_a_fine_tune_on_them_alone(server):  # n
                 wait_text(page, "style_msg", f"{n + 1} drawing(s) added")
             page.locator("#clear_drawings").click()
             wait_text(page, "style_msg", "drawings cleared")
-            for n in range(styles.MIN_STYLE_IMAGES):
+            for n in range(style_training.MIN_STYLE_IMAGES):
                 label = n % 2 * 7  # 0 and 7 by turns
                 page.locator("#sketch_label input").fill(str(label))
                 page.locator("#sketch_label input").press("Enter")
                 draw(page, "sketch", label, n)
                 page.locator("#add_drawing").click()
                 msg = wait_text(page, "style_msg", f"{n + 1} drawing(s) added")
-            assert f"0: {styles.MIN_STYLE_IMAGES // 2}" in msg and f"7: {styles.MIN_STYLE_IMAGES // 2}" in msg, msg
+            assert f"0: {style_training.MIN_STYLE_IMAGES // 2}" in msg and f"7: {style_training.MIN_STYLE_IMAGES // 2}" in msg, msg
             page.locator("#style_name input, #style_name textarea").first.fill("drawn")
             page.locator("#ft_steps input").fill("2")
             page.locator("#train").click()
@@ -89,7 +89,7 @@ def test_an_error_stays_in_its_panel(server):  # noqa: F811
         try:
             page.locator("#check").click()
             first = wait_text(page, "style_msg", "Refused")
-            assert f"at least {styles.MIN_STYLE_IMAGES}" in first and "\n" not in first.strip()
+            assert f"at least {style_training.MIN_STYLE_IMAGES}" in first and "\n" not in first.strip()
             time.sleep(15)
             assert page.locator("#style_msg").inner_text() == first
             page.locator("#clear_drawings").click()  # the panel's next action replaces it

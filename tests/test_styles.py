@@ -335,7 +335,8 @@ def test_one_minimum_for_the_page_data_and_style_data(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         err = capsys.readouterr().err
-        assert e.value.code == 2 and f"needs at least {style_training.MIN_STYLE_IMAGES}" in err and err.count("\n") == 1
+        needs = f"needs at least {style_training.MIN_STYLE_IMAGES}"
+        assert e.value.code == 2 and needs in err and err.count("\n") == 1, err
     font_styles.write_font_folder("font:cmr10", tmp_path / "enough", per_label=1)
     enough = style_training.load_style_data(tmp_path / "enough", log=None)
     assert style_training.check_style_count(enough, "x") is enough
