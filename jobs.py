@@ -186,7 +186,7 @@ class FineTune:
         code = self.proc.returncode if done else None
         curve = LogPaths.of(self.out).curve
         return Progress(step, steps, rows[-1]["loss"] if rows else None, left, done,
-                        done and code == 0 and step >= steps, code, self._tail() if done else [],
+                        done and code == 0 and not self.stopped, code, self._tail() if done else [],
                         [p for p in previews if p != curve], curve if os.path.exists(curve) else None,
                         self.stopped)
 
