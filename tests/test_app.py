@@ -631,7 +631,8 @@ def test_defaults_are_safe():
 
 def test_bench_entry_returns_its_figures(studio):
     out = studio_mod.bench_entry(studio, repeats=1)
-    assert set(out) == {"first_grid_s", "redraw_s", "adapters"} and out["adapters"] == 1
+    assert set(out) == {"first_grid_s", "redraw_s", "sweep_s", "img2img_s", "adapters"} and out["adapters"] == 1
+    assert all(out[k] > 0 for k in ("first_grid_s", "redraw_s", "sweep_s", "img2img_s"))
 
 
 # ------------------------------------------------------------------ the page in a browser
