@@ -295,7 +295,8 @@ def test_lora_ddp_one_step_equals_single_process(lora_runs):
 @pytest.mark.slow
 def test_lora_ddp_only_rank0_writes_and_adapter_samples(lora_runs, tmp_path):
     base, _, (d_dir, logs) = lora_runs
-    assert files_under(d_dir) == ["lora/adapter_config.json", "lora/adapter_model.safetensors", "lora/loss.csv",
+    assert files_under(d_dir) == ["lora/README.md", "lora/adapter_config.json", "lora/adapter_model.safetensors",
+                                  "lora/loss.csv",
                                   "lora/loss_curve.png", "lora/previews/step_0001.png", "lora/training_state.pt"]
     assert "2 process(es) x batch 8 = global batch 16" in logs[0]["stdout"]
     assert logs[1]["stdout"] == "", f"rank 1 printed:\n{logs[1]['stdout']}"
