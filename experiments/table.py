@@ -62,7 +62,8 @@ def _reference(d):
 def _sampling(d):
     name = {"ddim": "DDIM", "ddpm": "DDPM", "dpmpp-2m": "DPM-Solver++(2M)", "heun": "Heun"}.get(d["sampler"],
                                                                                             d["sampler"])
-    sampler = f"{name}-{d['steps']}"
+    sampler = f"{name}-{d['steps']}" + (f" ({d['model_evals_per_image']} network evaluations an image)"
+                                         if d.get("model_evals_per_image") else "")
     return f"{d['num_samples']:,} samples, {sampler}, guidance {d['guidance']:g}"
 
 
@@ -79,8 +80,6 @@ def table() -> str:
     if base.get("zero_share") is not None:  # eval.json files written before it was counted lack it
         rows.append(("base: pixels exactly 0 (real digits)",
                      f"{100 * base['zero_share']:.0f}% ({100 * base['real_zero_share']:.0f}%)"))
-    if base.get("model_evals_per_image") is not None:
-        rows.append(("the default sampler: network evaluations per image", f"{base['model_evals_per_image']}"))
     rows += [
         (f"{lora['real_style']} adapter: share of the way to real {lora['real_style']} slant",
          f"**{100 * share:.0f}%** (slant {lora['base_slant']:+.3f} -> {lora['slant']:+.3f}; "

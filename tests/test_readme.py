@@ -132,7 +132,7 @@ def test_table_reads_the_run_when_its_files_are_there(tmp_path, monkeypatch):
     assert "**67%** (slant +0.100 -> +0.300; real italic +0.400)" in out
     assert "100 parameters (1.00% of the base's 10,000), 2,048 bytes" in out
     assert "the 500 held-out digits of the offline set (mnist-5k)" in out
-    assert "15 min 30 s" in out  # speed stays the reference machine's (default/results.json)
+    assert "9 min 59 s" in out  # speed stays the reference machine's (default/results.json)
 
 
 def test_table_falls_back_to_the_transcribed_figures(tmp_path, monkeypatch):
