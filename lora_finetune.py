@@ -214,7 +214,7 @@ def finetune(args):
         trainable, total = mark_only_lora_as_trainable(model)
     opt = make_optimizer(model.parameters(), run.lcfg.lora_lr, 0.0, run.device)
     local_batch, global_batch = per_rank_batch(run.lcfg.lora_batch_size, run.tcfg.batch_scope, run.dist_info.world)
-    data, styled, own_set, train_data = load_train_data(run, model, diffusion, global_batch)
+    data, styled, own_set, train_data = load_finetune_data(run, model, diffusion, global_batch)
     step = restore_state(run, opt, train_data)
     # decided once, as in train.py: auto on CUDA times this fine-tune's step in both precisions, rank 0 decides
     probe = precision_probe(model, diffusion, train_data, diffusion.timesteps, local_batch, run.device)
@@ -310,7 +310,7 @@ class AdapterSlot:
             add_adapter_layers(model, self.spec)
 
 
-def load_train_data(run, model, diffusion, global_batch):
+def load_finetune_data(run, model, diffusion, global_batch):
     """The digits it trains on (MNIST in its style, or the style data with its prior), checked against the base,
     on the device; then, the inputs being good, the lock on --out. Returns (data, styled, own_set, TrainData)."""
     args, lcfg, tcfg, rcfg, log = run.args, run.lcfg, run.tcfg, run.rcfg, run.log
