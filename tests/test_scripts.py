@@ -179,7 +179,7 @@ def test_help_gives_each_default_once_and_never_none(script, capsys):
     if script == "train":
         # each flag: its reason, its range, then its default, once
         assert "--max-steps MAX_STEPS optimizer steps in all; an epoch is one pass over the data; 1..1000000000 " \
-               "(default 1000) --time-budget" in out
+               "(default 700) --time-budget" in out
         assert "--warmup-steps WARMUP_STEPS linear warm-up, then cosine decay (Loshchilov & Hutter 2017); " \
                "0..1000000000 (default 100)" in out
 
