@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import itertools
 import math
 import os
 import queue
@@ -544,8 +545,8 @@ def bench_entry(studio, repeats=3):
     grid = studio.sample(req)
     out["first_grid_s"] = time.perf_counter() - t
     usable = studio.usable()
-    flip = iter(range(10 ** 6))
-    weights = (lambda: {usable[0].name: 0.5 + 0.25 * (next(flip) % 2)}) if usable else (lambda: None)
+    slider = itertools.cycle((0.5, 0.75))  # a new weight each call, as a slider moved back and forth
+    weights = (lambda: {usable[0].name: next(slider)}) if usable else (lambda: None)
     out["redraw_s"] = median(lambda: studio.sample(req, weights()))
     if usable:
         out["sweep_s"] = median(lambda: studio.sweep(req, usable[0].name))
