@@ -32,12 +32,12 @@ from cli import ArgumentParser, add_preset_arg, add_runtime_args, bounded, path_
 from config import DEFAULT_CKPT, DEFAULT_OUT_DIR, LoraConfig, SampleConfig, preset_config
 from errors import run_main
 from handlers import (MAX_SLOTS, Page, adapter_note, do_add_drawing, do_add_path, do_check, do_clear,  # noqa: F401
-                      do_compare, do_img2img, do_png_info, do_refresh, do_resume, do_sample, do_save, do_stop,
+                      do_compare, do_fast, do_img2img, do_png_info, do_refresh, do_resume, do_sample, do_save, do_stop,
                       do_slider_img2img, do_slider_sample, do_sweep, do_train, handler, one_line,
                       ERROR_MARK)
 from jobs import Runner
 from runtime import pick_device, resolve_precision
-from studio import APP_DIR, MAX_PER_LABEL, PageError, Studio, bench_entry
+from studio import APP_DIR, FAST_STEPS, MAX_PER_LABEL, PageError, Studio, bench_entry
 from uploads import IMAGE_EXTS, MAX_UPLOAD_BYTES
 
 DEFAULT_PORT = 7860
@@ -84,8 +84,11 @@ def sample_tab(page, ui):
                 ui.n_per_label = gr.Slider(1, MAX_PER_LABEL, value=1, step=1, label="samples per label",
                                            elem_id="n_per_label")
                 ui.seed = gr.Number(studio.seed, precision=None, label="seed", elem_id="seed", min_width=90)
-            ui.sampler = gr.Dropdown(list(samplers), value=defaults.sampler, label="sampler (ddpm runs all T steps)",
-                                     elem_id="sampler")
+            with gr.Row():
+                ui.sampler = gr.Dropdown(list(samplers), value=defaults.sampler,
+                                         label="sampler (ddpm runs all T steps)", elem_id="sampler")
+                ui.fast = gr.Checkbox(False, label=f"fast: the speed adapter, lcm {FAST_STEPS} steps", elem_id="fast",
+                                      min_width=120)
             with gr.Row():
                 ui.steps = gr.Slider(1, studio.timesteps, value=min(defaults.steps, studio.timesteps), step=1,
                                      label="steps", elem_id="steps")
@@ -197,6 +200,8 @@ def wire(page, ui, demo):
            api_visibility="undocumented")
         on(slot.release, do_slider_img2img, [ui.tab, *digit], [ui.i2i_msg, ui.i2i_out], raw=False, model=True,
            api_visibility="undocumented")
+    on(ui.fast.input, do_fast, [ui.names, ui.fast, *form], [*shown_grid, ui.sampler, ui.steps, *ui.slots], panel=2,
+       model=True)
     on(ui.save_btn.click, do_save, [ui.grid, ui.save_name], ui.status)
     on(ui.png_in.upload, do_png_info, [ui.names, ui.png_in],
        [ui.status, ui.labels, ui.n_per_label, ui.seed, ui.sampler, ui.steps, ui.guidance, *ui.slots], raw=False)

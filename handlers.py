@@ -15,11 +15,11 @@ import inspect
 import os
 import time
 
-from config import WEIGHT_RANGE
+from config import WEIGHT_RANGE, SampleConfig, preset_config
 from errors import UserError
 from jobs import Runner, shown_command
-from studio import (APP_DIR, MAX_IMAGE_BYTES, Grid, PageError, Studio, check_labels, check_name, iter_sample, number,
-                    shown, weights_text)
+from studio import (APP_DIR, FAST_STEPS, MAX_IMAGE_BYTES, Grid, PageError, Studio, check_labels, check_name,
+                    iter_sample, number, shown, weights_text)
 from uploads import read_uploads, sketch_to_image, write_style_data
 
 MAX_SLOTS = 12  # weight sliders on the page; adapters beyond these are listed but have none
@@ -79,6 +79,33 @@ def do_sample(page, names, *values):
         else:
             step, total, picture = item
             yield picture, _skip(), f"denoising: step {step} of {total}"
+
+
+def do_fast(page, names, on, *values):
+    """The fast switch: on, the speed adapter's slider at 1 and lcm at FAST_STEPS; off, every speed adapter's
+    slider at 0 and the preset's sampler and steps. Then the grid again, every other slider as it was; the
+    switch's settings go back to their widgets, where they can be changed by hand."""
+    if not isinstance(on, bool):
+        raise PageError(f"the fast switch must be on or off, got {shown(on)}; reload the page")
+    _request(page, values)
+    weights = _weights(names, values[SAMPLE_FIELDS:])
+    studio = page.studio
+    if on:
+        speed = studio.speed_adapter()
+        if speed.name not in weights:
+            raise PageError(f"the speed adapter {speed.where} has no slider here; press Look for new adapters")
+        sampler, steps = "lcm", FAST_STEPS
+    else:
+        defaults = preset_config(SampleConfig, studio.preset)
+        sampler, steps = defaults.sampler, min(defaults.steps, studio.timesteps)
+    speed_names = {e.name for e in studio.usable() if e.kind == "lcm"}
+    slots = [float(w) for w in values[SAMPLE_FIELDS:]]
+    for i, name in enumerate((names or [])[:len(slots)]):
+        if name in speed_names:
+            slots[i] = 1.0 if on and name == speed.name else 0.0
+    form = [*values[:3], sampler, steps, values[5], *slots]
+    for item in do_sample(page, names, *form):
+        yield (*item, sampler, steps, *slots)
 
 
 def do_save(page, grid, name):

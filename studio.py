@@ -43,6 +43,7 @@ from styles import StyleDataError, preprocess_image, read_digit
 SWEEP_WEIGHTS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)  # the sweep's columns: the span the sliders show
 MAX_IMAGES = 200  # samples one request may ask for (labels x per label): a minute of CPU at the default steps
 MAX_PER_LABEL = 20
+FAST_STEPS = 4  # the fast switch: a speed adapter's lcm steps (98.2% and 1.20x the default's distance there)
 MAX_IMAGE_BYTES = 64 << 20  # an image to start from, as sent: denoise.py's --init bound
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 APP_DIR = "app"  # under --out-dir: saved grids, style data, fine-tunes and the page's upload cache
@@ -180,9 +181,12 @@ class AdapterEntry:
     size: int  # bytes of the shared files
     where: str  # the folder as the page shows it (relative to its root)
     problem: str | None = None  # set when it is listed but not attached (another base, unreadable)
+    kind: str | None = None  # None: a style; "lcm": a speed adapter, the fast switch's (adapter.KINDS)
 
     def describe(self):
-        return f"{self.where}: style {self.style or 'unknown'}, rank {self.r}, {self.size / 1024:.0f} KB"
+        what = f"speed adapter (the fast switch: lcm, {FAST_STEPS} steps)" if self.kind == "lcm" else \
+            f"style {self.style or 'unknown'}"
+        return f"{self.where}: {what}, rank {self.r}, {self.size / 1024:.0f} KB"
 
 
 @dataclasses.dataclass
@@ -275,13 +279,22 @@ class Studio:
             self.log(f"app: {path} is listed but not loaded: {e}")
             entry = AdapterEntry(name, path, None, 0, 0, where, problem=str(e))
         else:
-            entry = AdapterEntry(name, path, ad.style, int(ad.r), adapter_size(path), where)
+            entry = AdapterEntry(name, path, ad.style, int(ad.r), adapter_size(path), where, kind=ad.kind)
             self._set[name] = 0.0
         self.adapters[name] = entry
         return entry
 
     def usable(self):
         return [e for e in self.adapters.values() if e.problem is None]
+
+    def speed_adapter(self):
+        """The first loaded speed adapter (kind lcm), which the fast switch turns on; a PageError naming the fix
+        when there is none."""
+        speed = [e for e in self.usable() if e.kind == "lcm"]
+        if not speed:
+            raise PageError("no speed adapter under the page's folders: distil one with `python lora_finetune.py "
+                            "--distill lcm --out out/lcm` (about 4 minutes), then press Look for new adapters")
+        return speed[0]
 
     def check_weights(self, weights):
         """{name: weight} checked: each a loaded adapter, each weight a number within config.WEIGHT_RANGE (the
@@ -526,7 +539,8 @@ class _Cancelled(Exception):
 
 def bench_entry(studio, repeats=3):
     """Seconds for the page's first grid (10 digits, the default sampler), a slider redraw, the weight sweep of the
-    first adapter and img2img of one digit at strength 0.6 (medians of ``repeats``); app.py --bench.
+    first style adapter, img2img of one digit at strength 0.6 and, with a speed adapter, a redraw with the fast
+    switch on (medians of ``repeats``); app.py --bench.
 
     Not run by the tests' timing: the machine they share makes the numbers meaningless there."""
     import time
@@ -545,12 +559,19 @@ def bench_entry(studio, repeats=3):
     grid = studio.sample(req)
     out["first_grid_s"] = time.perf_counter() - t
     usable = studio.usable()
+    styles = [e for e in usable if e.kind != "lcm"] or usable
     slider = itertools.cycle((0.5, 0.75))  # a new weight each call, as a slider moved back and forth
-    weights = (lambda: {usable[0].name: next(slider)}) if usable else (lambda: None)
+    weights = (lambda: {styles[0].name: next(slider)}) if styles else (lambda: None)
     out["redraw_s"] = median(lambda: studio.sample(req, weights()))
-    if usable:
-        out["sweep_s"] = median(lambda: studio.sweep(req, usable[0].name))
+    if styles:
+        out["sweep_s"] = median(lambda: studio.sweep(req, styles[0].name))
     digit = grid.images[0].numpy()
     out["img2img_s"] = median(lambda: studio.img2img(digit, studio.request(labels=[3], n_per_label=1), 0.6, weights()))
+    speed = [e for e in usable if e.kind == "lcm"]
+    if speed:  # the fast switch on, a style slider moving beside it (when there is one besides)
+        fast = studio.request(sampler="lcm", steps=FAST_STEPS)
+        others = [e for e in styles if e.kind != "lcm"]
+        out["fast_redraw_s"] = median(lambda: studio.sample(fast, {speed[0].name: 1.0, **(
+            {others[0].name: next(slider)} if others else {})}))
     out["adapters"] = len(usable)
     return out

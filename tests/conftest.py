@@ -72,3 +72,13 @@ def tiny_adapter(tmp_path_factory, tiny_ckpt):
     out = tmp_path_factory.mktemp("tiny_lora") / "lora"
     return lora_finetune.main(["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--ckpt", tiny_ckpt,
                                "--out", str(out)])
+
+
+@pytest.fixture(scope="session")
+def tiny_speed_adapter(tmp_path_factory, tiny_ckpt):
+    """Path of a speed adapter from ``lora_finetune.py --preset tiny --distill lcm`` on ``tiny_ckpt`` (3 steps)."""
+    import lora_finetune
+
+    out = tmp_path_factory.mktemp("tiny_lcm") / "lcm"
+    return lora_finetune.main(["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--ckpt", tiny_ckpt,
+                               "--distill", "lcm", "--lora-steps", "3", "--out", str(out)])
