@@ -306,6 +306,10 @@ class SampleConfig:
     # Kynkaanniemi et al. 2024; experiments/sampler_guidance gives what it did here (it cost accuracy)
     guidance_interval: tuple = setting((0.0, 1.0), "guide only the steps with lo <= t/T <= hi; the steps outside "
                                        "it run the conditional half alone", ge=0.0, le=1.0)
+    # Saharia et al. 2022 (Imagen), sec. 2.3; experiments/time_to_quality/levers_500 gives what it did here
+    threshold: float = setting(0.0, "dynamic thresholding: each step's estimate x0 is clipped to s, the p-th quantile "
+                               "of its |pixels| (at least 1), and divided by s; 0 = off (static clipping to [-1, 1]), "
+                               "Imagen's p is 0.995", ge=0.0, lt=1.0, why="p = 1 would take the largest pixel")
 
     def __post_init__(self):
         check_types(self)

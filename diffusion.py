@@ -330,7 +330,7 @@ class Diffusion(StepGrids, nn.Module):
     @torch.no_grad()
     def sample(self, model, labels, shape, *, sampler="ddim", steps=50, eta=0.0, guidance=0.0,
                guidance_interval=(0.0, 1.0), null_label=None, generator=None, num_frames=0, progress=None,
-               callback=None, init=None, strength=1.0):
+               callback=None, init=None, strength=1.0, threshold=0.0):
         """Generate images for ``labels``; returns (x0, frames).
 
         With ``init`` (B, C, H, W) in [-1, 1], image to image (SDEdit, Meng et al. 2021): ``init`` is noised to
@@ -340,6 +340,7 @@ class Diffusion(StepGrids, nn.Module):
         frames is a list of ``num_frames`` snapshots of x_t from pure noise to the result, for the
         denoising-process figure (empty when num_frames is 0). ``generator`` makes it reproducible.
         ``guidance`` applies at the steps with lo <= t / T <= hi for ``guidance_interval`` (lo, hi).
+        ``threshold`` p > 0: each step's estimate is clipped by dynamic thresholding (``clip_x0``), not to [-1, 1].
 
         ``callback(step_index, num_steps, x0_estimate)``, when given, runs after each of the
         ``num_steps`` steps (step_index 0..num_steps-1) with that step's clipped estimate of the final
@@ -369,13 +370,25 @@ class Diffusion(StepGrids, nn.Module):
             if sampler in GUIDANCE_INPUT:  # one pass; w is the network's input where it takes one
                 t_b = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
                 w_b = torch.full((x_t.shape[0],), float(w), device=x_t.device) if takes_w else None
-                return self.consistency(model, x_t, t_b, labels, w_b).clamp(-1, 1)
-            return self.to_x0(self.guided_output(model, x_t, t, labels, w, null_label), x_t, t).clamp(-1, 1)
+                return clip_x0(self.consistency(model, x_t, t_b, labels, w_b), threshold)
+            return clip_x0(self.to_x0(self.guided_output(model, x_t, t, labels, w, null_label), x_t, t), threshold)
 
         on_step = StepWatcher(x, len(ts), num_frames, progress, callback)
         x = SAMPLERS[sampler](denoise, x, ts, self, eta=eta, generator=generator, on_step=on_step)
         on_step.close()
         return x.clamp(-1, 1), on_step.frames
+
+
+def clip_x0(x0, threshold=0.0):
+    """The estimate x0 kept in the data's range [-1, 1]. ``threshold`` 0: clipped there (static). p > 0: dynamic
+    thresholding (Saharia et al. 2022): s = the p-th quantile of |x0| over each image's pixels, at least 1; x0 is
+    clipped to [-s, s] and divided by s, so that pixels past the range pull the image back in proportion rather
+    than saturating. An image already inside [-1, 1] is unchanged either way."""
+    if not threshold:
+        return x0.clamp(-1, 1)
+    s = torch.quantile(x0.flatten(1).abs().float(), threshold, dim=1).clamp(min=1.0).to(x0.dtype)
+    s = s.view(-1, *([1] * (x0.dim() - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
 @torch.no_grad()
@@ -395,7 +408,8 @@ def generate(model, diffusion, labels, device, precision="fp32", cfg=None, *, se
     shape = (len(labels), model.cfg.in_channels, model.cfg.img_size, model.cfg.img_size)
     with autocast(device, precision):
         x, frames = diffusion.sample(model, labels, shape, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
-                                     guidance=cfg.guidance, guidance_interval=cfg.guidance_interval, generator=g,
+                                     guidance=cfg.guidance, guidance_interval=cfg.guidance_interval,
+                                     threshold=cfg.threshold, generator=g,
                                      num_frames=num_frames, progress=progress, callback=callback,
                                      init=None if init is None else init.to(device).expand(shape), strength=strength)
     return to_uint8(x, data_size), [to_uint8(f, data_size) for f in frames]

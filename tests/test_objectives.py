@@ -2,6 +2,7 @@
 and each sampler, given the exact denoiser of a point mass or a Gaussian, lands on the data or its marginal."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -288,3 +289,20 @@ def test_the_consistency_boundary_condition():
     c_skip, c_out = consistency_scalings(torch.tensor([0, 19, 999]))
     assert c_skip[0] == 1 and c_out[0] == 0
     assert c_skip[1] < 1e-4 and c_out[1] > 0.9999 and c_skip[2] < 1e-8
+
+
+def test_dynamic_thresholding_against_its_formula():
+    """Saharia et al.'s rule, by numpy: s = the p-th quantile of |x0| per image (at least 1), clip to [-s, s], / s.
+    An image inside [-1, 1] is unchanged; p = 0 is static clipping; the other image's scale does not leak in."""
+    from diffusion import clip_x0
+
+    wide = torch.linspace(-3.0, 2.0, 64, dtype=torch.float64).view(1, 1, 8, 8)
+    inside = torch.linspace(-1.0, 0.9, 64, dtype=torch.float64).view(1, 1, 8, 8)
+    x0 = torch.cat([wide, inside])
+    for p in (0.5, 0.9, 0.995):
+        out = clip_x0(x0, p)
+        s = max(1.0, float(np.quantile(np.abs(wide.numpy()), p)))
+        assert torch.allclose(out[0], torch.from_numpy(np.clip(wide[0].numpy(), -s, s) / s), atol=1e-12)
+        assert torch.equal(out[1], inside[0]) and out.abs().max() <= 1.0
+    assert torch.equal(clip_x0(x0, 0.0), x0.clamp(-1, 1))
+    assert clip_x0(x0, 0.5)[0].abs().max() == 1.0 and (clip_x0(x0, 0.5)[0].abs() == 1).sum() > 1  # p 0.5: s ~ 1.5
