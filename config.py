@@ -417,7 +417,11 @@ class LoraConfig:
 @dataclass
 class DistillConfig:
     """lora_finetune.py --distill lcm: a speed adapter by latent consistency distillation (distill.py, Luo et al.
-    2023); its rank, targets, steps, rate and batch are LoraConfig's."""
+    2023); its rank, targets and rate are LoraConfig's, its steps and batch its own (a step costs about five of
+    the fine-tune's network passes)."""
+    distill_steps: int = setting(270, "optimizer steps of the distillation: about 4 minutes of a 2-core laptop in "
+                                 "fp32 at batch 64 (experiments/speed_lora)", gt=0, le=STEPS_MAX)
+    distill_batch_size: int = setting(64, "global batch of the distillation", gt=0, le=BATCH_MAX)
     # LCM draws w from [w_min, w_max] around the guidance it samples at; 2 is ours (SampleConfig.guidance)
     distill_w: tuple = setting((1.0, 3.0), "the teacher's guidance w is drawn from lo,hi; the adapter takes w as an "
                                "input (--guidance when sampling with --sampler lcm)", item=float, ge=0.0, le=20.0)
@@ -462,6 +466,7 @@ PRESETS: dict[str, dict[type, dict]] = {
         TrainConfig: dict(max_steps=4, batch_size=16, warmup_steps=1, dataset="mnist-5k"),
         SampleConfig: dict(steps=5),
         LoraConfig: dict(lora_steps=4, lora_batch_size=16, r=2, alpha=2.0),
+        DistillConfig: dict(distill_steps=4, distill_batch_size=16),
     },
 }
 

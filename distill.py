@@ -133,6 +133,10 @@ def check_distill_flags(args):
         raise CLIError("--distill lcm trains an adapter; drop --full")
     if args.resume is not None:
         raise CLIError("--distill lcm does not resume (a distillation is short); run it again with --overwrite")
+    sized = [f"--{n.replace('_', '-')}" for n in ("lora_steps", "lora_batch_size")
+             if getattr(args, n, None) is not None]
+    if sized:
+        raise CLIError(f"--distill lcm takes --distill-steps and --distill-batch-size, its own: drop {', '.join(sized)}")
     given = [f"--{n.replace('_', '-')}" for n in ("style", "data", "augment", "prior_weight", "lora_t_range")
              if getattr(args, n, None) not in (None, "")]
     if given:
@@ -150,9 +154,10 @@ def refuse_distill_flags(args):
 def distill(args, log=print):
     """lora_finetune.py --distill lcm, after its output checks: train and write the speed adapter at args.out."""
     check_distill_flags(args)
-    lcfg = dataclasses.replace(config_from_args(args, LoraConfig, args.preset), style="none")
-    tcfg = config_from_args(args, TrainConfig, args.preset)
     dcfg = config_from_args(args, DistillConfig, args.preset)
+    lcfg = dataclasses.replace(config_from_args(args, LoraConfig, args.preset), style="none",
+                               lora_steps=dcfg.distill_steps, lora_batch_size=dcfg.distill_batch_size)
+    tcfg = config_from_args(args, TrainConfig, args.preset)
     rcfg = runtime_from_args(args)
     if rcfg.precision not in ("auto", "fp32"):
         raise CLIError(f"--distill lcm trains in fp32 (the teacher's one-step targets are small differences); drop "
@@ -177,7 +182,7 @@ def distill(args, log=print):
     opt = make_optimizer(params, lcfg.lora_lr, 0.0, device)
     data = load_dataset_distributed(tcfg.dataset, "train", tcfg.data_dir, dist_info, log)
     if lcfg.lora_batch_size > len(data):
-        raise CLIError(f"batch {lcfg.lora_batch_size} is larger than the {len(data)} images; lower --lora-batch-size")
+        raise CLIError(f"batch {lcfg.lora_batch_size} is larger than the {len(data)} images; lower --distill-batch-size")
     images, labels = to_model_range(data.images, model.cfg.img_size).to(device), data.labels.to(device)
     lock_output(args.out, "--out", folder=True, log=log)
     remove_stale_temps(os.path.dirname(os.path.abspath(args.out)), log)

@@ -81,4 +81,4 @@ def tiny_speed_adapter(tmp_path_factory, tiny_ckpt):
 
     out = tmp_path_factory.mktemp("tiny_lcm") / "lcm"
     return lora_finetune.main(["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--ckpt", tiny_ckpt,
-                               "--distill", "lcm", "--lora-steps", "3", "--out", str(out)])
+                               "--distill", "lcm", "--distill-steps", "3", "--out", str(out)])

@@ -206,7 +206,10 @@ def test_the_real_peft_loads_a_speed_adapter(tmp_path):
 
 def test_distill_flags_it_cannot_honour_are_refused(tiny_ckpt, tmp_path, capsys):
     for extra, message in ((["--style", "bold"], "drop --style"), (["--full"], "drop --full"),
-                           (["--distill-w", "3,1"], "lo <= hi"), (["--precision", "bf16"], "trains in fp32")):
+                           (["--distill-w", "3,1"], "lo <= hi"), (["--precision", "bf16"], "trains in fp32"),
+                           (["--lora-steps", "5"], "takes --distill-steps and --distill-batch-size, its own: drop "
+                                                   "--lora-steps"),
+                           (["--distill-batch-size", "4501"], "lower --distill-batch-size")):
         with pytest.raises(SystemExit) as e:
             lora_finetune.main(["--preset", "tiny", "--ckpt", tiny_ckpt, "--distill", "lcm", "--out",
                                 str(tmp_path / "lcm"), *extra])
@@ -221,7 +224,7 @@ def test_distill_flags_it_cannot_honour_are_refused(tiny_ckpt, tmp_path, capsys)
 @pytest.mark.slow
 def test_distill_end_to_end_then_sample_it_stacked(tiny_ckpt, tiny_adapter, tmp_path):
     out = lora_finetune.main(["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--ckpt", tiny_ckpt,
-                              "--distill", "lcm", "--lora-steps", "3", "--out", str(tmp_path / "lcm")])
+                              "--distill", "lcm", "--distill-steps", "3", "--out", str(tmp_path / "lcm")])
     ad = load_adapter(out)
     assert ad.kind == "lcm" and ad.base_fingerprint and ad.saved_modules["w_embed.weight"].abs().sum() > 0
     assert os.path.exists(os.path.join(out, "loss.csv"))
@@ -246,7 +249,7 @@ def test_ctrl_c_saves_the_speed_adapter_so_far(tiny_ckpt, tmp_path, monkeypatch)
     out = str(tmp_path / "lcm")
     with pytest.raises(SystemExit) as e:
         lora_finetune.main(["--preset", "tiny", "--device", "cpu", "--ckpt", tiny_ckpt, "--distill", "lcm",
-                            "--lora-steps", "10", "--out", out])
+                            "--distill-steps", "10", "--out", out])
     assert e.value.code == 130
     ad = load_adapter(out)  # whole, after two steps
     assert ad.kind == "lcm" and ad.saved_modules["w_embed.weight"].abs().sum() > 0
