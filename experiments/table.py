@@ -1,4 +1,5 @@
-"""The README's results table, generated from the files in experiments/default/, so it cannot drift.
+"""The README's results table, generated from the files in experiments/default/ (and the speed adapter's row from
+experiments/speed_lora/data/), so it cannot drift.
 
     python experiments/table.py            # prints the Markdown that sits between the README's results markers
 
@@ -90,6 +91,11 @@ def table() -> str:
         ("adapter size", f"{sizes['lora_parameters']:,} parameters ({100 * sizes['lora_parameters'] / sizes['base_parameters']:.2f}%"
                          f" of the base's {sizes['base_parameters']:,}), {sizes['shared_bytes']:,} bytes as shared"),
     ]
+    lcm = _load(os.pardir, "speed_lora", "data", "lcm4.json")  # the speed adapter's own study, on the same base
+    if lcm:
+        rows.append(("speed adapter (`--distill lcm`), 4 steps: accuracy, Frechet distance",
+                     f"{100 * lcm['accuracy']:.1f}%, {lcm['frechet_distance']:.2f} ({lcm['model_evals_per_image']} "
+                     f"network evaluations an image; [speed_lora](experiments/speed_lora/notes.md))"))
     for s in speed:
         rows.append((f"the quick start, {s['label']}",
                      f"{_minutes(s['total_s'])} (training {s['train_min']:.1f} min, fine-tune {s['finetune_min']:.1f} min,"

@@ -1,9 +1,38 @@
 #!/bin/bash
-# What ran for notes.md's figures: the speed adapter on the 800-step base of ../time_to_quality/recipe (v800b64,
-# trained by its commands.sh), from the repository root. The CPU was shared: the seconds in the files are not timings.
+# What ran for notes.md's figures, from the repository root, on the default base and italic adapter of the quick start
+# (out/ckpt.pt, out/lora). Timings ran alone; the quality runs shared the CPU, one thread each.
 set -euo pipefail
-export MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1
-python lora_finetune.py --distill lcm --ckpt v800b64/ckpt.pt --out v800b64/lcm --precision fp32 --preview-every 0
-E="python evaluate.py --ckpt v800b64/ckpt.pt --n-per-label 100 --precision fp32"
-for n in 4 1 2 8; do $E --lora v800b64/lcm --sampler lcm --steps $n --out-dir v800b64/eval_lcm$n; done
-$E --lora v800b64/lcm --lora v800b64/italic --sampler lcm --steps 4 --out-dir v800b64/eval_lcm4_italic
+export MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+E="python evaluate.py --ckpt out/ckpt.pt --n-per-label 100 --precision fp32"
+
+# the default speed adapter (240 steps of 64), alone and timed; then its scores at 1, 2, 4, 8 steps and stacked
+/usr/bin/time -f "wall %e s" python lora_finetune.py --distill lcm --out out/lcm --precision fp32
+export OMP_NUM_THREADS=1
+for n in 4 2 8 1; do $E --lora out/lcm --sampler lcm --steps $n --out-dir out/eval_lcm$n; done    # data/lcmN.json
+$E --lora out/lcm --lora out/lora --style italic --sampler lcm --steps 4 --out-dir out/eval_lcm4_italic
+python lora_tools.py render-style "font:DejaVu Serif Bold" --per-label 20 --out my_digits
+python lora_tools.py render-style "font:DejaVu Serif Bold" --seed 1 --out held_out
+python lora_finetune.py --data my_digits --targets all --r 2 --alpha 2 --lora-lr 3e-3 --out out/serif --precision fp32
+$E --lora out/serif --style-data held_out --out-dir out/eval_serif                             # data/serif_default.json
+$E --lora out/lcm --lora out/serif --style-data held_out --sampler lcm --steps 4 --out-dir out/eval_lcm4_serif
+for m in "" "--merge"; do   # merged against unmerged: the same uint8 images
+    python denoise.py --lora out/lcm --lora out/lora --sampler lcm --steps 4 --precision fp32 $m --out-dir out/m$m
+done
+
+# the budget's levers (data/budget/): two at a time, one thread each; for skip k = 50 and 100, diffusion.py's
+# LCM_SKIP = 50 was edited to 20 and 10 in a copy of the code (sampling with that copy too); these ran before
+# --distill-steps and --distill-batch-size existed, as --lora-steps and --lora-batch-size, the same settings
+python lora_finetune.py --distill lcm --distill-steps 275 --out out/V1 --precision fp32               # LCM_SKIP 20
+python lora_finetune.py --distill lcm --distill-steps 275 --out out/P1 --precision fp32               # LCM_SKIP 10
+python lora_finetune.py --distill lcm --distill-steps 275 --lora-lr 2e-2 --out out/P2 --precision fp32   # LCM_SKIP 20
+python lora_finetune.py --distill lcm --distill-steps 560 --distill-batch-size 32 --out out/V2 --precision fp32
+python lora_finetune.py --distill lcm --distill-steps 275 --distill-ema 0 --out out/V3 --precision fp32
+python lora_finetune.py --distill lcm --distill-steps 275 --distill-ema 0 --out out/V4 --precision fp32 # LCM_SKIP 20
+python lora_finetune.py --distill lcm --distill-steps 300 --distill-batch-size 128 --out out/d300 --precision fp32
+for a in V1 P1 P2 V2 V3 V4 d300; do $E --lora out/$a --sampler lcm --steps 4 --out-dir out/eval_$a; done
+
+# times, alone: a grid of ten digits per setting (timing.json, speed_lora.png -> docs/), the page's fast redraw
+unset OMP_NUM_THREADS
+python experiments/speed_lora/speed.py --ckpt out/ckpt.pt --lcm out/lcm --style out/lora --out experiments/speed_lora
+mkdir -p out/page && cp -r out/lcm out/lora out/page/
+python app.py --bench --out-dir out/page --precision fp32 > experiments/speed_lora/page_bench.json
