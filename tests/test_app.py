@@ -560,6 +560,8 @@ def fuzz_cases(page, tmp_path):
     sketch[20:60, 30:50] = (0, 0, 0, 255)
     return [
         (app.do_sample, [["lora"], *form], range(1, 1 + len(form)), form_valid(1), (3, 2)),
+        # the fast switch: on is refused here too (no speed adapter under this page's folders)
+        (app.do_fast, [["lora"], False, *form], range(1, 2 + len(form)), form_valid(2), (5 + app.MAX_SLOTS, 2)),
         (app.do_sweep, [["lora"], "lora", *form], range(1, 2 + len(form)), form_valid(2), (2, 0)),
         (app.do_compare, [["lora"], *form[:6], 1.0, *form[7:]], range(1, 1 + len(form)), form_valid(1), (2, 0)),
         (app.do_save, [grid, "x"], [1], {1: ["x"]}, (1, 0)),

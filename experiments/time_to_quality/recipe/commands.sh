@@ -22,3 +22,11 @@ python lora_finetune.py --ckpt v800b64/ckpt.pt --out v800b64/italic_b64_lr2 --lo
 for a in italic italic200 italic_b64 italic_b64_lr2; do
     $EVAL --ckpt v800b64/ckpt.pt --lora v800b64/$a --out-dir v800b64/eval_$a
 done
+
+# the italic adapter on the default base (out/ckpt.pt of the quick start), seeds 1 and 2 beside the quick start's seed 0;
+# one thread each, side by side
+for s in 1 2; do
+    OMP_NUM_THREADS=1 python lora_finetune.py --seed $s --out out/italic_s$s --precision fp32 --preview-every 0
+    OMP_NUM_THREADS=1 python evaluate.py --ckpt out/ckpt.pt --lora out/italic_s$s --style italic --n-per-label 100 \
+        --precision fp32 --out-dir out/eval_italic_s$s      # -> data/default_italic_seed$s.json
+done
