@@ -43,7 +43,7 @@ from styles import StyleDataError, preprocess_image, read_digit
 SWEEP_WEIGHTS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)  # the sweep's columns: the span the sliders show
 MAX_IMAGES = 200  # samples one request may ask for (labels x per label): a minute of CPU at the default steps
 MAX_PER_LABEL = 20
-FAST_STEPS = 4  # the fast switch: a speed adapter's lcm steps (98.2% and 1.20x the default's distance there)
+FAST_STEPS = 4  # the fast switch: a speed adapter's lcm steps (97.1% on the default base; experiments/speed_lora)
 MAX_IMAGE_BYTES = 64 << 20  # an image to start from, as sent: denoise.py's --init bound
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 APP_DIR = "app"  # under --out-dir: saved grids, style data, fine-tunes and the page's upload cache
