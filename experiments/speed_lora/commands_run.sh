@@ -9,7 +9,12 @@ E="python evaluate.py --ckpt out/ckpt.pt --n-per-label 100 --precision fp32"
 /usr/bin/time -f "wall %e s" python lora_finetune.py --distill lcm --out out/lcm --precision fp32
 export OMP_NUM_THREADS=1
 for n in 4 2 8 1; do $E --lora out/lcm --sampler lcm --steps $n --out-dir out/eval_lcm$n; done    # data/lcmN.json
+for n in 4 8; do $E --sampler lcm --steps $n --out-dir out/eval_base_lcm$n; done    # the base alone: data/base_lcmN.json
 $E --lora out/lcm --lora out/lora --style italic --sampler lcm --steps 4 --out-dir out/eval_lcm4_italic
+for s in 1 2; do   # two more seeds of the default distillation, side by side -> data/lcm4_seedN.json
+    python lora_finetune.py --distill lcm --seed $s --out out/lcm_s$s --precision fp32
+    $E --lora out/lcm_s$s --sampler lcm --steps 4 --out-dir out/eval_lcm_s$s
+done
 python lora_tools.py render-style "font:DejaVu Serif Bold" --per-label 20 --out my_digits
 python lora_tools.py render-style "font:DejaVu Serif Bold" --seed 1 --out held_out
 python lora_finetune.py --data my_digits --targets all --r 2 --alpha 2 --lora-lr 3e-3 --out out/serif --precision fp32
