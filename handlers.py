@@ -98,7 +98,7 @@ def do_fast(page, names, on, *values):
     else:
         defaults = preset_config(SampleConfig, studio.preset)
         sampler, steps = defaults.sampler, min(defaults.steps, studio.timesteps)
-    speed_names = {e.name for e in studio.usable() if e.kind == "lcm"}
+    speed_names = {e.name for e in studio.speed_adapters()}
     slots = [float(w) for w in values[SAMPLE_FIELDS:]]
     for i, name in enumerate((names or [])[:len(slots)]):
         if name in speed_names:

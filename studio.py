@@ -287,10 +287,14 @@ class Studio:
     def usable(self):
         return [e for e in self.adapters.values() if e.problem is None]
 
+    def speed_adapters(self):
+        """The loaded adapters of kind lcm (distill.py), which the fast switch turns on and off."""
+        return [e for e in self.usable() if e.kind == "lcm"]
+
     def speed_adapter(self):
-        """The first loaded speed adapter (kind lcm), which the fast switch turns on; a PageError naming the fix
-        when there is none."""
-        speed = [e for e in self.usable() if e.kind == "lcm"]
+        """The first loaded speed adapter, which the fast switch turns on; a PageError naming the fix when there is
+        none."""
+        speed = self.speed_adapters()
         if not speed:
             raise PageError("no speed adapter under the page's folders: distil one with `python lora_finetune.py "
                             "--distill lcm --out out/lcm` (about 4 minutes), then press Look for new adapters")
@@ -567,11 +571,11 @@ def bench_entry(studio, repeats=3):
         out["sweep_s"] = median(lambda: studio.sweep(req, styles[0].name))
     digit = grid.images[0].numpy()
     out["img2img_s"] = median(lambda: studio.img2img(digit, studio.request(labels=[3], n_per_label=1), 0.6, weights()))
-    speed = [e for e in usable if e.kind == "lcm"]
+    speed = studio.speed_adapters()
     if speed:  # the fast switch on, a style slider moving beside it (when there is one besides)
         fast = studio.request(sampler="lcm", steps=FAST_STEPS)
-        others = [e for e in styles if e.kind != "lcm"]
+        style = styles[0] if styles[0].kind != "lcm" else None  # styles falls back to every adapter
         out["fast_redraw_s"] = median(lambda: studio.sample(fast, {speed[0].name: 1.0, **(
-            {others[0].name: next(slider)} if others else {})}))
+            {style.name: next(slider)} if style else {})}))
     out["adapters"] = len(usable)
     return out

@@ -802,6 +802,13 @@ def test_page_end_to_end_in_chromium(server, studio, tmp_path):
     assert np.array_equal(np.asarray(Image.open(path)), expected.display) and note.startswith("done")
 
 
+def grid_picture(tab, url):
+    """The Sample tab's grid as the browser tab ``tab`` shows it, fetched from the server at ``url``."""
+    src = tab.locator("#grid img").get_attribute("src")
+    body = tab.request.get(src if src.startswith("http") else url + src).body()
+    return np.asarray(Image.open(io.BytesIO(body)))
+
+
 @pytest.mark.slow
 def test_two_tabs_keep_their_own_weights(server, studio):
     """Each tab's sliders are its own: one tab at weight 1.5, another at 0, each grid as its own weights give it,
@@ -809,9 +816,7 @@ def test_two_tabs_keep_their_own_weights(server, studio):
     sync_playwright, chromium = find_browser()
 
     def shown(tab):
-        src = tab.locator("#grid img").get_attribute("src")
-        body = tab.request.get(src if src.startswith("http") else server.url + src).body()
-        return np.asarray(Image.open(io.BytesIO(body)))
+        return grid_picture(tab, server.url)
 
     def sample(tab):
         old = tab.locator("#grid img").get_attribute("src") if tab.locator("#grid img").count() else ""

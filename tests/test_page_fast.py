@@ -1,6 +1,5 @@
 """The page's fast switch: the speed adapter's slider and the lcm sampler in one click, the grid redrawn as
 Studio.sample draws it at those settings, every style slider still applied; and its refusals."""
-import io
 import os
 import shutil
 
@@ -13,7 +12,8 @@ import jobs
 import studio as studio_mod
 from config import RuntimeConfig, SampleConfig, preset_config
 from studio import FAST_STEPS, Studio
-from test_app import BROWSER_ARGS, find_browser, server  # noqa: F401 -- the page's server, on this file's out_dir
+from test_app import grid_picture, server  # noqa: F401 -- the page's server, on this file's out_dir
+from test_page_tabs import page_at
 
 TINY = preset_config(SampleConfig, "tiny")
 
@@ -113,46 +113,29 @@ def test_bench_entry_times_the_fast_redraw(page):
 def test_the_switch_in_chromium_redraws_fast_and_a_style_slider_stays_live(server, page):  # noqa: F811
     """Tick fast: the grid is the speed adapter's at lcm-4; move the style slider: the grid again at its new weight,
     still fast; untick: the preset's sampler. Each grid as Studio.sample draws it."""
-    from PIL import Image
-    from playwright.sync_api import sync_playwright
-
     studio = page.studio
     names = [e.name for e in studio.usable()]  # the order of the page's sliders
     style_slot = names.index("lora")
 
-    def shown(tab):
-        src = tab.locator("#grid img").get_attribute("src")
-        body = tab.request.get(src if src.startswith("http") else server.url + src).body()
-        return np.asarray(Image.open(io.BytesIO(body)))
+    def wait_done(tab, has, lacks="\x00"):
+        tab.wait_for_function("([has, lacks]) => { const s = document.querySelector('#status').innerText; "
+                              "return s.includes('done') && s.includes(has) && !s.includes(lacks) }",
+                              arg=[has, lacks], timeout=120_000)
+        return grid_picture(tab, server.url)
 
-    def wait_status(tab, text):
-        tab.wait_for_function("(t) => { const s = document.querySelector('#status').innerText; "
-                              "return s.includes('done') && s.includes(t) }", arg=text, timeout=120_000)
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=find_browser()[1], args=BROWSER_ARGS)
-        try:
-            tab = browser.new_page(viewport={"width": 1366, "height": 768})
-            tab.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
-            tab.locator("#weight_0 input[type=number]").wait_for(timeout=120_000)
-            for d in range(10):
-                if d != 3:
-                    tab.locator(f"#labels input[name='{d}']").uncheck()
-            tab.locator("#fast input").check()
-            wait_status(tab, "lcm 1")
-            fast = shown(tab)
-            sampler = tab.locator("#sampler input").input_value()
-            slider = tab.locator(f"#weight_{style_slot} input[type=number]")
-            slider.fill("1.5")
-            slider.blur()
-            wait_status(tab, "lora 1.5")
-            styled = shown(tab)
-            tab.locator("#fast input").uncheck()
-            tab.wait_for_function("(t) => { const s = document.querySelector('#status').innerText; "
-                                  "return s.includes('done') && !s.includes('lcm 1') }", timeout=120_000)
-            plain = shown(tab)
-        finally:
-            browser.close()
+    with page_at(server.url) as tab:
+        for d in range(10):
+            if d != 3:
+                tab.locator(f"#labels input[name='{d}']").uncheck()
+        tab.locator("#fast input").check()
+        fast = wait_done(tab, "lcm 1")
+        sampler = tab.locator("#sampler input").input_value()
+        slider = tab.locator(f"#weight_{style_slot} input[type=number]")
+        slider.fill("1.5")
+        slider.blur()
+        styled = wait_done(tab, "lora 1.5")
+        tab.locator("#fast input").uncheck()
+        plain = wait_done(tab, "lora 1.5", lacks="lcm 1")
     req = studio.request([3], sampler="lcm", steps=FAST_STEPS, guidance=TINY.guidance)
     order = {n: i for i, n in enumerate(names)}
     assert sampler == "lcm"
