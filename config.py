@@ -240,6 +240,10 @@ class DiffusionConfig:
                               group="training")
     zero_terminal_snr: bool = setting(False, "rescale the schedule so its last step is pure noise (Lin et al. 2024); "
                                       "needs --objective v or edm", group="model")
+    # diffusion.Diffusion.loss; experiments/time_to_quality/bounded_loss gives what it did here
+    bounded_loss: bool = setting(False, "forgive an estimate of x0 past the data's range where the data sits at "
+                                 "its end (black background, full ink): every sampler clips it to exactly that",
+                                 group="training")
 
     def __post_init__(self):
         check_settings(self)
@@ -476,7 +480,7 @@ PRESETS: dict[str, dict[type, dict]] = {
 # with: a saved config that lacks the key means this value, not today's default.
 SAVED_BEFORE: dict[type, dict] = {
     ModelConfig: {"pos_emb": False},
-    DiffusionConfig: {"objective": "eps", "t_sampling": "uniform", "zero_terminal_snr": False},
+    DiffusionConfig: {"objective": "eps", "t_sampling": "uniform", "zero_terminal_snr": False, "bounded_loss": False},
     LoraConfig: {"lora_t_range": (0.0, 1.0)},  # a fine-tune saved before --lora-t-range drew t from every step
 }
 

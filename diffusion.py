@@ -230,7 +230,8 @@ class StepGrids:
 class Diffusion(StepGrids, nn.Module):
     def __init__(self, timesteps=_DEFAULTS.timesteps, beta_start=_DEFAULTS.beta_start, beta_end=_DEFAULTS.beta_end,
                  min_snr_gamma=_DEFAULTS.min_snr_gamma, schedule=_DEFAULTS.schedule, *, objective=_DEFAULTS.objective,
-                 t_sampling=_DEFAULTS.t_sampling, zero_terminal_snr=_DEFAULTS.zero_terminal_snr):
+                 t_sampling=_DEFAULTS.t_sampling, zero_terminal_snr=_DEFAULTS.zero_terminal_snr,
+                 bounded_loss=_DEFAULTS.bounded_loss):
         super().__init__()
         self.timesteps = timesteps
         self.min_snr_gamma = min_snr_gamma
@@ -240,7 +241,7 @@ class Diffusion(StepGrids, nn.Module):
             raise ValueError(f"unknown objective {objective!r}; choose {', '.join(OBJECTIVES)}")
         if zero_terminal_snr and objective == "eps":
             raise ValueError("zero terminal SNR needs objective v or edm: at abar = 0 the noise says nothing of x0")
-        self.objective, self.t_sampling = objective, t_sampling
+        self.objective, self.t_sampling, self.bounded_loss = objective, t_sampling, bounded_loss
         self._obj = OBJECTIVES[objective]
         betas = linear_betas(timesteps, beta_start, beta_end) if schedule == "linear" else cosine_betas(timesteps)
         if zero_terminal_snr:
@@ -251,7 +252,8 @@ class Diffusion(StepGrids, nn.Module):
     @classmethod
     def from_config(cls, cfg):
         return cls(cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.min_snr_gamma, cfg.schedule,
-                   objective=cfg.objective, t_sampling=cfg.t_sampling, zero_terminal_snr=cfg.zero_terminal_snr)
+                   objective=cfg.objective, t_sampling=cfg.t_sampling, zero_terminal_snr=cfg.zero_terminal_snr,
+                   bounded_loss=cfg.bounded_loss)
 
     # ------------------------------------------------------------- training
 
@@ -289,11 +291,21 @@ class Diffusion(StepGrids, nn.Module):
         return model(x, t, labels) if w is None else model(x, t, labels, w=w)
 
     def loss(self, model, x0, labels, t, noise):
-        """Weighted MSE between the network's output and the objective's target, mean over the batch."""
+        """Weighted MSE between the network's output and the objective's target, mean over the batch.
+
+        With ``bounded_loss``, a pixel whose data sits at an end of the range (x0 = -1, MNIST's background, or +1)
+        costs nothing where the implied x0 lies past that end: every sampler clips the estimate to [-1, 1], which
+        turns it into exactly the data. Plain MSE pulls the estimate towards -1 from both sides, so about half the
+        background lands a few levels above black (a grey haze); forgiven the far side, the network can settle
+        past -1 (experiments/time_to_quality/bounded_loss)."""
         x_t = self.q_sample(x0, t, noise)
-        out = self.model_output(model, x_t, t, labels)
-        target = self._obj.target(x0, noise, _extract(self.alphas_cumprod, t, x0.ndim))
-        per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        out = self.model_output(model, x_t, t, labels).float()
+        ab = _extract(self.alphas_cumprod, t, x0.ndim)
+        err = out - self._obj.target(x0, noise, ab)
+        if self.bounded_loss:
+            past = self._obj.to_x0(out, x_t, ab) - x0  # the error on x0; its sign says which side of the data
+            err = err.masked_fill(((x0 <= -1) & (past < 0)) | ((x0 >= 1) & (past > 0)), 0.0)
+        per_sample = err.square().mean(dim=(1, 2, 3))
         return (per_sample * self.loss_weight(t)).mean()
 
     def predict_x0(self, model, x, t, labels, w=None):

@@ -73,10 +73,11 @@ class Oracle(torch.nn.Module):
         return self.d._obj.target(self.x0, self.noise, ab)
 
 
+@pytest.mark.parametrize("bounded", (False, True))
 @pytest.mark.parametrize("gamma", (0.0, 5.0))
 @pytest.mark.parametrize("name,ztsnr", [("eps", False), ("v", False), ("edm", False), ("v", True), ("edm", True)])
-def test_a_model_that_returns_the_true_target_has_loss_zero(name, ztsnr, gamma):
-    d = Diffusion(timesteps=100, objective=name, zero_terminal_snr=ztsnr, min_snr_gamma=gamma)
+def test_a_model_that_returns_the_true_target_has_loss_zero(name, ztsnr, gamma, bounded):
+    d = Diffusion(timesteps=100, objective=name, zero_terminal_snr=ztsnr, min_snr_gamma=gamma, bounded_loss=bounded)
     g = torch.Generator().manual_seed(1)
     x0 = torch.rand((8, 1, 5, 5), generator=g) * 2 - 1
     noise = torch.randn((8, 1, 5, 5), generator=g)
@@ -84,6 +85,49 @@ def test_a_model_that_returns_the_true_target_has_loss_zero(name, ztsnr, gamma):
     assert d.loss(Oracle(d, x0, noise, t), x0, torch.zeros(8, dtype=torch.long), t, noise).item() < 1e-10
     wrong = Oracle(d, x0, noise + 0.1, t)  # a model off by a little is not at 0
     assert d.loss(wrong, x0, torch.zeros(8, dtype=torch.long), t, noise).item() > 1e-6
+
+
+class Shifted(torch.nn.Module):
+    """A 'network' whose output implies x0 + d at the x_t of (x0, noise, t): the target of x0 + d under the noise
+    that keeps x_t where it is."""
+
+    def __init__(self, d, x0, noise, shift):
+        super().__init__()
+        self.d, self.x0, self.noise, self.shift = d, x0, noise, shift
+
+    def forward(self, x, t, labels):
+        ab = self.d.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noise = self.noise - ab.sqrt() * self.shift / (1 - ab).sqrt()
+        return self.d._obj.target(self.x0 + self.shift, noise, ab)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bounded_loss_forgives_only_the_far_side_of_an_end_of_the_range(name):
+    # six pixels: background pushed below black (forgiven), background pushed up (counted), full ink pushed past
+    # white (forgiven), mid grey either way and a near-black pixel pushed past -1 (counted: its data is not -1),
+    # full ink pushed down (counted)
+    x0 = torch.tensor([-1.0, -1.0, 1.0, 0.3, -0.9, 1.0]).view(1, 1, 2, 3).repeat(4, 1, 1, 1)
+    shift = torch.tensor([-0.2, 0.1, 0.3, -0.4, -0.5, -0.1]).view(1, 1, 2, 3).repeat(4, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([3, 10, 40, 80])
+    labels = torch.zeros(4, dtype=torch.long)
+    forgiven, counted = 0.04 + 0.09, 0.01 + 0.16 + 0.25 + 0.01  # the squared shifts
+    for bounded, kept in ((True, counted / 6), (False, (forgiven + counted) / 6)):
+        d = Diffusion(timesteps=100, objective=name, min_snr_gamma=5.0, bounded_loss=bounded).double()
+        loss = d.loss(Shifted(d, x0.double(), noise.double(), shift.double()), x0.double(), labels, t, noise.double())
+        # per pixel the weight min(SNR, 5) / x0_scale times x0_scale d^2 (the error on F): min(SNR, 5) d^2
+        assert loss.item() == pytest.approx((d.snr[t].clamp(max=5.0) * kept).mean().item(), rel=1e-5)
+
+
+def test_bounded_loss_keeps_the_gradient_of_a_pixel_past_the_range_whose_data_is_inside():
+    # data -0.9 estimated at -1.4: the sampler's clip would give -1, not the data, so the loss must pull it back
+    d = Diffusion(timesteps=100, objective="v", bounded_loss=True)
+    x0 = torch.tensor([-1.0, -0.9]).view(1, 1, 1, 2)
+    noise = torch.zeros_like(x0)
+    out = Shifted(d, x0, noise, torch.tensor([-0.5, -0.5]).view(1, 1, 1, 2))(None, torch.tensor([50]), None)
+    out.requires_grad_(True)
+    d.loss(lambda x, t, labels: out, x0, torch.zeros(1, dtype=torch.long), torch.tensor([50]), noise).backward()
+    assert out.grad[0, 0, 0, 0] == 0 and out.grad[0, 0, 0, 1].abs() > 1e-3
 
 
 def test_min_snr_weight_is_min_snr_gamma_over_the_objectives_x0_scale():
@@ -208,10 +252,10 @@ def test_a_checkpoint_saved_before_the_objective_existed_reads_as_eps():
     today's default is."""
     import dataclasses
     from config import from_saved
-    new = ("objective", "t_sampling", "zero_terminal_snr")
+    new = ("objective", "t_sampling", "zero_terminal_snr", "bounded_loss")
     saved = {k: v for k, v in dataclasses.asdict(DiffusionConfig()).items() if k not in new}
     cfg = from_saved(DiffusionConfig, saved)
-    assert (cfg.objective, cfg.t_sampling, cfg.zero_terminal_snr) == ("eps", "uniform", False)
+    assert (cfg.objective, cfg.t_sampling, cfg.zero_terminal_snr, cfg.bounded_loss) == ("eps", "uniform", False, False)
     assert from_saved(DiffusionConfig, {**saved, "objective": "v"}).objective == "v"
 
 
