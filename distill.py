@@ -32,6 +32,7 @@ from adapter import Adapter, adapter_from_model, add_adapter_layers
 from adapter_formats import adapter_size, write_adapter
 from cli import config_from_args, runtime_from_args
 from config import DistillConfig, LoraConfig, TrainConfig
+from diffusion import clip_x0
 from dataset import to_model_range
 from errors import CLIError
 from files import lock_output, remove_stale_temps
@@ -70,7 +71,8 @@ def draw_batch(diffusion, x0, labels, gen, w_range):
 @torch.no_grad()
 def teacher_step(model, diffusion, x_t, b, name="default"):
     """Step 2: the base alone, guided at w (out_c + w (out_c - out_u), on x0 and so on the noise it implies at
-    x_t), then DDIM's step (Song et al. 2021, eq. 12, eta 0) from t_{n+k} to t_n."""
+    x_t), x0 clipped to the data's range as every sampler clips it, then DDIM's step (Song et al. 2021, eq. 12,
+    eta 0) from t_{n+k} to t_n."""
     set_lora_weight(model, 0.0, name)
     try:
         null = torch.full_like(b.labels, model.num_classes)
@@ -78,7 +80,7 @@ def teacher_step(model, diffusion, x_t, b, name="default"):
                                           torch.cat([b.labels, null])).chunk(2)
     finally:
         set_lora_weight(model, 1.0, name)
-    x0 = x0_c + b.w.view(-1, 1, 1, 1) * (x0_c - x0_u)
+    x0 = clip_x0(x0_c + b.w.view(-1, 1, 1, 1) * (x0_c - x0_u))  # clipped to [-1, 1], as the samplers' steps are
     ab = diffusion.alphas_cumprod[b.t].view(-1, 1, 1, 1)
     ab_prev = diffusion.alphas_cumprod[b.t_prev].view(-1, 1, 1, 1)
     eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()

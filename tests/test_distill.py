@@ -92,7 +92,7 @@ def test_a_consistency_step_against_a_hand_computation(objective, loss):
     with torch.no_grad():
         x0_c = to_x0(base(x_t, b.t, b.labels), x_t, ab)
         x0_u = to_x0(base(x_t, b.t, torch.full_like(b.labels, 10)), x_t, ab)
-        x0_g = x0_c + b.w.view(-1, 1, 1, 1) * (x0_c - x0_u)
+        x0_g = (x0_c + b.w.view(-1, 1, 1, 1) * (x0_c - x0_u)).clamp(-1, 1)  # as DDIM's clipped estimate
         eps_g = (x_t - ab.sqrt() * x0_g) / (1 - ab).sqrt()
         x_prev = ab_p.sqrt() * x0_g + (1 - ab_p).sqrt() * eps_g  # DDIM, eta 0
         target_net = copy.deepcopy(model)
