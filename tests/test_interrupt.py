@@ -235,7 +235,8 @@ def test_train_interrupted_anywhere_resumes_exactly(small_data, tmp_path_factory
 
 
 @pytest.mark.parametrize("recipe", [("--objective", "eps"), ("--objective", "edm", "--t-sampling", "lognormal"),
-                                    ("--objective", "v", "--zero-terminal-snr", "--t-sampling", "lognormal")],
+                                    ("--objective", "v", "--zero-terminal-snr", "--t-sampling", "lognormal"),
+                                    ("--objective", "v", "--no-bounded-loss")],
                          ids=lambda r: " ".join(r))
 def test_every_objective_resumes_exactly(small_data, tmp_path_factory, tmp_path, monkeypatch, capsys, recipe):
     """Ctrl-C inside a forward pass and --resume give the uninterrupted run's state under each objective and
@@ -244,6 +245,7 @@ def test_every_objective_resumes_exactly(small_data, tmp_path_factory, tmp_path,
     train.main(train_argv(straight_dir, *recipe))
     straight = torch.load(straight_dir / "ckpt.pt", weights_only=True)
     assert straight["config"]["diffusion"]["objective"] == recipe[1]  # the checkpoint records its objective
+    assert straight["config"]["diffusion"]["bounded_loss"] == ("--no-bounded-loss" not in recipe)  # and its loss
     hit = Ctrl_C(3, 1)
     with monkeypatch.context() as mp:
         handle = inside_forward(mp, hit)
