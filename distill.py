@@ -103,8 +103,15 @@ def swapped_in(params, values):
 
 
 def consistency_loss(pred, target, dcfg):
-    """Pseudo-Huber, sqrt(d^2 + c^2) - c (Song & Dhariwal 2023, LCM's), or L2; the mean over every pixel."""
-    d = pred.float() - target.float()
+    """Pseudo-Huber, sqrt(d^2 + c^2) - c (Song & Dhariwal 2023, LCM's), or L2; the mean over every pixel.
+
+    Both ends are read as the LCM sampler reads them, clipped to the data's range: the target is clipped, and where
+    it sits at an end a prediction past that end costs nothing (the bounded loss's rule, diffusion.Diffusion.loss).
+    A base trained with that loss leaves its background estimates past -1 by any amount; matching those amounts
+    would spend the adapter on what the sampler throws away."""
+    target = target.float().clamp(-1, 1)
+    d = pred.float() - target
+    d = d.masked_fill(((target <= -1) & (d < 0)) | ((target >= 1) & (d > 0)), 0.0)
     if dcfg.distill_loss == "l2":
         return d.pow(2).mean()
     c = dcfg.distill_huber_c
