@@ -789,7 +789,8 @@ def test_page_end_to_end_in_chromium(server, studio, tmp_path):
     from gradio_client import Client
 
     client = Client(url, verbose=False)
-    good = (["3"], 1, 0, preset_config(SampleConfig, "tiny").sampler, TINY_STEPS, 2.0, 0.0)  # as `expected` drew
+    tiny = preset_config(SampleConfig, "tiny")
+    good = (["3"], 1, 0, tiny.sampler, TINY_STEPS, tiny.guidance, 0.0)  # as `expected` drew
     for bad, message in (((["x"], *good[1:]), "labels must be digits in 0..9, got 'x'"),
                          (([], *good[1:]), "at least one label"), ((None, *good[1:]), "labels is missing"),
                          ((*good[:-1], 11.0), "weight slider 1 must be a number from -10 to 10"),
