@@ -11,6 +11,10 @@ E="python evaluate.py --precision fp32"
 $T --out-dir H_bounded500 --max-steps 500 --bounded-loss
 $E --ckpt H_bounded500/ckpt.pt --n-per-label 50 --guidance 2 --out-dir H_bounded500/eval_dpm10      # data/H_*.json
 
+# the black pixels at each step, the lever against its baseline (G_v500b64: ../levers_500/commands.sh)
+python experiments/time_to_quality/bounded_loss/black_by_step.py H_bounded500/ckpt.pt
+python experiments/time_to_quality/bounded_loss/black_by_step.py G_v500b64/ckpt.pt
+
 # with the rest of the default recipe (700 steps of 64, v), 1,000 samples; guidance 2, 1.5, 1 and two intervals
 $T --out-dir I_bounded700 --max-steps 700 --bounded-loss
 for g in 2 1.5 1; do $E --ckpt I_bounded700/ckpt.pt --n-per-label 100 --guidance $g --out-dir I_bounded700/eval_g$g; done
@@ -22,7 +26,7 @@ $E --ckpt P_plain700/ckpt.pt --n-per-label 100 --guidance 1.5 --out-dir P_plain7
 
 # one sweep around the winner (lr 2e-3, warm-up 100, EMA 0.999), one setting at a time; then seeds 1 and 2
 for run in "J_lr3e-3 --lr 3e-3" "L_lr1e-3 --lr 1e-3" "M_ema0.98 --ema-decay 0.98" "N_warm50 --warmup-steps 50" \
-           "S1_seed1 --seed 1" "S2_seed2 --seed 2"; do
+           "S1_seed1 --seed 1" "S2_seed2 --seed 2" "Q_gamma20 --min-snr-gamma 20"; do
     set -- $run
     $T --out-dir "$1" --max-steps 700 --bounded-loss "${@:2}"
     $E --ckpt "$1/ckpt.pt" --n-per-label 100 --guidance 1.5 --out-dir "$1/eval_g1.5"
