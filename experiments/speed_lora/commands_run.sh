@@ -5,25 +5,29 @@ set -euo pipefail
 export MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 E="python evaluate.py --ckpt out/ckpt.pt --n-per-label 100 --precision fp32"
 
-# the default speed adapter (240 steps of 64), alone and timed; then its scores at 1, 2, 4, 8 steps and stacked
+# the default speed adapter (240 steps of 64), alone and timed, with the consistency loss before it read its ends
+# clipped (commit 639687f); scored as data/old_loss/
 /usr/bin/time -f "wall %e s" python lora_finetune.py --distill lcm --out out/lcm --precision fp32
 export OMP_NUM_THREADS=1
-for n in 4 2 8 1; do $E --lora out/lcm --sampler lcm --steps $n --out-dir out/eval_lcm$n; done    # data/lcmN.json
-for n in 4 8; do $E --sampler lcm --steps $n --out-dir out/eval_base_lcm$n; done    # the base alone: data/base_lcmN.json
+for n in 4 2 8 1; do $E --lora out/lcm --sampler lcm --steps $n --out-dir out/eval_lcm$n; done   # data/old_loss/lcmN.json
+for w in 3 2; do $E --lora out/lcm --sampler lcm --steps 4 --guidance $w --out-dir out/eval_lcm4_w$w; done
 $E --lora out/lcm --lora out/lora --style italic --sampler lcm --steps 4 --out-dir out/eval_lcm4_italic
-for s in 1 2; do   # two more seeds of the default distillation, side by side -> data/lcm4_seedN.json
-    python lora_finetune.py --distill lcm --seed $s --out out/lcm_s$s --precision fp32
-    $E --lora out/lcm_s$s --sampler lcm --steps 4 --out-dir out/eval_lcm_s$s
-done
+# the same distillation with the loss as committed (its ends clipped), one thread beside other work: the scored one
+python lora_finetune.py --distill lcm --out out/lcm_b --precision fp32     # data/lcm_loss.csv, lcm_adapter_config.json
+for n in 4 2 8 1; do $E --lora out/lcm_b --sampler lcm --steps $n --out-dir out/eval_b_lcm$n; done   # data/lcmN.json
+$E --lora out/lcm_b --sampler lcm --steps 4 --guidance 2 --out-dir out/eval_b_lcm4_w2                # data/lcm4_w2.json
+for n in 4 8; do $E --sampler lcm --steps $n --out-dir out/eval_base_lcm$n; done    # the base alone: data/base_lcmN.json
+$E --lora out/lcm_b --lora out/lora --style italic --sampler lcm --steps 4 --out-dir out/eval_b_lcm4_italic
 python lora_tools.py render-style "font:DejaVu Serif Bold" --per-label 20 --out my_digits
 python lora_tools.py render-style "font:DejaVu Serif Bold" --seed 1 --out held_out
 python lora_finetune.py --data my_digits --targets all --r 2 --alpha 2 --lora-lr 3e-3 --out out/serif --precision fp32
 $E --lora out/serif --style-data held_out --out-dir out/eval_serif                             # data/serif_default.json
-$E --lora out/lcm --lora out/serif --style-data held_out --sampler lcm --steps 4 --out-dir out/eval_lcm4_serif
+$E --lora out/lcm_b --lora out/serif --style-data held_out --sampler lcm --steps 4 --out-dir out/eval_b_lcm4_serif
 for m in "" "--merge"; do   # merged against unmerged: the same uint8 images
-    python denoise.py --lora out/lcm --lora out/lora --sampler lcm --steps 4 --precision fp32 $m --out-dir out/m$m
+    python denoise.py --lora out/lcm_b --lora out/lora --sampler lcm --steps 4 --precision fp32 $m --out-dir out/mb$m
 done
 
+# on the previous default base (plain MSE, guidance 2), with the loss before its clipping:
 # the budget's levers (data/budget/): two at a time, one thread each; for skip k = 50 and 100, diffusion.py's
 # LCM_SKIP = 50 was edited to 20 and 10 in a copy of the code (sampling with that copy too); these ran before
 # --distill-steps and --distill-batch-size existed, as --lora-steps and --lora-batch-size, the same settings
@@ -36,8 +40,11 @@ python lora_finetune.py --distill lcm --distill-steps 275 --distill-ema 0 --out 
 python lora_finetune.py --distill lcm --distill-steps 300 --distill-batch-size 128 --out out/d300 --precision fp32
 for a in V1 P1 P2 V2 V3 V4 d300; do $E --lora out/$a --sampler lcm --steps 4 --out-dir out/eval_$a; done
 
-# times, alone: a grid of ten digits per setting (timing.json, speed_lora.png -> docs/), the page's fast redraw
+# times, alone: a grid of ten digits per setting (timing.json), the page's fast redraw (the adapter's values do not
+# change the time: the timed one was out/lcm); then the picture again with the scored adapter (speed_lora.png -> docs/)
 unset OMP_NUM_THREADS
 python experiments/speed_lora/speed.py --ckpt out/ckpt.pt --lcm out/lcm --style out/lora --out experiments/speed_lora
 mkdir -p out/page && cp -r out/lcm out/lora out/page/
 python app.py --bench --out-dir out/page --precision fp32 > experiments/speed_lora/page_bench.json
+python experiments/speed_lora/speed.py --ckpt out/ckpt.pt --lcm out/lcm_b --style out/lora --out /tmp/sp --repeats 1
+cp /tmp/sp/speed_lora.png experiments/speed_lora/speed_lora.png

@@ -83,7 +83,7 @@ def main(argv=None):
         json.dump(result, f, indent=2)
     preview_png(pictures, LABELS.tolist(), os.path.join(args.out, "speed_lora.png"),
                 f"base, speed adapter (LCM), style ({os.path.basename(os.path.normpath(args.style))}) "
-                f"and both: sampler and steps per row; seed {args.seed}, guidance 2")
+                f"and both: sampler and steps per row; seed {args.seed}, guidance {SampleConfig().guidance:g}")
     for k, v in result["seconds_per_grid_of_10"].items():
         print(f"{k:<24} {v:.3f} s")
 
