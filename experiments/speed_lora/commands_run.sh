@@ -15,7 +15,9 @@ $E --lora out/lcm --lora out/lora --style italic --sampler lcm --steps 4 --out-d
 # the same distillation with the loss as committed (its ends clipped), one thread beside other work: the scored one
 python lora_finetune.py --distill lcm --out out/lcm_b --precision fp32     # data/lcm_loss.csv, lcm_adapter_config.json
 for n in 4 2 8 1; do $E --lora out/lcm_b --sampler lcm --steps $n --out-dir out/eval_b_lcm$n; done   # data/lcmN.json
-$E --lora out/lcm_b --sampler lcm --steps 4 --guidance 2 --out-dir out/eval_b_lcm4_w2                # data/lcm4_w2.json
+for w in 2 1 1.25; do   # data/lcm4_wW.json
+    $E --lora out/lcm_b --sampler lcm --steps 4 --guidance $w --out-dir out/eval_b_lcm4_w$w
+done
 for n in 4 8; do $E --sampler lcm --steps $n --out-dir out/eval_base_lcm$n; done    # the base alone: data/base_lcmN.json
 $E --lora out/lcm_b --lora out/lora --style italic --sampler lcm --steps 4 --out-dir out/eval_b_lcm4_italic
 python lora_tools.py render-style "font:DejaVu Serif Bold" --per-label 20 --out my_digits
