@@ -12,7 +12,9 @@ export OMP_NUM_THREADS=1
 for n in 4 2 8 1; do $E --lora out/lcm --sampler lcm --steps $n --out-dir out/eval_lcm$n; done   # data/old_loss/lcmN.json
 for w in 3 2; do $E --lora out/lcm --sampler lcm --steps 4 --guidance $w --out-dir out/eval_lcm4_w$w; done
 $E --lora out/lcm --lora out/lora --style italic --sampler lcm --steps 4 --out-dir out/eval_lcm4_italic
-# the same distillation with the loss as committed (its ends clipped), one thread beside other work: the scored one
+# the same distillation with the loss as committed (its ends clipped): timed alone, then again one thread beside
+# other work, the scored one
+/usr/bin/time -f "wall %e s" python lora_finetune.py --distill lcm --out out/lcm_t --precision fp32
 python lora_finetune.py --distill lcm --out out/lcm_b --precision fp32     # data/lcm_loss.csv, lcm_adapter_config.json
 for n in 4 2 8 1; do $E --lora out/lcm_b --sampler lcm --steps $n --out-dir out/eval_b_lcm$n; done   # data/lcmN.json
 for w in 2 1 1.25; do   # data/lcm4_wW.json
