@@ -303,8 +303,7 @@ class Diffusion(StepGrids, nn.Module):
         ab = _extract(self.alphas_cumprod, t, x0.ndim)
         err = out - self._obj.target(x0, noise, ab)
         if self.bounded_loss:
-            past = self._obj.to_x0(out, x_t, ab) - x0  # the error on x0; its sign says which side of the data
-            err = err.masked_fill(((x0 <= -1) & (past < 0)) | ((x0 >= 1) & (past > 0)), 0.0)
+            err = forgive_past_ends(err, x0, self._obj.to_x0(out, x_t, ab) - x0)
         per_sample = err.square().mean(dim=(1, 2, 3))
         return (per_sample * self.loss_weight(t)).mean()
 
@@ -389,6 +388,13 @@ class Diffusion(StepGrids, nn.Module):
         x = SAMPLERS[sampler](denoise, x, ts, self, eta=eta, generator=generator, on_step=on_step)
         on_step.close()
         return x.clamp(-1, 1), on_step.frames
+
+
+def forgive_past_ends(err, data, past):
+    """``err`` with 0 where ``data`` sits at an end of [-1, 1] and ``past`` (the estimate minus the data) lies beyond
+    that end: the samplers' clip turns such an estimate into exactly the data. The bounded loss's rule, and the
+    speed adapter's consistency loss's (distill.py)."""
+    return err.masked_fill(((data <= -1) & (past < 0)) | ((data >= 1) & (past > 0)), 0.0)
 
 
 def clip_x0(x0, threshold=0.0):

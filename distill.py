@@ -32,7 +32,7 @@ from adapter import Adapter, adapter_from_model, add_adapter_layers
 from adapter_formats import adapter_size, write_adapter
 from cli import config_from_args, runtime_from_args
 from config import DistillConfig, LoraConfig, TrainConfig
-from diffusion import clip_x0
+from diffusion import clip_x0, forgive_past_ends
 from dataset import to_model_range
 from errors import CLIError
 from files import lock_output, remove_stale_temps
@@ -111,7 +111,7 @@ def consistency_loss(pred, target, dcfg):
     would spend the adapter on what the sampler throws away."""
     target = target.float().clamp(-1, 1)
     d = pred.float() - target
-    d = d.masked_fill(((target <= -1) & (d < 0)) | ((target >= 1) & (d > 0)), 0.0)
+    d = forgive_past_ends(d, target, d)
     if dcfg.distill_loss == "l2":
         return d.pow(2).mean()
     c = dcfg.distill_huber_c
