@@ -269,7 +269,8 @@ def sample_checkpoint(ckpt_path, args, scfg, device, precision, adapters=None, l
     info = {"ckpt": ckpt_path, "step": ckpt["step"], "train_seconds": ckpt.get("train_seconds"),
             "dataset": ckpt.get("dataset"), "sampler": scfg.sampler,
             "steps": scfg.steps if scfg.sampler != "ddpm" else ckpt["config"]["diffusion"]["timesteps"],
-            "guidance": scfg.guidance, "guidance_interval": list(scfg.guidance_interval), "eta": scfg.eta,
+            "guidance": scfg.guidance, "guidance_parallel": scfg.guidance_parallel,
+            "guidance_interval": list(scfg.guidance_interval), "eta": scfg.eta,
             "threshold": scfg.threshold,
             # network evaluations an image costs, guidance's second half included (every step counted as guided)
             "model_evals_per_image": model_evals(scfg.sampler, scfg.steps if scfg.sampler != "ddpm"

@@ -218,3 +218,19 @@ def test_studio_img2img_is_denoise_init(tiny_ckpt, tiny_adapter, seven, tmp_path
                                      (Image.new("L", (40, 40), 255), 0.5, "has no ink")]:
         with pytest.raises(PageError, match=message):
             s.img2img(image, req, strength)
+
+
+def test_png_from_before_guidance_parallel_draws_with_plain_guidance(tiny_ckpt, tmp_path):
+    """A PNG whose settings lack guidance_parallel was drawn with plain guidance (1), not today's default."""
+    run(tiny_ckpt, tmp_path / "plain", "--labels", "4,9", "--guidance", "2", "--guidance-parallel", "1")
+    run(tiny_ckpt, tmp_path / "today", "--labels", "4,9", "--guidance", "2")
+    assert not np.array_equal(images(tmp_path / "plain")[0], images(tmp_path / "today")[0])
+    png = tmp_path / "plain" / "samples.png"
+    settings = json.loads(Image.open(png).text[pictures.SETTINGS_KEY])
+    del settings["sample"]["guidance_parallel"]
+    rewrite_text(png, tmp_path / "old.png", pictures.SETTINGS_KEY, json.dumps(settings))
+    argv = denoise.png_argv(pictures.read_png_settings(str(tmp_path / "old.png")))
+    assert argv[argv.index("--guidance-parallel") + 1] == "1.0"
+    denoise.main(["--from-png", str(tmp_path / "old.png"), "--out-dir", str(tmp_path / "again"), "--device", "cpu",
+                  "--frames", "0"])
+    assert np.array_equal(images(tmp_path / "plain")[0], images(tmp_path / "again")[0])
