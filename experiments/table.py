@@ -65,7 +65,9 @@ def _sampling(d):
                                                                                             d["sampler"])
     sampler = f"{name}-{d['steps']}" + (f" ({d['model_evals_per_image']} network evaluations an image)"
                                          if d.get("model_evals_per_image") else "")
-    return f"{d['num_samples']:,} samples, {sampler}, guidance {d['guidance']:g}"
+    parallel = d.get("guidance_parallel", 1.0)  # eval.json files from before projected guidance: plain
+    projected = f" with {parallel:g} of its parallel push (projected)" if parallel != 1 else ""
+    return f"{d['num_samples']:,} samples, {sampler}, guidance {d['guidance']:g}{projected}"
 
 
 def table() -> str:
