@@ -52,3 +52,29 @@ mkdir -p out/page && cp -r out/lcm out/lora out/page/
 python app.py --bench --out-dir out/page --precision fp32 > experiments/speed_lora/page_bench.json
 python experiments/speed_lora/speed.py --ckpt out/ckpt.pt --lcm out/lcm_b --style out/lora --out /tmp/sp --repeats 1
 cp /tmp/sp/speed_lora.png experiments/speed_lora/speed_lora.png
+
+# after the default sampler became projected guidance 1.75 (b5179cb): the same base and adapters, the guidance input
+# w now 1.75 by default (data/*_w1.75.json, data/*_projected.json); two more seeds of the distillation, one thread
+# each beside each other (out/lcm_s1, out/lcm_s2; data/seeds/)
+export OMP_NUM_THREADS=1
+$E --out-dir out/eval_pg_base                                                          # data/base_default_projected.json
+$E --lora out/lora --out-dir out/eval_pg_lora                                          # data/italic_default_projected.json
+$E --lora out/serif --style-data held_out --out-dir out/eval_pg_serif                  # data/serif_default_projected.json
+for n in 1 2 4 8; do $E --lora out/lcm_b --sampler lcm --steps $n --out-dir out/eval_b_lcm${n}_w1.75; done
+$E --lora out/lcm_b --lora out/lora --style italic --sampler lcm --steps 4 --out-dir out/eval_b_lcm4_italic_w1.75
+$E --lora out/lcm_b --lora out/serif --style-data held_out --sampler lcm --steps 4 --out-dir out/eval_b_lcm4_serif_w1.75
+for s in 1 2; do
+    python lora_finetune.py --distill lcm --seed $s --out out/lcm_s$s --precision fp32
+    for w in 1.75 1.5; do $E --lora out/lcm_s$s --sampler lcm --steps 4 --guidance $w --out-dir out/eval_s${s}_lcm4_w$w; done
+done
+# times, alone
+unset OMP_NUM_THREADS
+python experiments/speed_lora/speed.py --ckpt out/ckpt.pt --lcm out/lcm_b --style out/lora --out experiments/speed_lora
+python app.py --bench --out-dir out/page --precision fp32 > experiments/speed_lora/page_bench.json
+# tried on this base and not kept (data/tried/), lcm-4 at w 1.5 (the default guidance then)
+for t in all attn-all; do
+    python lora_finetune.py --distill lcm --targets $t --out out/x_$t --precision fp32
+    $E --lora out/x_$t --sampler lcm --steps 4 --guidance 1.5 --out-dir out/e_$t
+done
+python lora_finetune.py --distill lcm --distill-w 1,2 --out out/y_w12 --precision fp32
+$E --lora out/y_w12 --sampler lcm --steps 4 --guidance 1.5 --out-dir out/e_w12
