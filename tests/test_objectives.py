@@ -414,3 +414,12 @@ def test_sampling_with_projected_guidance():
 def test_guidance_parallel_out_of_range_is_refused(bad):
     with pytest.raises(ValueError, match="guidance_parallel"):
         SampleConfig(guidance_parallel=bad)
+
+
+def test_the_tutorial_preset_guides_plainly():
+    """The tutorial samples with DDIM-50 and classifier-free guidance as Ho & Salimans wrote it: no projection."""
+    from config import preset_config
+
+    cfg = preset_config(SampleConfig, "tutorial")
+    assert (cfg.sampler, cfg.steps, cfg.guidance_parallel) == ("ddim", 50, 1.0)
+    assert preset_config(SampleConfig, "fast").guidance_parallel < 1
