@@ -78,3 +78,7 @@ for t in all attn-all; do
 done
 python lora_finetune.py --distill lcm --distill-w 1,2 --out out/y_w12 --precision fp32
 $E --lora out/y_w12 --sampler lcm --steps 4 --guidance 1.5 --out-dir out/e_w12
+for s in 0 1; do   # 300 steps instead of 240, at the default input w (1.75)
+    python lora_finetune.py --distill lcm --distill-steps 300 --seed $s --out out/lcm300_s$s --precision fp32
+    $E --lora out/lcm300_s$s --sampler lcm --steps 4 --out-dir out/eval_300_s${s}_w1.75
+done
