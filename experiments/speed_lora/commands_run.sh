@@ -53,7 +53,7 @@ python app.py --bench --out-dir out/page --precision fp32 > experiments/speed_lo
 python experiments/speed_lora/speed.py --ckpt out/ckpt.pt --lcm out/lcm_b --style out/lora --out /tmp/sp --repeats 1
 cp /tmp/sp/speed_lora.png experiments/speed_lora/speed_lora.png
 
-# after the default sampler became projected guidance 1.75 (b5179cb): the same base and adapters, the guidance input
+# after the default sampler became projected guidance 1.75 (41e57b4): the same base and adapters, the guidance input
 # w now 1.75 by default (data/*_w1.75.json, data/*_projected.json); two more seeds of the distillation, one thread
 # each beside each other (out/lcm_s1, out/lcm_s2; data/seeds/)
 export OMP_NUM_THREADS=1
