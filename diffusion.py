@@ -329,24 +329,24 @@ class Diffusion(StepGrids, nn.Module):
         Conditional and unconditional halves go through the UNet together (2B images), which on every device is
         cheaper than two calls of B; with guidance 0 only the conditional pass runs. Guidance on the output is
         guidance on x0, since x0 is affine in the output at a given x_t and t."""
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long) if isinstance(t, int) else t
         if guidance == 0:
-            return self.model_output(model, x, t_batch, labels).float()
-        null = torch.full_like(labels, null_label)
-        out = self.model_output(model, torch.cat([x, x]), torch.cat([t_batch, t_batch]),
-                                torch.cat([labels, null])).float()
-        out_c, out_u = out.chunk(2)
+            return self.model_output(model, x, _step_batch(x, t), labels).float()
+        out_c, out_u = self.both_outputs(model, x, t, labels, null_label)
         return out_c + guidance * (out_c - out_u)
+
+    def both_outputs(self, model, x, t, labels, null_label):
+        """(conditional, unconditional) outputs at x_t in fp32, from one batched forward pass of 2B images."""
+        t_batch = _step_batch(x, t)
+        out = self.model_output(model, torch.cat([x, x]), torch.cat([t_batch, t_batch]),
+                                torch.cat([labels, torch.full_like(labels, null_label)])).float()
+        return out.chunk(2)
 
     def guided_x0(self, model, x, t, labels, guidance, null_label, parallel=1.0):
         """The guided estimate of x0 at step ``t`` (int), unclipped. ``parallel`` 1: classifier-free guidance as
         ``guided_output`` (the same numbers); below 1, the guidance's push is projected (``project_guidance``)."""
         if guidance == 0 or parallel == 1:
             return self.to_x0(self.guided_output(model, x, t, labels, guidance, null_label), x, t)
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        out = self.model_output(model, torch.cat([x, x]), torch.cat([t_batch, t_batch]),
-                                torch.cat([labels, torch.full_like(labels, null_label)])).float()
-        out_c, out_u = out.chunk(2)
+        out_c, out_u = self.both_outputs(model, x, t, labels, null_label)
         return project_guidance(self.to_x0(out_c, x, t), self.to_x0(out_u, x, t), guidance, parallel)
 
     @torch.no_grad()
@@ -391,7 +391,7 @@ class Diffusion(StepGrids, nn.Module):
         def denoise(x_t, t):  # the guided, clipped estimate of x0 at step t
             w = guidance if lo * self.timesteps <= t <= hi * self.timesteps else 0.0
             if sampler in GUIDANCE_INPUT:  # one pass; w is the network's input where it takes one
-                t_b = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+                t_b = _step_batch(x_t, t)
                 w_b = torch.full((x_t.shape[0],), float(w), device=x_t.device) if takes_w else None
                 return clip_x0(self.consistency(model, x_t, t_b, labels, w_b), threshold)
             return clip_x0(self.guided_x0(model, x_t, t, labels, w, null_label, guidance_parallel), threshold)
@@ -400,6 +400,11 @@ class Diffusion(StepGrids, nn.Module):
         x = SAMPLERS[sampler](denoise, x, ts, self, eta=eta, generator=generator, on_step=on_step)
         on_step.close()
         return x.clamp(-1, 1), on_step.frames
+
+
+def _step_batch(x, t):
+    """The step ``t`` as a (B,) tensor for x's batch; a tensor of steps is returned as it is."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long) if isinstance(t, int) else t
 
 
 def forgive_past_ends(err, data, past):

@@ -51,8 +51,9 @@ def italic():
               f"{100 * share:.0f}% | {100 * r['accuracy']:.1f}% | {r['frechet_distance_style']:.2f} |")
 
 
-for name, rows in ROWS.items():
-    print(f"\n{name}:\n\n| run | accuracy | Frechet | ink | pixels exactly 0 |\n| --- | ---: | ---: | ---: | ---: |")
-    for label, path in rows:
-        print(row(label, path))
-italic()
+if __name__ == "__main__":
+    for name, rows in ROWS.items():
+        print(f"\n{name}:\n\n| run | accuracy | Frechet | ink | pixels exactly 0 |\n| --- | ---: | ---: | ---: | ---: |")
+        for label, path in rows:
+            print(row(label, path))
+    italic()

@@ -8,8 +8,6 @@ mixed back: phi of the rescaled, 1 - phi of g (diffusers' guidance_rescale)."""
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 import diffusion  # noqa: E402
 import evaluate  # noqa: E402
@@ -20,10 +18,7 @@ PLAIN = diffusion.Diffusion.guided_output
 def rescaled_output(self, model, x, t, labels, guidance, null_label):
     if guidance == 0:
         return PLAIN(self, model, x, t, labels, guidance, null_label)
-    t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-    null = torch.full_like(labels, null_label)
-    out = self.model_output(model, torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([labels, null])).float()
-    c, u = out.chunk(2)
+    c, u = self.both_outputs(model, x, t, labels, null_label)
     g = c + guidance * (c - u)
     std_c, std_g = (v.flatten(1).std(1).view(-1, 1, 1, 1) for v in (c, g))
     return PHI * g * std_c / std_g + (1 - PHI) * g

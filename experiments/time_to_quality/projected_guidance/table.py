@@ -2,11 +2,17 @@
 
     python experiments/time_to_quality/projected_guidance/table.py
 """
+import importlib.util
 import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BOUNDED = os.path.join(HERE, "..", "bounded_loss")
+# a row of a table from one eval.json, as ../bounded_loss prints its own
+_spec = importlib.util.spec_from_file_location("bounded_loss_table", os.path.join(BOUNDED, "table.py"))
+_bounded = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bounded)
+row = _bounded.row
 ROWS = {  # the table -> (label, folder holding an eval.json)
     "the default base (seed 0, 700 steps of 64), 1,000 samples, DPM-Solver++(2M)-10": [
         ("plain guidance 1 (../bounded_loss)", os.path.join(BOUNDED, "I_bounded700", "eval_g1")),
@@ -24,16 +30,6 @@ ROWS = {  # the table -> (label, folder holding an eval.json)
     "the default sampler on the three seeds of the default base": [
         (f"seed {s}", os.path.join(HERE, f"seed{s}", "p0.5_g1.75")) for s in (0, 1, 2)],
 }
-
-
-def row(label, folder):
-    path = os.path.join(folder, "eval.json")
-    if not os.path.exists(path):
-        return f"| {label} | not run | | | |"
-    with open(path) as f:
-        r = json.load(f)
-    return (f"| {label} | {100 * r['accuracy']:.1f}% | {r['frechet_distance']:.2f} | {r['ink']:.4f} | "
-            f"{100 * r['zero_share']:.1f}% |")
 
 
 def italic():
