@@ -439,6 +439,10 @@ class DistillConfig:
     # LCM draws w from [w_min, w_max] around the guidance it samples at; 1.5 is ours (SampleConfig.guidance)
     distill_w: tuple = setting((1.0, 3.0), "the teacher's guidance w is drawn from lo,hi; the adapter takes w as an "
                                "input (--guidance when sampling with --sampler lcm)", item=float, ge=0.0, le=20.0)
+    # plain, LCM's teacher: projected at 0.5, as the default sampler, drew thinner digits (lcm-4 97.4% against 97.7%)
+    distill_guidance_parallel: float = setting(1.0, "the teacher's guidance projected as the sampler's "
+                                               "--guidance-parallel (1 = plain classifier-free guidance)", ge=0.0,
+                                               le=1.0)
     distill_ema: float = setting(0.95, "EMA decay of the target network's adapter tensors (LCM's 0.95)", ge=0.0,
                                  lt=1.0)
     distill_loss: str = setting("huber", "the consistency loss: huber (pseudo-Huber, LCM's) or l2",

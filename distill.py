@@ -10,7 +10,8 @@ Models". One step of the loop, on a batch of real digits x0 with their labels:
   1. t_{n+k} from the skipping-step grid (Diffusion.skip_grid: 19, 39, ..., 999 of 1,000, k = 20 apart), t_n =
      t_{n+k} - k (0 below the grid), x_{t_{n+k}} = q_sample(x0, t_{n+k}, noise), and w ~ U[lo, hi] (--distill-w).
   2. The teacher, the base alone (the adapter at weight 0), guided at w on its x0 (its objective's output turned
-     into x0, so eps, v and edm bases distil alike) and on the noise that x0 implies; one DDIM step to x_hat_{t_n}.
+     into x0, so eps, v and edm bases distil alike; plain guidance, LCM's, unless --distill-guidance-parallel
+     projects it) and on the noise that x0 implies; one DDIM step to x_hat_{t_n}.
   3. The target, base + the EMA of the adapter's tensors (the base is frozen, so an EMA of the adapter is an EMA of
      the network), f(x_hat_{t_n}, t_n, w), with f = c_skip x + c_out x0_hat (samplers.consistency_scalings).
   4. The student, base + the adapter, f(x_{t_{n+k}}, t_{n+k}, w); the loss is pseudo-Huber (LCM's) or L2 of the
@@ -32,7 +33,7 @@ from adapter import Adapter, adapter_from_model, add_adapter_layers
 from adapter_formats import adapter_size, write_adapter
 from cli import config_from_args, runtime_from_args
 from config import DistillConfig, LoraConfig, TrainConfig
-from diffusion import clip_x0, forgive_past_ends
+from diffusion import clip_x0, forgive_past_ends, project_guidance
 from dataset import to_model_range
 from errors import CLIError
 from files import lock_output, remove_stale_temps
@@ -69,10 +70,11 @@ def draw_batch(diffusion, x0, labels, gen, w_range):
 
 
 @torch.no_grad()
-def teacher_step(model, diffusion, x_t, b, name="default"):
+def teacher_step(model, diffusion, x_t, b, name="default", parallel=1.0):
     """Step 2: the base alone, guided at w (out_c + w (out_c - out_u), on x0 and so on the noise it implies at
-    x_t), x0 clipped to the data's range as every sampler clips it, then DDIM's step (Song et al. 2021, eq. 12,
-    eta 0) from t_{n+k} to t_n."""
+    x_t; with ``parallel`` below 1 projected, as the sampler's --guidance-parallel: diffusion.project_guidance), x0
+    clipped to the data's range as every sampler clips it, then DDIM's step (Song et al. 2021, eq. 12, eta 0) from
+    t_{n+k} to t_n."""
     set_lora_weight(model, 0.0, name)
     try:
         null = torch.full_like(b.labels, model.num_classes)
@@ -80,7 +82,9 @@ def teacher_step(model, diffusion, x_t, b, name="default"):
                                           torch.cat([b.labels, null])).chunk(2)
     finally:
         set_lora_weight(model, 1.0, name)
-    x0 = clip_x0(x0_c + b.w.view(-1, 1, 1, 1) * (x0_c - x0_u))  # clipped to [-1, 1], as the samplers' steps are
+    w = b.w.view(-1, 1, 1, 1)
+    x0 = x0_c + w * (x0_c - x0_u) if parallel == 1 else project_guidance(x0_c, x0_u, w, parallel)
+    x0 = clip_x0(x0)  # clipped to [-1, 1], as the samplers' steps are
     ab = diffusion.alphas_cumprod[b.t].view(-1, 1, 1, 1)
     ab_prev = diffusion.alphas_cumprod[b.t_prev].view(-1, 1, 1, 1)
     eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
@@ -124,7 +128,7 @@ def distill_loss(model, diffusion, b, params, ema, dcfg, name="default"):
     The teacher and the target run first, without a graph: the target swaps the EMA into ``params`` in place,
     which would break the student's graph were it built already."""
     x_t = diffusion.q_sample(b.x0, b.t, b.noise)
-    x_prev = teacher_step(model, diffusion, x_t, b, name)
+    x_prev = teacher_step(model, diffusion, x_t, b, name, dcfg.distill_guidance_parallel)
     with torch.no_grad(), swapped_in(params, ema):
         target = diffusion.consistency(model, x_prev, b.t_prev, b.labels, b.w)
     pred = diffusion.consistency(model, x_t, b.t, b.labels, b.w)

@@ -19,7 +19,7 @@ from adapter_formats import CONFIG_NAME, load_adapter, write_adapter
 from checkpoint import state_fingerprint
 from config import DistillConfig, ModelConfig, preset_config
 from diffusion import Diffusion
-from distill import DistillBatch, distill_loss, draw_batch
+from distill import DistillBatch, distill_loss, draw_batch, teacher_step
 from lora import BaseMismatch, add_guidance_input, mark_only_lora_as_trainable, merge_lora, remove_lora, unmerge_lora
 from unet import UNet
 
@@ -71,14 +71,16 @@ X0_FROM = {"eps": lambda f, x, ab: (x - (1 - ab).sqrt() * f) / ab.sqrt(),
 
 @pytest.mark.parametrize("objective", sorted(X0_FROM))
 @pytest.mark.parametrize("loss", ["huber", "l2"])
-def test_a_consistency_step_against_a_hand_computation(objective, loss):
-    """Teacher (base alone, guided at w), one DDIM step, EMA target and student, LCM's c_skip and c_out, the loss:
-    written out here from the papers' formulas with plain network calls, and the distillation's value matches."""
+@pytest.mark.parametrize("parallel", [1.0, 0.5])
+def test_a_consistency_step_against_a_hand_computation(objective, loss, parallel):
+    """Teacher (base alone, guided at w, plain or projected), one DDIM step, EMA target and student, LCM's c_skip
+    and c_out, the loss: written out here from the papers' formulas with plain network calls, and the
+    distillation's value matches."""
     model, _ = student()
     params = [p for p in model.parameters() if p.requires_grad]
     ema = [p.detach().clone() + 0.05 for p in params]  # the target differs from the student
     d = Diffusion(objective=objective)
-    dcfg = DistillConfig(distill_loss=loss, distill_huber_c=0.01)
+    dcfg = DistillConfig(distill_loss=loss, distill_huber_c=0.01, distill_guidance_parallel=parallel)
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand((2, 1, 28, 28), generator=g) * 2 - 1
     b = DistillBatch(x0, torch.tensor([3, 7]), torch.tensor([259, 19]), torch.tensor([239, 0]),
@@ -92,7 +94,10 @@ def test_a_consistency_step_against_a_hand_computation(objective, loss):
     with torch.no_grad():
         x0_c = to_x0(base(x_t, b.t, b.labels), x_t, ab)
         x0_u = to_x0(base(x_t, b.t, torch.full_like(b.labels, 10)), x_t, ab)
-        x0_g = (x0_c + b.w.view(-1, 1, 1, 1) * (x0_c - x0_u)).clamp(-1, 1)  # as DDIM's clipped estimate
+        dx, a = x0_c - x0_u, x0_c + 1  # the push, and the image with black at 0 (projected guidance)
+        d_par = (dx * a).sum((1, 2, 3), keepdim=True) / (a * a).sum((1, 2, 3), keepdim=True) * a
+        push = dx if parallel == 1 else dx - d_par + parallel * d_par
+        x0_g = (x0_c + b.w.view(-1, 1, 1, 1) * push).clamp(-1, 1)  # as DDIM's clipped estimate
         eps_g = (x_t - ab.sqrt() * x0_g) / (1 - ab).sqrt()
         x_prev = ab_p.sqrt() * x0_g + (1 - ab_p).sqrt() * eps_g  # DDIM, eta 0
         target_net = copy.deepcopy(model)
@@ -107,6 +112,11 @@ def test_a_consistency_step_against_a_hand_computation(objective, loss):
         diff = torch.where(((target == -1) & (diff < 0)) | ((target == 1) & (diff > 0)), torch.zeros_like(diff), diff)
         want = diff.pow(2).mean() if loss == "l2" else ((diff ** 2 + 0.01 ** 2).sqrt() - 0.01).mean()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # the teacher's step on its own, where the projection is not diluted by the loss
+    x_step = teacher_step(model, d, x_t, b, parallel=parallel)
+    torch.testing.assert_close(x_step, x_prev, rtol=1e-5, atol=1e-6)
+    if parallel != 1:  # and it moved the step: plain guidance lands elsewhere
+        assert (teacher_step(model, d, x_t, b) - x_step).abs().max() > 5e-5  # 10x the tolerance above
     got.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)  # the pairs and the guidance input
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)  # the base stays frozen
