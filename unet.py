@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 
 
-# w is embedded as a step would be after this factor, as LCM's guidance_scale_embedding (w x 1000): w in 1..3 then
-# spans as many sinusoid periods as the steps do
+# w is embedded as a step would be after this factor, as LCM's guidance_scale_embedding (w x 1000): one unit of w
+# spans as many sinusoid periods as the 1,000 steps do
 W_EMBED_SCALE = 1000.0
 
 
