@@ -82,3 +82,34 @@ for s in 0 1; do   # 300 steps instead of 240, at the default input w (1.75)
     python lora_finetune.py --distill lcm --distill-steps 300 --seed $s --out out/lcm300_s$s --precision fp32
     $E --lora out/lcm300_s$s --sampler lcm --steps 4 --out-dir out/eval_300_s${s}_w1.75
 done
+
+# the teacher's w drawn from 1..5 (the default from here on; out/lcm_w15 is the scored adapter), 1..7 and the levers
+# that were not kept; one thread each, two at a time
+export OMP_NUM_THREADS=1
+python lora_finetune.py --distill lcm --distill-w 1,5 --out out/lcm_w15 --precision fp32                  # seed 0
+for w in 1.75 1.5; do $E --lora out/lcm_w15 --sampler lcm --steps 4 --guidance $w --out-dir out/ev_w15_g$w; done  # data/lcm4_wW.json
+for s in 1 2; do   # data/seeds/
+    python lora_finetune.py --distill lcm --distill-w 1,5 --seed $s --out out/lcm_w15_s$s --precision fp32
+    for w in 1.75 1.5; do $E --lora out/lcm_w15_s$s --sampler lcm --steps 4 --guidance $w --out-dir out/ev_w15_s${s}_g$w; done
+done
+for n in 1 2 8; do $E --lora out/lcm_w15 --sampler lcm --steps $n --out-dir out/ev_w15_lcm$n; done       # data/lcmN_w1.75.json
+for w in 1 2.5; do $E --lora out/lcm_w15 --sampler lcm --steps 4 --guidance $w --out-dir out/ev_w15_g$w; done  # data/lcm4_wW.json
+$E --lora out/lcm_w15 --lora out/lora --style italic --sampler lcm --steps 4 --out-dir out/ev_w15_italic      # lcm4_italic_w1.75
+$E --lora out/lcm_w15 --lora out/serif --style-data held_out --sampler lcm --steps 4 --out-dir out/ev_w15_serif  # lcm4_serif_w1.75
+for s in 0 1; do   # data/w_range/w1-7_*
+    python lora_finetune.py --distill lcm --distill-w 1,7 --seed $s --out out/lcm_w17_s$s --precision fp32
+    $E --lora out/lcm_w17_s$s --sampler lcm --steps 4 --out-dir out/ev_w17_s$s
+done
+for w in 2.5 3; do $E --lora out/lcm_b --sampler lcm --steps 4 --guidance $w --out-dir out/ev_b_w$w; done  # w_range/w1-3_seed0_*
+python lora_finetune.py --distill lcm --distill-w 1,3 --distill-guidance-parallel 0.5 --out out/lcm_p05 --precision fp32
+python lora_finetune.py --distill lcm --distill-w 1,3 --distill-huber-c 0.015 --out out/lcm_c015 --precision fp32
+python lora_finetune.py --distill lcm --distill-w 1,3 --distill-loss l2 --out out/lcm_l2 --precision fp32
+for a in p05 c015 l2; do $E --lora out/lcm_$a --sampler lcm --steps 4 --out-dir out/ev_$a; done        # data/tried/
+# alone: the distillation's time, the picture, merged against unmerged
+unset OMP_NUM_THREADS
+/usr/bin/time -f "wall %e s" python lora_finetune.py --distill lcm --out out/lcm_t15 --precision fp32    # wall 208.81 s
+python experiments/speed_lora/speed.py --ckpt out/ckpt.pt --lcm out/lcm_w15 --style out/lora --out /tmp/sp --repeats 1
+cp /tmp/sp/speed_lora.png experiments/speed_lora/speed_lora.png; cp /tmp/sp/speed_lora.png docs/speed_lora.png
+for m in "" "--merge"; do   # the same uint8 images (max difference 0)
+    python denoise.py --lora out/lcm_w15 --lora out/lora --sampler lcm --steps 4 --precision fp32 $m --out-dir out/mb15$m
+done
