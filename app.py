@@ -9,7 +9,8 @@ The adapters' weight sliders sit on the left, beside every tab, and belong to th
     Sample        labels, samples per label, seed, sampler, steps, guidance: the grid shows the current x0 estimate
                   as it denoises, then the final grid, the same one `denoise.py` gives for the same settings and
                   seed (a column per label); "Save" writes it labelled, with its settings as PNG text, and its
-                  .npz, never over a file; a PNG dropped there gives its settings back
+                  .npz, never over a file; a PNG dropped there gives its settings back (and names any the page
+                  has no widget for, which `denoise.py --from-png` redraws exactly)
     Adapters      a weight sweep of one adapter (its columns as they finish), the base against the adapters on
                   the same noise, and adapters added from a folder
     Your style    images or a zip labelled by folder or file name (7/a.png, 7_a.png: as `--data` reads them), or

@@ -15,7 +15,7 @@ import inspect
 import os
 import time
 
-from config import WEIGHT_RANGE, SampleConfig, preset_config
+from config import SAVED_BEFORE, WEIGHT_RANGE, SampleConfig, preset_config
 from errors import UserError
 from jobs import Runner, shown_command
 from studio import (APP_DIR, FAST_STEPS, MAX_IMAGE_BYTES, Grid, PageError, Studio, check_labels, check_name,
@@ -299,6 +299,24 @@ def do_img2img(page, names, value, upload, label, strength, *values):
             f"{weights_text(grid.settings['weights'])}", grid.display)
 
 
+PAGE_SAMPLE = ("sampler", "steps", "guidance")  # the sampler's settings the Sample tab has a widget for
+
+
+def not_on_the_page(sample, defaults):
+    """The PNG's sampler settings (its JSON's "sample"; a key it lacks read as SAVED_BEFORE, as denoise.py reads
+    it) that the page has no widget for and that differ from the page's own ``defaults``: "name value" each."""
+    saved = {**SAVED_BEFORE.get(SampleConfig, {}), **sample}
+    out = []
+    for f in dataclasses.fields(SampleConfig):
+        if f.name in PAGE_SAMPLE or f.name not in saved:
+            continue
+        theirs, mine = saved[f.name], getattr(defaults, f.name)
+        if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != \
+                (list(mine) if isinstance(mine, (list, tuple)) else mine):
+            out.append(f"{f.name} {theirs} (here {mine})")
+    return out
+
+
 def do_png_info(page, names, path):
     """The settings a dropped PNG carries (one denoise.py or the page saved) back on the Sample tab's widgets, and
     each adapter it names that this tab has a slider for at its weight."""
@@ -321,6 +339,10 @@ def do_png_info(page, names, path):
     slots = [weights.get(n, 0.0) for n in names or []]
     slots += [_skip()] * (MAX_SLOTS - len(slots))
     note = f"; not listed here: {', '.join(unknown)}" if unknown else ""
+    differ = not_on_the_page(sample, preset_config(SampleConfig, page.studio.preset))
+    if differ:
+        note += (f"; this page has no control for {', '.join(differ)}, and draws with its own: `python denoise.py "
+                 f"--from-png {os.path.basename(path)}` redraws it exactly")
     return (f"settings of `{os.path.basename(path)}` back: seed {s['seed']}, {sample.get('sampler')}, "
             f"{weights_text(weights)}{note}", labels, s["n_per_label"], s["seed"], sample.get("sampler"),
             sample.get("steps"), sample.get("guidance"), *slots)

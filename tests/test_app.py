@@ -202,6 +202,34 @@ def test_save_writes_grid_npz_and_settings_under_out_dir(studio, out_dir):
         studio.save(None, "x")
 
 
+def test_a_dropped_png_names_the_settings_the_page_cannot_set(page, studio, out_dir, tmp_path):
+    """The page has widgets for the sampler, steps and guidance only: a PNG drawn otherwise (here plain guidance,
+    --guidance-parallel 1) gets its widgets back and a line that names the rest and how to redraw it exactly; the
+    page's own PNG gets none; a PNG from before the setting existed reads it as denoise.py reads it (plain)."""
+    import handlers
+
+    names = ["lora"]
+    own, _ = studio.save(studio.sample(studio.request([3], seed=2)), "own")
+    msg, labels, n, seed, sampler, steps, guidance, *slots = handlers.do_png_info(page, names, own)
+    assert "no control" not in msg and (labels, seed, slots[0]) == (["3"], 2, 0.0)
+
+    denoise.main(["--ckpt", str(studio.ckpt), "--out-dir", str(tmp_path / "d"), "--device", "cpu", "--precision",
+                  "fp32", "--labels", "3", "--seed", "5", "--frames", "0", "--steps", str(TINY_STEPS),
+                  "--guidance-parallel", "1"])
+    png = str(tmp_path / "d" / "samples.png")
+    msg, labels, n, seed, *_ = handlers.do_png_info(page, names, png)
+    assert seed == 5 and "guidance_parallel 1.0 (here 0.5)" in msg
+    assert "`python denoise.py --from-png samples.png` redraws it exactly" in msg
+    sample = pictures.read_png_settings(png)["sample"]
+    assert handlers.not_on_the_page(sample, studio.request().cfg) == ["guidance_parallel 1.0 (here 0.5)"]
+    del sample["guidance_parallel"]  # written before the setting existed: plain guidance, as denoise.py reads it
+    assert handlers.not_on_the_page(sample, studio.request().cfg) == ["guidance_parallel 1.0 (here 0.5)"]
+    sample["guidance_parallel"] = 0.5
+    assert handlers.not_on_the_page(sample, studio.request().cfg) == []
+    sample["guidance_interval"] = [0.0, 0.5]
+    assert handlers.not_on_the_page(sample, studio.request().cfg) == ["guidance_interval [0.0, 0.5] (here (0.0, 1.0))"]
+
+
 # ------------------------------------------------------------------ paths
 
 def test_safe_path_refuses_paths_outside_its_folders(tmp_path):
