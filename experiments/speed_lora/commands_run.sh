@@ -105,6 +105,11 @@ python lora_finetune.py --distill lcm --distill-w 1,3 --distill-guidance-paralle
 python lora_finetune.py --distill lcm --distill-w 1,3 --distill-huber-c 0.015 --out out/lcm_c015 --precision fp32
 python lora_finetune.py --distill lcm --distill-w 1,3 --distill-loss l2 --out out/lcm_l2 --precision fp32
 for a in p05 c015 l2; do $E --lora out/lcm_$a --sampler lcm --steps 4 --out-dir out/ev_$a; done        # data/tried/
+export OMP_NUM_THREADS=1   # the three adapters and the base drawn again with other noise: data/draw1/
+for a in w15 w15_s1 w15_s2; do
+    python evaluate.py --ckpt out/ckpt.pt --n-per-label 100 --precision fp32 --seed 1 --lora out/lcm_$a --sampler lcm --steps 4 --out-dir out/ev_${a}_seed1draw
+done
+python evaluate.py --ckpt out/ckpt.pt --n-per-label 100 --precision fp32 --seed 1 --out-dir out/ev_base_seed1draw
 # alone: the distillation's time, the picture, merged against unmerged
 unset OMP_NUM_THREADS
 /usr/bin/time -f "wall %e s" python lora_finetune.py --distill lcm --out out/lcm_t15 --precision fp32    # wall 208.81 s
