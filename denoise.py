@@ -28,7 +28,7 @@ import torch
 from adapter import set_weights
 from adapter_formats import LEGACY_DEFAULT_ADAPTER, load_adapters
 from files import check_replace, check_writable_dir, remove_stale_temps
-from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, SAVED_BEFORE, RuntimeConfig, SampleConfig
+from config import DEFAULT_ADAPTER, DEFAULT_CKPT, DEFAULT_OUT_DIR, RuntimeConfig, SampleConfig, from_saved
 from cli import (ArgumentParser, add_config_args, add_lora_args, add_runtime_args, bounded, config_flags,
                  config_from_args, name_arg, path_arg, resolve_lora_names, runtime_from_args)
 from errors import CLIError, exit_with, run_main
@@ -107,7 +107,7 @@ def png_argv(settings):
     """The command-line flags that give back ``settings`` (pictures.read_png_settings' dict): every value goes
     through the flag it came from, so a changed value meets the same checks as one typed."""
     try:
-        sample = config_flags(SampleConfig(**{**SAVED_BEFORE[SampleConfig], **settings["sample"]}))
+        sample = config_flags(from_saved(SampleConfig, settings["sample"]))
     except (TypeError, ValueError) as e:
         raise ValueError(f"its sampler settings are wrong ({e})") from None
     argv = [f"--ckpt={settings['ckpt']}", f"--weights={settings['weights']}", f"--labels={settings['labels']}",

@@ -423,8 +423,11 @@ def project_guidance(x0_c, x0_u, guidance, parallel):
     a is x0_c + 1, the image with black at 0, not x0_c: along a, the push draws the same strokes heavier (more
     ink) while d_perp changes their shape (which digit). Projected on x0_c in [-1, 1], whose background is -1,
     the parallel part is a contrast change instead, and dropping it drew heavier ink, not lighter
-    (experiments/time_to_quality/projected_guidance). An all-black x0_c has no parallel part."""
+    (experiments/time_to_quality/projected_guidance). An all-black x0_c has no parallel part. ``parallel`` 1 is
+    written as plain guidance, x0_c + guidance d, so that it gives plain guidance's very numbers."""
     d = x0_c - x0_u
+    if parallel == 1:
+        return x0_c + guidance * d
     a = (x0_c + 1).flatten(1)
     aa = a.square().sum(1, keepdim=True)
     coef = torch.where(aa > 0, (d.flatten(1) * a).sum(1, keepdim=True) / aa.clamp(min=torch.finfo(aa.dtype).tiny), 0)

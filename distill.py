@@ -82,9 +82,7 @@ def teacher_step(model, diffusion, x_t, b, name="default", parallel=1.0):
                                           torch.cat([b.labels, null])).chunk(2)
     finally:
         set_lora_weight(model, 1.0, name)
-    w = b.w.view(-1, 1, 1, 1)
-    x0 = x0_c + w * (x0_c - x0_u) if parallel == 1 else project_guidance(x0_c, x0_u, w, parallel)
-    x0 = clip_x0(x0)  # clipped to [-1, 1], as the samplers' steps are
+    x0 = clip_x0(project_guidance(x0_c, x0_u, b.w.view(-1, 1, 1, 1), parallel))  # clipped, as the samplers' are
     ab = diffusion.alphas_cumprod[b.t].view(-1, 1, 1, 1)
     ab_prev = diffusion.alphas_cumprod[b.t_prev].view(-1, 1, 1, 1)
     eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()

@@ -15,7 +15,7 @@ import inspect
 import os
 import time
 
-from config import SAVED_BEFORE, WEIGHT_RANGE, SampleConfig, preset_config
+from config import WEIGHT_RANGE, SampleConfig, from_saved, preset_config
 from errors import UserError
 from jobs import Runner, shown_command
 from studio import (APP_DIR, FAST_STEPS, MAX_IMAGE_BYTES, Grid, PageError, Studio, check_labels, check_name,
@@ -303,18 +303,16 @@ PAGE_SAMPLE = ("sampler", "steps", "guidance")  # the sampler's settings the Sam
 
 
 def not_on_the_page(sample, defaults):
-    """The PNG's sampler settings (its JSON's "sample"; a key it lacks read as SAVED_BEFORE, as denoise.py reads
-    it) that the page has no widget for and that differ from the page's own ``defaults``: "name value" each."""
-    saved = {**SAVED_BEFORE.get(SampleConfig, {}), **sample}
-    out = []
-    for f in dataclasses.fields(SampleConfig):
-        if f.name in PAGE_SAMPLE or f.name not in saved:
-            continue
-        theirs, mine = saved[f.name], getattr(defaults, f.name)
-        if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != \
-                (list(mine) if isinstance(mine, (list, tuple)) else mine):
-            out.append(f"{f.name} {theirs} (here {mine})")
-    return out
+    """The PNG's sampler settings (its JSON's "sample", read as denoise.py reads it: config.from_saved) that the
+    page has no widget for and that differ from the page's own ``defaults``: "name value (here value)" each."""
+    try:
+        theirs = from_saved(SampleConfig, sample)
+    except (TypeError, ValueError) as e:
+        raise PageError(f"the dropped PNG's sampler settings are wrong ({e}); drop one denoise.py or the page "
+                        f"saved") from None
+    return [f"{f.name} {sample.get(f.name, getattr(theirs, f.name))} (here {getattr(defaults, f.name)})"
+            for f in dataclasses.fields(SampleConfig)
+            if f.name not in PAGE_SAMPLE and getattr(theirs, f.name) != getattr(defaults, f.name)]
 
 
 def do_png_info(page, names, path):

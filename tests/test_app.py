@@ -228,6 +228,9 @@ def test_a_dropped_png_names_the_settings_the_page_cannot_set(page, studio, out_
     assert handlers.not_on_the_page(sample, studio.request().cfg) == []
     sample["guidance_interval"] = [0.0, 0.5]
     assert handlers.not_on_the_page(sample, studio.request().cfg) == ["guidance_interval [0.0, 0.5] (here (0.0, 1.0))"]
+    sample["guidance_parallel"] = 5  # out of range: refused by name, as denoise.py --from-png refuses it
+    with pytest.raises(PageError, match="sampler settings are wrong.*guidance_parallel"):
+        handlers.not_on_the_page(sample, studio.request().cfg)
 
 
 # ------------------------------------------------------------------ paths
